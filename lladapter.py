@@ -1,0 +1,559 @@
+"""
+LLaMA-Adapter in one file: Meta's LLaMA, plus learnable adaption prompts injected through
+zero-initialized, tanh-gated attention.
+
+Paper: Zhang et al., "LLaMA-Adapter: Efficient Fine-tuning of Language Models with Zero-initialized
+Attention", arXiv 2303.16199. The base model is LLaMA as Meta published it (same module and tensor names, so
+Meta's consolidated.NN.pth files load with no converter). The adapter is a fenced delta on it, marked
+"LLaMA-Adapter" below: two ModelArgs fields, the prompt tensor `adapter_query`, one gate per head per adapted
+layer, and one branch in Attention.forward (the paper's Eq. 7). With adapter_layer=0 this is plain LLaMA.
+
+Where we follow the paper, and where we chose differently:
+- The top `adapter_layer` (L) layers each get `adapter_len` (K) prompt vectors, projected by that layer's own
+  frozen wk and wv, with no RoPE. Their attention is softmaxed apart from the words' and scaled by tanh(gate),
+  with gates starting at zero: at step 0 the model is exactly the pretrained one.
+- tanh is applied at inference too (the original inference code used the raw gate, which training never saw).
+- Word attention uses torch's scaled_dot_product_attention; the prompt branch is a second, small, unmasked
+  scaled_dot_product_attention beside it. Both softmaxes run in fp32 (SDPA accumulates in fp32).
+- Precision lives in one place: frozen base weights in bf16 on a GPU (fp32 on CPU), adapter tensors always fp32,
+  local fp32 upcasts in RMSNorm and softmax, logits returned in fp32.
+- Optional image conditioning (paper Sec. 3.3): with image_dim > 0, a projected image feature is added to every
+  prompt token of every adapted layer.
+"""
+import json
+import os
+import pickle
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class InputError(ValueError):
+    """A problem with the user's files or settings. The scripts print it as one line, with no traceback."""
+
+
+@dataclass
+class ModelArgs:
+    # Meta's params.json fields (LLaMA-1 and LLaMA-2); the defaults are LLaMA-7B's.
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # grouped-query attention (LLaMA-2 70B); None: one kv head per head
+    vocab_size: int = -1  # -1 in Meta's files: taken from the tokenizer
+    multiple_of: int = 256  # the SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 512  # length of the rotary tables; the training recipe's sequence limit
+    # --- LLaMA-Adapter ---
+    adapter_len: int = 10  # K: prompt vectors per adapted layer
+    adapter_layer: int = 30  # L: how many of the top layers get a prompt (0: plain LLaMA)
+    image_dim: int = 0  # width of precomputed image features (e.g. CLIP); 0: text only (paper Sec. 3.3)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalize in fp32 whatever the model dtype: the mean of squares loses too much in bf16.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def precompute_rope(head_dim: int, max_seq_len: int, theta: float, device=None):
+    # Rotation angle of pair i at position t: t * theta^(-2i / head_dim). Real cos/sin tables rather than
+    # Meta's complex ones: NCCL cannot broadcast complex buffers, and real ones read as the formula does.
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, device=device).float(), freqs)  # (max_seq_len, head_dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: (bsz, seqlen, heads, head_dim). Meta rotates adjacent pairs (x0, x1), (x2, x3), ... as complex numbers.
+    pairs = x.float().unflatten(-1, (-1, 2))  # (bsz, seqlen, heads, head_dim/2, 2)
+    x0, x1 = pairs.unbind(-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (seqlen, 1, head_dim/2), broadcast over heads
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, adapted: bool):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads or args.n_heads
+        self.head_dim = args.dim // args.n_heads
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        # --- LLaMA-Adapter: the gate, one scalar per head, used as tanh(gate) ---
+        # It starts at zero so the prompts, still random, add nothing: the adapted model begins as exactly the
+        # pretrained one and training opens each head's gate only as far as the prompts prove useful.
+        if adapted:
+            self.gate = nn.Parameter(torch.zeros(1, self.n_heads, 1, 1))
+        # Generation-only state, set by Transformer.setup_cache; a training forward never touches it.
+        self.cache_k = self.cache_v = None  # (bsz, cache_len, n_kv_heads, head_dim)
+        self.prompt_kv = None  # this layer's prompt keys/values, reused within one generation call
+
+    def prompt_keys_values(self, prompt, dtype):
+        # The prompt goes through this layer's own frozen wk and wv: no norm, no RoPE, no new weights.
+        # prompt: (1 or bsz, K, dim) fp32 -> keys, values: (1 or bsz, n_kv_heads, K, head_dim)
+        prompt = prompt.to(dtype)
+        pk = self.wk(prompt).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        pv = self.wv(prompt).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        return pk, pv
+
+    def forward(self, x, start_pos, cos, sin, prompt=None):
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xq, xk = apply_rope(xq, cos, sin), apply_rope(xk, cos, sin)
+
+        if self.cache_k is not None:  # generation: store this chunk, then attend over all positions so far
+            self.cache_k[:bsz, start_pos:start_pos + seqlen] = xk
+            self.cache_v[:bsz, start_pos:start_pos + seqlen] = xv
+            xk = self.cache_k[:bsz, :start_pos + seqlen]
+            xv = self.cache_v[:bsz, :start_pos + seqlen]
+
+        # (bsz, heads, seqlen, head_dim), the layout scaled_dot_product_attention expects
+        q, k, v = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
+        gqa = self.n_kv_heads != self.n_heads  # SDPA shares each kv head among n_heads / n_kv_heads queries
+        if seqlen == 1:  # one new token sees every cached position
+            mask, causal = None, False
+        elif start_pos == 0:  # training, or the first chunk of a generation: plain causal, no mask tensor
+            mask, causal = None, True
+        else:  # a later chunk of several tokens: query i sees keys 0 .. start_pos + i
+            mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=x.device).tril(start_pos)
+            causal = False
+        # LLaMA's word attention: softmax(q k^T / sqrt(head_dim) + causal mask) v
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+        if prompt is not None:
+            # --- LLaMA-Adapter, paper Eq. 7: zero-initialized attention ---
+            # Scores over [prompt; words] are softmaxed in two separate parts, so the prompt never takes
+            # probability mass from the words; the prompt part is scaled by tanh(gate), per head:
+            #   out = softmax(q k^T / sqrt(d)) v + tanh(gate) * softmax(q pk^T / sqrt(d)) pv
+            # Every position sees all K prompts (no mask). The prompt keys are not rotated: they have no position.
+            if self.cache_k is None:  # training: rebuild every time, so the prompt keeps receiving gradients
+                pk, pv = self.prompt_keys_values(prompt, x.dtype)
+            else:  # generation: the prompt is fixed, project it once per call
+                if self.prompt_kv is None:
+                    self.prompt_kv = self.prompt_keys_values(prompt, x.dtype)
+                pk, pv = self.prompt_kv
+            pk, pv = pk.expand(bsz, -1, -1, -1), pv.expand(bsz, -1, -1, -1)  # shared by the batch unless imaged
+            prompt_out = F.scaled_dot_product_attention(q, pk, pv, enable_gqa=gqa)  # (bsz, heads, seqlen, head_dim)
+            out = out + (torch.tanh(self.gate) * prompt_out).type_as(out)  # gate: (1, heads, 1, 1), fp32
+
+        out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        # Meta's hidden size: 2/3 of 4*dim (SwiGLU has three matrices), scaled, rounded up to multiple_of.
+        hidden = int(2 * 4 * args.dim / 3)
+        if args.ffn_dim_multiplier is not None:
+            hidden = int(args.ffn_dim_multiplier * hidden)
+        hidden = args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)  # 7B: 11008
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, adapted: bool):
+        super().__init__()
+        self.attention = Attention(args, adapted)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, start_pos, cos, sin, prompt=None):
+        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, prompt)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        if args.vocab_size <= 0:
+            raise InputError(f"vocab_size={args.vocab_size}: set it, or load with load_llama to take it from the tokenizer")
+        if not 0 <= args.adapter_layer <= args.n_layers:
+            raise InputError(f"adapter_layer={args.adapter_layer} must be between 0 and n_layers={args.n_layers}")
+        if args.dim % args.n_heads or args.n_heads % (args.n_kv_heads or args.n_heads):
+            raise InputError(f"dim={args.dim}, n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads} don't divide")
+        self.args = args
+        self.first_adapted = args.n_layers - args.adapter_layer  # layers below this one run as plain LLaMA
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, adapted=i >= self.first_adapted) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # Rotary tables are derived from args, so they are not saved with the weights.
+        cos, sin = precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        # --- LLaMA-Adapter: the adaption prompts, K vectors for each of the top L layers ---
+        # Row l*K + j is prompt j of layer first_adapted + l. An Embedding's weight starts as N(0, 1).
+        if args.adapter_layer:
+            self.adapter_query = nn.Embedding(args.adapter_layer * args.adapter_len, args.dim)
+            if args.image_dim:  # paper Sec. 3.3: an image feature, projected to dim, joins every prompt token
+                self.adapter_image_proj = nn.Linear(args.image_dim, args.dim)
+
+    def reset_adapter(self):
+        """Give the adapter its initial values: prompts N(0, 1), gates 0 (the model is then the base model)."""
+        with torch.no_grad():
+            self.adapter_query.weight.normal_()
+            for layer in self.layers[self.first_adapted:]:
+                layer.attention.gate.zero_()
+            if self.args.image_dim:
+                self.adapter_image_proj.reset_parameters()
+
+    def adapter_prompts(self, image=None):
+        # (1 or bsz, L, K, dim), fp32. Without an image every sequence shares one set of prompts.
+        L, K, dim = self.args.adapter_layer, self.args.adapter_len, self.args.dim
+        prompts = self.adapter_query.weight.view(1, L, K, dim)
+        if image is not None:
+            if not self.args.image_dim:
+                raise InputError("an image was given to a text-only model (image_dim=0)")
+            image_prompt = self.adapter_image_proj(image.float())  # (bsz, image_dim) -> (bsz, dim): I_p
+            prompts = prompts + image_prompt[:, None, None, :]  # P_l + repeat(I_p, K), for every adapted layer
+        return prompts
+
+    def forward(self, tokens, start_pos=0, image=None):
+        bsz, seqlen = tokens.shape
+        if start_pos + seqlen > self.args.max_seq_len:
+            raise InputError(f"{start_pos + seqlen} positions exceed max_seq_len={self.args.max_seq_len}")
+        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
+        cos, sin = self.rope_cos[start_pos:start_pos + seqlen], self.rope_sin[start_pos:start_pos + seqlen]
+        prompts = self.adapter_prompts(image) if self.args.adapter_layer else None
+        # Frozen layers below the first adapted one build no autograd graph and keep no activations:
+        # nothing they compute requires a gradient until the first prompt enters.
+        for i, layer in enumerate(self.layers):
+            prompt = prompts[:, i - self.first_adapted] if i >= self.first_adapted else None
+            h = layer(h, start_pos, cos, sin, prompt)
+        return self.output(self.norm(h)).float()  # (bsz, seqlen, vocab_size)
+
+    def setup_cache(self, batch_size: int, cache_len: int):
+        # Allocated for this generation's real batch, in the model's dtype, on the model's device.
+        like = self.tok_embeddings.weight
+        for layer in self.layers:
+            a = layer.attention
+            a.cache_k = like.new_zeros(batch_size, cache_len, a.n_kv_heads, a.head_dim)
+            a.cache_v = like.new_zeros(batch_size, cache_len, a.n_kv_heads, a.head_dim)
+            a.prompt_kv = None
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.cache_k = layer.attention.cache_v = layer.attention.prompt_kv = None
+
+
+class Tokenizer:
+    """SentencePiece, as LLaMA uses it: BOS and EOS are ids of the model, not pieces in the text."""
+
+    def __init__(self, model_path):
+        import sentencepiece
+        if not os.path.isfile(model_path):
+            raise InputError(f"{model_path}: no such tokenizer file")
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+        self.n_words, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()
+
+    def encode(self, text: str, bos: bool, eos: bool) -> list:
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        return self.sp.decode(list(ids))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading Meta checkpoints and adapter files
+
+MODEL_PARALLEL_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+
+def is_adapter_key(name: str) -> bool:
+    return name.startswith("adapter_") or name.endswith(".attention.gate")
+
+
+def torch_load(path, mmap=False):
+    """torch.load that can't run code: weights_only refuses any pickle holding more than tensors and containers."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise InputError(f"{path}: refused to unpickle, it holds more than tensors ({str(e).splitlines()[0]})") from None
+    except RuntimeError as e:
+        if mmap:  # files written in torch's pre-1.6 format can't be memory-mapped; read them whole
+            return torch_load(path)
+        raise InputError(f"{path}: not a torch file ({str(e).splitlines()[0]})") from None
+
+
+def merge_shards(shards, files):
+    """Join Meta's model-parallel shards (consolidated.00.pth, .01, ...) into whole tensors."""
+    keys = shards[0].keys() - {"rope.freqs"}  # rope.freqs is a precomputed table, not a weight
+    for shard, file in zip(shards[1:], files[1:]):
+        if shard.keys() - {"rope.freqs"} != keys:
+            raise InputError(f"{file} holds other tensors than {files[0]}")
+    merged = {}
+    for key in keys:
+        parts = [shard[key] for shard in shards]
+        dim = MODEL_PARALLEL_DIM.get(key.split(".")[-2])  # e.g. "layers.3.attention.wq.weight" -> "wq"
+        merged[key] = parts[0] if len(parts) == 1 or dim is None else torch.cat(parts, dim=dim)  # norms are copies
+    return merged
+
+
+def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dtype=None, **model_args):
+    """Build a Transformer from a checkpoint in Meta's layout; returns (model, tokenizer).
+
+    ckpt_dir holds params.json and consolidated.NN.pth; tokenizer.model is looked for in ckpt_dir, then beside it.
+    model_args override params.json (max_seq_len, adapter_len, adapter_layer, image_dim). The base weights go to
+    `dtype` (default bf16 on a GPU, fp32 on CPU), the adapter stays fp32. Without adapter_path the adapter is new.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if not (ckpt_dir / "params.json").is_file():
+        raise InputError(f"{ckpt_dir / 'params.json'}: no such file (expected Meta's layout: params.json, consolidated.00.pth)")
+    params = json.loads((ckpt_dir / "params.json").read_text())
+    unknown = params.keys() - {f.name for f in fields(ModelArgs)}
+    if unknown:
+        raise InputError(f"{ckpt_dir / 'params.json'}: unknown fields {sorted(unknown)}")
+    if tokenizer_path is None:
+        candidates = [ckpt_dir / "tokenizer.model", ckpt_dir.parent / "tokenizer.model"]
+        tokenizer_path = next((p for p in candidates if p.is_file()), candidates[0])
+    tokenizer = Tokenizer(tokenizer_path)
+    args = ModelArgs(**{**params, **model_args})
+    if args.vocab_size == -1:
+        args.vocab_size = tokenizer.n_words
+
+    files = sorted(ckpt_dir.glob("consolidated.*.pth"))
+    if not files:
+        raise InputError(f"{ckpt_dir}: no consolidated.*.pth checkpoint files")
+    state = merge_shards([torch_load(f, mmap=True) for f in files], files)
+
+    with torch.device("meta"):  # shapes only: the values come from the checkpoint, no time spent on init
+        model = Transformer(args)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    where = files[0].name if len(files) == 1 else f"{files[0].name}..{files[-1].name}"
+    unexpected = sorted(state.keys() - expected.keys())
+    missing = sorted(k for k in expected.keys() - state.keys() if not is_adapter_key(k))
+    if unexpected or missing:
+        hint = " (an adapter file, not a base checkpoint?)" if state and all(map(is_adapter_key, state)) else ""
+        raise InputError(f"{ckpt_dir / where} does not match params.json{hint}: missing {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key]:
+            raise InputError(f"{ckpt_dir / where}: {key} has shape {list(tensor.shape)}, "
+                             f"params.json implies {list(expected[key])}")
+    # Base weights to the device in `dtype` one tensor at a time; the adapter (absent from a base
+    # checkpoint, present in a full fine-tune's) in fp32.
+    state = {k: v.to(device, torch.float32 if is_adapter_key(k) else dtype) for k, v in state.items()}
+    new_adapter = [k for k in expected if k not in state]
+    for k in new_adapter:
+        state[k] = torch.empty(expected[k], device=device, dtype=torch.float32)
+    model.load_state_dict(state, assign=True)  # strict: every key accounted for above
+    model.rope_cos, model.rope_sin = precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta, device)
+    if new_adapter:
+        model.reset_adapter()
+    if adapter_path is not None:
+        load_adapter(model, adapter_path)
+    return model, tokenizer
+
+
+def mark_only_adapter_trainable(model):
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_adapter_key(name))
+
+
+def adapter_state_dict(model):
+    """The adapter alone: adapter_query.weight [L*K, dim], layers.{i}.attention.gate [1, H, 1, 1], fp32."""
+    return {k: v.detach().float().cpu() for k, v in model.state_dict().items() if is_adapter_key(k)}
+
+
+def load_adapter(model, path):
+    expected = {k: v for k, v in model.state_dict().items() if is_adapter_key(k)}
+    if not expected:
+        raise InputError(f"{path}: this model has no adapter to load it into (adapter_layer=0)")
+    state = torch_load(path)
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: not a state dict of tensors")
+    # The original export also stores zero gates for the layers it did not adapt: accept those, only those.
+    state = {k: v for k, v in state.items() if k in expected or not (k.endswith(".attention.gate") and not v.any())}
+    a = model.args
+    about = (f"it does not fit this model (dim={a.dim}, n_heads={a.n_heads}, adapter_layer={a.adapter_layer}, "
+             f"adapter_len={a.adapter_len}, image_dim={a.image_dim})")
+    extra, missing = sorted(state.keys() - expected.keys()), sorted(expected.keys() - state.keys())
+    if extra or missing:
+        what = " (a full checkpoint?)" if len(extra) > 10 else ""
+        raise InputError(f"{path}: {about}{what}: unexpected {extra[:4]}, missing {missing[:4]}")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise InputError(f"{path}: {about}: {k} has shape {list(v.shape)}, expected {list(expected[k].shape)}")
+    with torch.no_grad():
+        for k, v in state.items():
+            expected[k].copy_(v)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Alpaca recipe: prompt template and loss mask (defined here once, used by train.py and generate.py)
+
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:")
+IGNORE_INDEX = -100  # not 0, which is a real token id (<unk>): the original lost those targets
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    template = PROMPT_WITH_INPUT if input else PROMPT_NO_INPUT
+    return template.format(instruction=instruction, input=input)
+
+
+def encode_example(tokenizer, instruction, input, output, max_seq_len):
+    """Tokens [BOS] + prompt + response + [EOS], and labels that score only the response and EOS.
+
+    Returns (tokens, labels, truncated), or None when the prompt alone leaves no room for a response.
+    """
+    prompt = tokenizer.encode(format_prompt(instruction, input), bos=True, eos=False)
+    tokens = tokenizer.encode(format_prompt(instruction, input) + output, bos=True, eos=True)
+    if len(prompt) >= max_seq_len:
+        return None
+    labels = [IGNORE_INDEX] * len(prompt) + tokens[len(prompt):]
+    return tokens[:max_seq_len], labels[:max_seq_len], len(tokens) > max_seq_len
+
+
+def pad_batch(examples, device=None):
+    """Right-pad (tokens, labels) pairs to the longest in the batch; padding is never scored."""
+    width = max(len(tokens) for tokens, _ in examples)
+    tokens = torch.zeros(len(examples), width, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (t, l) in enumerate(examples):
+        tokens[i, :len(t)], labels[i, :len(l)] = torch.tensor(t), torch.tensor(l)
+    return tokens.to(device), labels.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling
+
+def sample_next(logits, temperature: float, top_p: float, generator=None):
+    # logits: (bsz, vocab). Greedy at temperature 0; otherwise nucleus sampling: draw from the smallest set of
+    # most likely tokens whose probabilities sum to at least top_p.
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs, order = torch.softmax(logits / temperature, dim=-1).sort(dim=-1, descending=True)
+    probs[probs.cumsum(-1) - probs > top_p] = 0  # keep a token if the ones before it sum to <= top_p
+    choice = torch.multinomial(probs, 1, generator=generator)  # multinomial normalizes what is left
+    return order.gather(-1, choice).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, prompts, max_gen_len, temperature=0.1, top_p=0.75, eos_id=None, image=None,
+             generator=None, on_token=None):
+    """Continue each token list in `prompts`; returns the new tokens of each, up to and excluding EOS.
+
+    Prompts of different lengths share one batch: all start at position 0, decoding starts at the shortest
+    prompt's end, and a sequence still inside its prompt is fed its own next token instead of a sample, so each
+    gets what it would get alone. on_token(step_tokens) sees each step's (bsz,) new tokens as they come.
+    """
+    bsz, lengths = len(prompts), [len(p) for p in prompts]
+    max_seq_len = model.args.max_seq_len
+    if max(lengths) >= max_seq_len:
+        raise InputError(f"a prompt of {max(lengths)} tokens leaves no room in max_seq_len={max_seq_len}")
+    device = model.tok_embeddings.weight.device
+    total_len = min(max_seq_len, max(lengths) + max_gen_len)
+    tokens = torch.full((bsz, total_len), -1, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+    in_prompt = tokens != -1
+    ends = torch.tensor(lengths, device=device) + max_gen_len  # where each sequence's budget runs out
+    done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    model.setup_cache(bsz, total_len)
+    try:
+        prev = 0
+        for cur in range(min(lengths), total_len):
+            logits = model(tokens[:, prev:cur], start_pos=prev, image=image)[:, -1]  # (bsz, vocab)
+            next_token = sample_next(logits, temperature, top_p, generator)
+            next_token = torch.where(in_prompt[:, cur], tokens[:, cur], next_token)
+            tokens[:, cur] = next_token
+            if on_token is not None:
+                on_token(next_token)
+            done |= ~in_prompt[:, cur] & ((next_token == eos_id) | (cur + 1 >= ends))
+            prev = cur
+            if done.all():
+                break
+    finally:
+        model.clear_cache()
+    out = []
+    for i, p in enumerate(tokens.tolist()):
+        new = p[lengths[i]:min(lengths[i] + max_gen_len, total_len)]
+        new = new[:new.index(-1)] if -1 in new else new
+        out.append(new[:new.index(eos_id)] if eos_id in new else new)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small utilities shared by the scripts
+
+def atomic_save(obj, path):
+    """torch.save to a temporary name, flushed to disk, then renamed: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def parse_overrides(settings: dict, argv) -> dict:
+    """--key=value arguments, each parsed as the type of its default in `settings` (a bare --key sets a bool).
+
+    A list default collects repeated keys. Unknown keys and values of the wrong type raise InputError.
+    """
+    out = {}
+    for arg in argv:
+        key, has_value, value = arg[2:].partition("=")
+        if not arg.startswith("--") or key not in settings:
+            raise InputError(f"unknown argument {arg!r}; settings are --key=value with key one of: {', '.join(settings)}")
+        default = settings[key]
+        try:
+            if isinstance(default, bool):
+                value = {"true": True, "1": True, "false": False, "0": False}[value.lower()] if has_value else True
+            elif not has_value:
+                raise ValueError
+            elif isinstance(default, list):
+                value = out.get(key, []) + [value]
+            else:
+                value = type(default)(value)
+        except (KeyError, ValueError):
+            raise InputError(f"--{key}={value}: expected a {type(default).__name__} like the default {default!r}") from None
+        out[key] = value
+    return out
+
+
+def exit_on_input_error():
+    """Make the scripts print an InputError as one line and exit with status 1, without a traceback."""
+    def hook(kind, error, traceback):
+        if issubclass(kind, InputError):
+            print(f"error: {error}", file=sys.stderr)
+        else:
+            sys.__excepthook__(kind, error, traceback)
+    sys.excepthook = hook

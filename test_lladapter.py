@@ -1,0 +1,436 @@
+"""Tests for lladapter: each one checks a claim of the paper or of SPEC.md on a tiny seeded model.
+
+Run: python -m pytest -q test_lladapter.py
+"""
+import json
+import math
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lladapter
+from lladapter import InputError, ModelArgs, Transformer
+
+ROOT = Path(__file__).resolve().parent
+LLAMA2_TOKENIZER = ROOT.parent / "shared" / "llama2-tokenizer.model"
+VOCAB = 96
+
+
+def tiny_args(**overrides):
+    args = dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=None, vocab_size=VOCAB, multiple_of=32, norm_eps=1e-5,
+                max_seq_len=64, adapter_len=3, adapter_layer=2)
+    return ModelArgs(**{**args, **overrides})
+
+
+def tiny_model(seed=0, open_gates=False, **overrides):
+    torch.manual_seed(seed)
+    model = Transformer(tiny_args(**overrides))
+    if open_gates:  # as after some training: every head's gate somewhere in (-1, 1)
+        with torch.no_grad():
+            for layer in model.layers[model.first_adapted:]:
+                layer.attention.gate.uniform_(-1.5, 1.5)
+    return model
+
+
+def base_copy(model):
+    """The same weights in a plain LLaMA (adapter_layer=0), loaded strictly."""
+    base = Transformer(ModelArgs(**{**vars(model.args), "adapter_layer": 0}))
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if not lladapter.is_adapter_key(k)})
+    return base
+
+
+def tokens(bsz=2, seqlen=12, seed=1):
+    return torch.randint(3, VOCAB, (bsz, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def cached_logits(model, toks, chunks):
+    """Logits from feeding `toks` through the KV cache in chunks of the given lengths."""
+    model.setup_cache(toks.shape[0], toks.shape[1])
+    out, pos = [], 0
+    with torch.no_grad():
+        for n in chunks:
+            out.append(model(toks[:, pos:pos + n], start_pos=pos))
+            pos += n
+    model.clear_cache()
+    return torch.cat(out, dim=1)
+
+
+# How Meta's model-parallel checkpoints split each tensor (SPEC.md section 1); norms are replicated.
+META_SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+
+def write_meta_checkpoint(model, ckpt_dir, n_shards=1, vocab_size=None):
+    """Write `model`'s base weights in Meta's layout, split into model-parallel shards as Meta splits them."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items() if not lladapter.is_adapter_key(k)}
+    for rank in range(n_shards):
+        shard = {}
+        for key, tensor in state.items():
+            dim = META_SPLIT.get(key.split(".")[-2])
+            shard[key] = tensor.clone() if dim is None else tensor.chunk(n_shards, dim=dim)[rank].clone()
+        shard["rope.freqs"] = torch.randn(8)  # Meta's files carry this table; it is not a weight
+        torch.save(shard, ckpt_dir / f"consolidated.{rank:02d}.pth")
+    a = model.args
+    params = dict(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, multiple_of=a.multiple_of, norm_eps=a.norm_eps,
+                  vocab_size=a.vocab_size if vocab_size is None else vocab_size)
+    if a.n_kv_heads:
+        params["n_kv_heads"] = a.n_kv_heads
+    (ckpt_dir / "params.json").write_text(json.dumps(params))
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer(tmp_path_factory):
+    """A SentencePiece model with exactly VOCAB pieces, trained in a second on text written here."""
+    import random
+    import sentencepiece
+    d = tmp_path_factory.mktemp("spm")
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 6))) for _ in range(300)]
+    (d / "text.txt").write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(2000)))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(d / "text.txt"), model_prefix=str(d / "tokenizer"), vocab_size=VOCAB, model_type="bpe",
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    return d / "tokenizer.model"
+
+
+# ---- the paper's claims ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_zero_gates_give_exactly_the_base_model(n_kv_heads):
+    model = tiny_model(n_kv_heads=n_kv_heads)  # fresh: random prompts, zero gates
+    base = base_copy(model)
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(model(x), base(x))
+    chunks = [5, 1, 1, 1, 4]  # a prefill, single tokens, and a later multi-token chunk
+    assert torch.equal(cached_logits(model, x, chunks), cached_logits(base, x, chunks))
+    with torch.no_grad():  # and the prompts do matter once a gate opens
+        model.layers[-1].attention.gate[0, 1] = 0.5
+        assert not torch.allclose(model(x), base(x))
+
+
+def test_only_the_adapter_trains_and_its_size_matches_the_formula():
+    for L, K, C, H in [(2, 3, 64, 4), (4, 5, 32, 2), (1, 1, 64, 8)]:
+        model = tiny_model(adapter_layer=L, adapter_len=K, dim=C, n_heads=H)
+        lladapter.mark_only_adapter_trainable(model)
+        trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+        assert sum(trainable.values()) == L * K * C + L * H
+        assert set(trainable) == {"adapter_query.weight"} | {f"layers.{i}.attention.gate" for i in range(4 - L, 4)}
+    with torch.device("meta"):  # LLaMA-7B's shapes, no memory
+        model = Transformer(ModelArgs(vocab_size=32000))  # defaults: 7B, K=10, L=30
+    lladapter.mark_only_adapter_trainable(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    assert trainable == 30 * 10 * 4096 + 30 * 32 == 1_229_760
+    assert total - trainable == 6_738_415_616  # LLaMA-7B as published
+
+
+def test_bottom_layers_build_no_graph_in_adapter_training():
+    model = tiny_model()
+    lladapter.mark_only_adapter_trainable(model)
+    seen = []
+    for layer in model.layers:
+        layer.register_forward_hook(lambda module, inp, out: seen.append(out.requires_grad))
+    model(tokens()).sum().backward()
+    assert seen == [False, False, True, True]  # n_layers=4, adapter_layer=2
+
+
+def test_prompt_gradient_is_zero_at_init_and_flows_after_one_step():
+    model = tiny_model()
+    lladapter.mark_only_adapter_trainable(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    x = tokens(seqlen=16)
+
+    def loss_and_grads():
+        optimizer.zero_grad()
+        logits = model(x[:, :-1])
+        F.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1)).backward()
+        gates = [layer.attention.gate.grad for layer in model.layers[model.first_adapted:]]
+        return model.adapter_query.weight.grad, gates
+
+    prompt_grad, gate_grads = loss_and_grads()
+    assert torch.count_nonzero(prompt_grad) == 0  # multiplied by tanh(0) = 0, exactly
+    assert all(torch.count_nonzero(g) == g.numel() for g in gate_grads)  # every head's gate moves
+    optimizer.step()
+    with torch.no_grad():  # an evaluation pass in between must not break the next training step
+        model(x)
+    prompt_grad, _ = loss_and_grads()  # step 2: the gates are open, the prompt learns
+    assert torch.count_nonzero(prompt_grad) > 0.9 * prompt_grad.numel()
+    optimizer.step()
+    lladapter.generate(model, [[1, 5, 7]], max_gen_len=3, temperature=0, eos_id=2)  # nor must a generation
+    after_generation, _ = loss_and_grads()
+    assert torch.count_nonzero(after_generation) > 0.9 * prompt_grad.numel()
+    assert not torch.equal(after_generation, prompt_grad)  # computed from the updated prompt, not a stale copy
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2, 1])
+def test_cached_decoding_matches_full_forward(n_kv_heads):
+    model = tiny_model(open_gates=True, n_kv_heads=n_kv_heads)
+    x = tokens(seqlen=20)
+    with torch.no_grad():
+        full = model(x)
+    for chunks in ([1] * 20, [7] + [1] * 13, [4, 6, 1, 9]):
+        torch.testing.assert_close(cached_logits(model, x, chunks), full, rtol=1e-4, atol=1e-4)
+
+
+def eq7_reference(attn, x, prompt, prompt_scale=None):
+    """Paper Eq. 7 as written: scores over [prompt; words], each part softmaxed alone, the prompt part scaled by
+    tanh(gate); rotary embeddings in Meta's complex form; kv heads repeated for grouped-query attention."""
+    bsz, n, _ = x.shape
+    H, Hkv, d, K = attn.n_heads, attn.n_kv_heads, attn.head_dim, prompt.shape[0]
+    q = (x @ attn.wq.weight.T).view(bsz, n, H, d)
+    k = (x @ attn.wk.weight.T).view(bsz, n, Hkv, d)
+    v = (x @ attn.wv.weight.T).view(bsz, n, Hkv, d)
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))
+    rot = torch.polar(torch.ones(n, d // 2), torch.outer(torch.arange(n).float(), freqs))
+    q = torch.view_as_real(torch.view_as_complex(q.reshape(bsz, n, H, d // 2, 2)) * rot[:, None]).flatten(-2)
+    k = torch.view_as_real(torch.view_as_complex(k.reshape(bsz, n, Hkv, d // 2, 2)) * rot[:, None]).flatten(-2)
+    pk = (prompt @ attn.wk.weight.T).view(K, Hkv, d)  # no rotation: prompts have no position
+    pv = (prompt @ attn.wv.weight.T).view(K, Hkv, d)
+    keys = torch.cat([pk.expand(bsz, K, Hkv, d), k], dim=1).repeat_interleave(H // Hkv, dim=2)
+    values = torch.cat([pv.expand(bsz, K, Hkv, d), v], dim=1).repeat_interleave(H // Hkv, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, keys) / math.sqrt(d)  # (bsz, H, n, K + n)
+    if prompt_scale is not None:  # to show that a wrong scale would be caught
+        scores[..., :K] *= prompt_scale * math.sqrt(d)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    word_scores = scores[..., K:].masked_fill(~causal, float("-inf"))
+    gate = torch.tanh(attn.gate).view(1, H, 1, 1)
+    weights = torch.cat([gate * scores[..., :K].softmax(-1), word_scores.softmax(-1)], dim=-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", weights, values).reshape(bsz, n, H * d)
+    return out @ attn.wo.weight.T
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_attention_matches_paper_eq7(n_kv_heads):
+    model = tiny_model(open_gates=True, n_kv_heads=n_kv_heads)
+    attn = model.layers[-1].attention
+    x = torch.randn(2, 9, model.args.dim)
+    prompt = model.adapter_query.weight[-model.args.adapter_len:]  # the last layer's K prompts
+    with torch.no_grad():
+        ours = attn(x, 0, model.rope_cos[:9], model.rope_sin[:9], prompt[None])
+        torch.testing.assert_close(ours, eq7_reference(attn, x, prompt), rtol=1e-5, atol=1e-5)
+        # the prompt scores are scaled by 1/sqrt(head_dim); 1/sqrt(dim), a bug peers shipped, would differ
+        wrong = eq7_reference(attn, x, prompt, prompt_scale=1 / math.sqrt(model.args.dim))
+    assert not torch.allclose(ours, wrong, atol=1e-3)
+
+
+# ---- loading Meta checkpoints and adapter files -----------------------------------------------------------
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_meta_checkpoint_in_one_or_two_shards_loads_to_identical_logits(tmp_path, spm_tokenizer, n_kv_heads):
+    model = tiny_model(n_kv_heads=n_kv_heads)
+    x = tokens()
+    with torch.no_grad():
+        expected = base_copy(model)(x)
+    logits = []
+    for n_shards in (1, 2):
+        ckpt = tmp_path / f"mp{n_shards}"
+        write_meta_checkpoint(model, ckpt, n_shards, vocab_size=-1)  # -1: taken from the tokenizer, as in LLaMA
+        loaded, tokenizer = lladapter.load_llama(ckpt, tokenizer_path=spm_tokenizer, device="cpu",
+                                                 max_seq_len=64, adapter_len=3, adapter_layer=2)
+        assert loaded.args.vocab_size == tokenizer.n_words == VOCAB
+        assert loaded.adapter_query.weight.dtype == torch.float32
+        with torch.no_grad():
+            logits.append(loaded(x))
+    assert torch.equal(logits[0], logits[1])
+    assert torch.equal(logits[0], expected)  # new adapter, zero gates: the base model's logits
+
+
+def test_corrupted_checkpoint_shape_is_refused_naming_the_tensor(tmp_path, spm_tokenizer):
+    write_meta_checkpoint(tiny_model(), tmp_path)
+    shard = torch.load(tmp_path / "consolidated.00.pth")
+    shard["layers.1.feed_forward.w3.weight"] = shard["layers.1.feed_forward.w3.weight"][:-1]
+    torch.save(shard, tmp_path / "consolidated.00.pth")
+    with pytest.raises(InputError, match=r"layers\.1\.feed_forward\.w3\.weight has shape \[191, 64\].*\[192, 64\]"):
+        lladapter.load_llama(tmp_path, tokenizer_path=spm_tokenizer, device="cpu", adapter_layer=2, adapter_len=3)
+
+
+def test_missing_checkpoint_files_are_named(tmp_path, spm_tokenizer):
+    with pytest.raises(InputError, match="params.json: no such file"):
+        lladapter.load_llama(tmp_path, tokenizer_path=spm_tokenizer)
+    write_meta_checkpoint(tiny_model(), tmp_path)
+    (tmp_path / "consolidated.00.pth").unlink()
+    with pytest.raises(InputError, match="no consolidated"):
+        lladapter.load_llama(tmp_path, tokenizer_path=spm_tokenizer)
+    with pytest.raises(InputError, match="nothere.model: no such tokenizer"):
+        lladapter.load_llama(tmp_path, tokenizer_path=tmp_path / "nothere.model")
+
+
+def test_adapter_save_and_reload_reproduce_the_logits_exactly(tmp_path):
+    model = tiny_model(open_gates=True)
+    path = tmp_path / "adapter.pth"
+    lladapter.atomic_save(lladapter.adapter_state_dict(model), path)
+    saved = torch.load(path)
+    assert set(saved) == {"adapter_query.weight", "layers.2.attention.gate", "layers.3.attention.gate"}
+    assert all(v.dtype == torch.float32 for v in saved.values())
+    fresh = tiny_model()  # same base weights (same seed), fresh adapter
+    x = tokens()
+    with torch.no_grad():
+        assert not torch.equal(fresh(x), model(x))
+        lladapter.load_adapter(fresh, path)
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_adapter_in_the_original_layout_with_zero_gates_everywhere_loads(tmp_path):
+    model = tiny_model(open_gates=True)
+    state = lladapter.adapter_state_dict(model)
+    state["layers.0.attention.gate"] = torch.zeros(1, 4, 1, 1, dtype=torch.float16)  # the original's extra gates
+    state["layers.1.attention.gate"] = torch.zeros(1, 4, 1, 1, dtype=torch.float16)
+    torch.save(state, tmp_path / "original.pth")
+    fresh = tiny_model()
+    lladapter.load_adapter(fresh, tmp_path / "original.pth")
+    with torch.no_grad():
+        assert torch.equal(fresh(tokens()), model(tokens()))
+    state["layers.0.attention.gate"][0, 0] = 0.1  # a gate this model does not have is not silently dropped
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(InputError, match=r"unexpected \['layers.0.attention.gate'\]"):
+        lladapter.load_adapter(fresh, tmp_path / "bad.pth")
+
+
+@pytest.mark.parametrize("other", [dict(dim=32), dict(n_heads=2), dict(adapter_len=4), dict(adapter_layer=3)])
+def test_adapter_for_another_model_is_refused(tmp_path, other):
+    lladapter.atomic_save(lladapter.adapter_state_dict(tiny_model(**other)), tmp_path / "adapter.pth")
+    with pytest.raises(InputError, match="adapter.pth: it does not fit this model"):
+        lladapter.load_adapter(tiny_model(), tmp_path / "adapter.pth")
+
+
+def test_full_checkpoint_and_adapter_file_are_not_mistaken_for_each_other(tmp_path, spm_tokenizer):
+    model = tiny_model()
+    torch.save(model.state_dict(), tmp_path / "full.pth")
+    with pytest.raises(InputError, match="a full checkpoint"):
+        lladapter.load_adapter(model, tmp_path / "full.pth")
+    ckpt = tmp_path / "ckpt"
+    write_meta_checkpoint(model, ckpt)
+    torch.save(lladapter.adapter_state_dict(model), ckpt / "consolidated.00.pth")
+    with pytest.raises(InputError, match="an adapter file, not a base checkpoint"):
+        lladapter.load_llama(ckpt, tokenizer_path=spm_tokenizer, adapter_layer=2, adapter_len=3)
+
+
+class RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "the pickle ran code"))
+
+
+def test_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path, spm_tokenizer):
+    marker = tmp_path / "pwned"
+    evil = {"adapter_query.weight": torch.zeros(6, 64), "x": RunsCodeWhenUnpickled(str(marker))}
+    torch.save(evil, tmp_path / "adapter.pth")
+    with pytest.raises(InputError, match="refused to unpickle"):
+        lladapter.load_adapter(tiny_model(), tmp_path / "adapter.pth")
+    ckpt = tmp_path / "ckpt"
+    write_meta_checkpoint(tiny_model(), ckpt)
+    torch.save(evil, ckpt / "consolidated.00.pth")
+    with pytest.raises(InputError, match="refused to unpickle"):
+        lladapter.load_llama(ckpt, tokenizer_path=spm_tokenizer, adapter_layer=2, adapter_len=3)
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(RunsCodeWhenUnpickled(str(marker))))  # the payload is real: plain pickle runs it
+    assert marker.exists()
+
+
+@pytest.mark.skipif(not LLAMA2_TOKENIZER.is_file(), reason="../shared/llama2-tokenizer.model is not here")
+def test_tokenizer_matches_llama2():
+    tok = lladapter.Tokenizer(LLAMA2_TOKENIZER)
+    assert (tok.n_words, tok.bos_id, tok.eos_id) == (32000, 1, 2)
+    assert tok.encode("Hello world", bos=False, eos=False) == [15043, 3186]
+    assert tok.encode("Hello world", bos=True, eos=True) == [1, 15043, 3186, 2]
+    text = "Below is an instruction that describes a task.\n\n### Response:"
+    assert tok.decode(tok.encode(text, bos=True, eos=True)) == text
+
+
+# ---- sampling ---------------------------------------------------------------------------------------------
+
+def test_batched_greedy_generation_matches_one_prompt_at_a_time():
+    model = tiny_model(open_gates=True, n_kv_heads=2)
+    prompts = [[1, 5, 9, 14], [1, 7], [1, 30, 31, 32, 33, 34, 35, 36, 37], [1, 3, 4]]
+    batched = lladapter.generate(model, prompts, max_gen_len=10, temperature=0, eos_id=2)
+    alone = [lladapter.generate(model, [p], max_gen_len=10, temperature=0, eos_id=2)[0] for p in prompts]
+    assert batched == alone
+    assert all(len(out) == 10 for out in alone)  # no EOS drawn here: each ran its full budget
+
+
+def test_greedy_generation_is_the_argmax_of_the_full_forward():
+    model = tiny_model(open_gates=True)
+    seq = [1, 5, 9, 14]
+    out = lladapter.generate(model, [seq], max_gen_len=8, temperature=0, eos_id=2)[0]
+    for _ in range(8):
+        with torch.no_grad():
+            seq = seq + [model(torch.tensor([seq]))[0, -1].argmax().item()]
+    assert out == seq[4:]
+
+
+def test_generation_stops_at_eos_and_sampling_is_seeded():
+    model = tiny_model(open_gates=True)
+    greedy = lladapter.generate(model, [[1, 5, 9]], max_gen_len=6, temperature=0, eos_id=-5)[0]
+    first = greedy[2]  # declare the third greedy token EOS: output stops before it
+    assert lladapter.generate(model, [[1, 5, 9]], max_gen_len=6, temperature=0, eos_id=first)[0] == greedy[:greedy.index(first)]
+    runs = [lladapter.generate(model, [[1, 5, 9]] * 3, max_gen_len=12, temperature=1.0, top_p=0.9, eos_id=-5,
+                               generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = {lladapter.sample_next(logits, 1.0, 0.75, torch.Generator().manual_seed(s)).item() for s in range(200)}
+    assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.75; tokens 2 and 3 are never drawn
+    assert lladapter.sample_next(logits, 0, 0.75).item() == 0
+
+
+def test_generation_refuses_a_prompt_longer_than_max_seq_len():
+    with pytest.raises(InputError, match="max_seq_len=64"):
+        lladapter.generate(tiny_model(), [[1] * 64], max_gen_len=4, eos_id=2)
+
+
+# ---- the recipe's data side ------------------------------------------------------------------------------
+
+def test_labels_score_exactly_the_response_and_eos(spm_tokenizer):
+    tok = lladapter.Tokenizer(spm_tokenizer)
+    records = [("abc def", "", "ghi jkl mno"), ("pa po", "ka ki", "no"), ("lo", "", "a b c d e f g h i j k l")]
+    examples = [lladapter.encode_example(tok, *r, max_seq_len=512) for r in records]
+    batch_tokens, labels = lladapter.pad_batch([(t, l) for t, l, _ in examples])
+    for i, (instruction, input, output) in enumerate(records):
+        prompt = tok.encode(lladapter.format_prompt(instruction, input), bos=True, eos=False)
+        full = tok.encode(lladapter.format_prompt(instruction, input) + output, bos=True, eos=True)
+        assert full[:len(prompt)] == prompt and full[0] == tok.bos_id and full[-1] == tok.eos_id
+        expected = [-100] * len(prompt) + full[len(prompt):] + [-100] * (labels.shape[1] - len(full))
+        assert labels[i].tolist() == expected
+        assert batch_tokens[i, :len(full)].tolist() == full
+    assert "### Input:\nka ki\n\n### Response:" in lladapter.format_prompt("pa po", "ka ki")
+    assert lladapter.format_prompt("lo").endswith("### Instruction:\nlo\n\n### Response:")
+    # too long: the response is cut; the prompt alone too long: the example is skipped
+    prompt_len = len(tok.encode(lladapter.format_prompt("lo"), bos=True, eos=False))
+    t, l, truncated = lladapter.encode_example(tok, *records[2], max_seq_len=prompt_len + 3)
+    assert truncated and len(t) == len(l) == prompt_len + 3 and l[-3:] == t[-3:]
+    assert lladapter.encode_example(tok, *records[2], max_seq_len=prompt_len) is None
+
+
+def test_overrides_are_type_checked():
+    settings = {"lr": 1e-3, "steps": 10, "name": "x", "resume": False, "prompt": []}
+    got = lladapter.parse_overrides(settings, ["--lr=2e-4", "--steps=3", "--resume", "--prompt=a", "--prompt=b=c"])
+    assert got == {"lr": 2e-4, "steps": 3, "resume": True, "prompt": ["a", "b=c"]}
+    for bad, message in [("--stepz=3", "unknown argument"), ("--steps=1.5", "expected a int"),
+                         ("--resume=maybe", "expected a bool"), ("steps=3", "unknown argument")]:
+        with pytest.raises(InputError, match=message):
+            lladapter.parse_overrides(settings, [bad])
+
+
+def test_bf16_base_keeps_the_adapter_and_logits_in_fp32(tmp_path, spm_tokenizer):
+    write_meta_checkpoint(tiny_model(), tmp_path)
+    model, _ = lladapter.load_llama(tmp_path, tokenizer_path=spm_tokenizer, device="cpu", dtype=torch.bfloat16,
+                                    adapter_layer=2, adapter_len=3)
+    lladapter.mark_only_adapter_trainable(model)
+    assert model.layers[0].attention.wq.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        model.layers[-1].attention.gate.fill_(0.3)
+    logits = model(tokens())
+    assert logits.dtype == torch.float32
+    logits.logsumexp(-1).mean().backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in trainable)
+    assert torch.count_nonzero(model.adapter_query.weight.grad) > 0
