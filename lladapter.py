@@ -449,6 +449,18 @@ def pad_batch(examples, device=None):
     return tokens.to(device), labels.to(device)
 
 
+def load_image_feature(image, base_dir, image_dim, where):
+    """A record's "image": a .npy file of one feature vector (a path relative to base_dir), or the vector inline."""
+    import numpy as np
+    try:
+        vector = np.load(Path(base_dir) / image) if isinstance(image, str) else np.asarray(image, np.float32)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{where}: image feature {image!r}: {e}") from None
+    if vector.shape != (image_dim,):
+        raise InputError(f"{where}: image feature {str(image)[:60]!r} has shape {list(vector.shape)}, expected [{image_dim}]")
+    return torch.from_numpy(vector.astype(np.float32))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Sampling
 

@@ -434,3 +434,224 @@ def test_bf16_base_keeps_the_adapter_and_logits_in_fp32(tmp_path, spm_tokenizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert all(p.dtype == p.grad.dtype == torch.float32 for p in trainable)
     assert torch.count_nonzero(model.adapter_query.weight.grad) > 0
+
+
+# ---- train.py ---------------------------------------------------------------------------------------------
+
+ANIMALS = ["cat", "dog", "owl", "fox", "bee", "elk", "emu", "yak"]
+COLOURS = ["red", "blue", "green", "pink"]
+
+
+@pytest.fixture(scope="session")
+def task(tmp_path_factory):
+    """A tiny base model in Meta's layout, its tokenizer, and an Alpaca-format data file."""
+    import random
+    import sentencepiece
+    d = tmp_path_factory.mktemp("task")
+    rng = random.Random(0)
+    records = [{"instruction": f"Which colour is the {a}?", "input": rng.choice(["", "a short note"]),
+                "output": f"The {a} is {COLOURS[ANIMALS.index(a) % 4]}."} for a in rng.choices(ANIMALS, k=120)]
+    (d / "data.json").write_text(json.dumps(records))
+    text = [lladapter.format_prompt(r["instruction"], r["input"]) + r["output"] for r in records]
+    (d / "text.txt").write_text("\n".join(text))
+    ckpt = d / "ckpt"
+    ckpt.mkdir()
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(d / "text.txt"), model_prefix=str(ckpt / "tokenizer"), vocab_size=VOCAB, model_type="bpe",
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    write_meta_checkpoint(tiny_model(max_seq_len=512), ckpt, vocab_size=-1)
+    return d
+
+
+def train(task, out, *args, nproc=1, check=True):
+    """Run train.py as a user would; returns (returncode, stdout + stderr)."""
+    import subprocess
+    import sys
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    cmd = [sys.executable, *launcher, "train.py", f"--ckpt_dir={task / 'ckpt'}", f"--data_path={task / 'data.json'}",
+           f"--out_dir={out}", "--adapter_layer=2", "--adapter_len=3", "--batch_size=8", "--micro_batch_size=2",
+           "--epochs=2", "--warmup_epochs=0.5", "--val_fraction=0.05", "--log_interval=5", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # deterministic kernels, and no oversubscription under torchrun
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed:\n{result.stdout}\n{result.stderr}")
+    return result.returncode, result.stdout + result.stderr
+
+
+def log_of(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_two_ddp_processes_end_with_the_adapter_of_one_process(task, tmp_path):
+    train(task, tmp_path / "one", "--stop_after=8", "--base_lr=1.0")
+    train(task, tmp_path / "two", "--stop_after=8", "--base_lr=1.0", nproc=2)
+    one, two = torch.load(tmp_path / "one" / "adapter.pth"), torch.load(tmp_path / "two" / "adapter.pth")
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(one["layers.3.attention.gate"], torch.zeros(1, 4, 1, 1))
+    for a, b in zip(log_of(tmp_path / "one"), log_of(tmp_path / "two")):
+        assert a["lr"] == b["lr"] and math.isclose(a["loss"], b["loss"], rel_tol=1e-4)
+
+
+def test_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_does(task, tmp_path):
+    train(task, tmp_path / "straight", "--base_lr=1.0", "--save_interval=5")
+    train(task, tmp_path / "stopped", "--base_lr=1.0", "--save_interval=5", "--stop_after=7")
+    _, output = train(task, tmp_path / "stopped", "--base_lr=1.0", "--save_interval=5", "--resume")
+    assert "resumed from" in output and "at step 7" in output
+    straight, resumed = torch.load(tmp_path / "straight" / "adapter.pth"), torch.load(tmp_path / "stopped" / "adapter.pth")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert [r["step"] for r in log_of(tmp_path / "stopped")] == [r["step"] for r in log_of(tmp_path / "straight")]
+    code, output = train(task, tmp_path / "stopped", "--base_lr=2.0", "--resume", check=False)
+    assert code != 0 and "other settings: base_lr=1.0 (now 2.0)" in output
+
+
+def test_a_few_hundred_steps_lower_the_loss_and_open_the_gates(task, tmp_path):
+    # The base is random, so the adapter can learn the answers' form but not the colours: ~4.9 -> ~2.4 nats.
+    train(task, tmp_path, "--epochs=20", "--warmup_epochs=2", "--base_lr=10.0", "--micro_batch_size=8")
+    log = log_of(tmp_path)
+    assert len(log) == 20 * 14  # 114 training examples // 8
+    first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+    assert log[0]["gate"] <= log[0]["lr"] < 0.1 < log[-1]["gate"]  # from 0, one Adam step moves a gate <= lr
+    assert log[-1]["val_loss"] < 0.6 * first
+
+
+def test_learning_rate_follows_warmup_and_cosine_in_optimizer_steps(task, tmp_path):
+    train(task, tmp_path, "--micro_batch_size=2", "--batch_size=8", "--epochs=3", "--warmup_epochs=1", "--base_lr=0.256")
+    log = log_of(tmp_path)
+    steps_per_epoch = 114 // 8  # 120 records, 6 held out; accumulation (4 micro-batches) doesn't change the count
+    total, warmup, peak = 3 * steps_per_epoch, steps_per_epoch, 0.256 * 8 / 256
+    assert [r["step"] for r in log] == list(range(1, total + 1))
+    for r in log:
+        s = r["step"] - 1
+        expected = peak * (s + 1) / warmup if s < warmup else \
+            peak * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+        assert math.isclose(r["lr"], expected, rel_tol=1e-9), (s, r["lr"], expected)
+    assert max(r["lr"] for r in log) == peak
+
+
+def test_full_mode_trains_every_weight_and_saves_a_loadable_checkpoint(task, tmp_path):
+    _, output = train(task, tmp_path, "--mode=full", "--adapter_layer=0", "--stop_after=3", "--base_lr=0.5")
+    assert "(100.000%)" in output
+    tuned, _ = lladapter.load_llama(tmp_path, adapter_layer=0)
+    base, _ = lladapter.load_llama(task / "ckpt", adapter_layer=0)
+    assert all(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), base.state_dict().values()))
+
+
+def test_a_diverging_run_stops_with_a_message_and_keeps_the_last_good_checkpoint(task, tmp_path):
+    code, output = train(task, tmp_path, "--base_lr=1e30", "--save_interval=1", check=False)
+    assert code != 0 and "stopping. The last good checkpoint is in" in output
+    assert "error: the loss is nan" in output or "error: the weights are no longer finite" in output
+    saved = torch.load(tmp_path / "adapter.pth")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def bad_inputs(task, d):
+    good = json.loads((task / "data.json").read_text())
+    cases = {
+        "missing data": (["--data_path=" + str(d / "nope.json")], "nope.json: no such data file"),
+        "malformed": ('[{"instruction": "a", ', "not valid JSON"),
+        "no output": ([{"instruction": "a", "output": "b"}, {"instruction": "c"}], "record 1 has no 'output'"),
+        "no instruction": ([{"output": "b"}], "record 0 has no 'instruction'"),
+        "not a string": (good[:3] + [{"instruction": "a", "input": 7, "output": "b"}], "record 3: 'input' is a int"),
+        "empty": ([], "expected a non-empty list"),
+        "missing checkpoint": (["--ckpt_dir=" + str(d / "nockpt")], "nockpt/params.json: no such file"),
+        "unknown setting": (["--learning_rate=3"], "unknown argument '--learning_rate=3'"),
+        "wrong type": (["--epochs=five"], "--epochs=five: expected a int"),
+    }
+    for name, (content, message) in cases.items():
+        if isinstance(content, list) and all(isinstance(c, str) and c.startswith("--") for c in content) and content:
+            yield name, content, message
+        else:
+            path = d / f"{name.replace(' ', '_')}.json"
+            path.write_text(content if isinstance(content, str) else json.dumps(content))
+            yield name, [f"--data_path={path}"], message
+
+
+def test_bad_input_exits_nonzero_with_one_clear_message_and_writes_nothing(task, tmp_path):
+    for name, args, message in bad_inputs(task, tmp_path):
+        out = tmp_path / ("out_" + name.replace(" ", "_"))
+        code, output = train(task, out, *args, check=False)
+        assert code != 0, name
+        assert message in output, (name, output)
+        assert "Traceback" not in output, (name, output)
+        assert not out.exists(), name
+
+
+# ---- generate.py ------------------------------------------------------------------------------------------
+
+def run_generate(task, *args, adapter=None):
+    import subprocess
+    import sys
+    cmd = [sys.executable, "generate.py", f"--ckpt_dir={task / 'ckpt'}", "--adapter_layer=2", "--adapter_len=3",
+           *([f"--adapter={adapter}"] if adapter else []), *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return result.returncode, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="session")
+def open_adapter(task):
+    """An adapter for the task's base model with every gate open."""
+    path = task / "open_adapter.pth"
+    lladapter.atomic_save(lladapter.adapter_state_dict(tiny_model(open_gates=True, max_seq_len=512)), path)
+    return path
+
+
+def test_generate_greedy_output_is_the_step_by_step_argmax_of_the_full_forward(task, open_adapter):
+    code, stdout, _ = run_generate(task, "--prompt=Which colour is the owl?", "--temperature=0", "--max_gen_len=12",
+                                   adapter=open_adapter)
+    assert code == 0
+    model, tok = lladapter.load_llama(task / "ckpt", adapter_path=open_adapter, adapter_layer=2, adapter_len=3)
+    seq = tok.encode(lladapter.format_prompt("Which colour is the owl?"), bos=True, eos=False)
+    new = []
+    with torch.no_grad():
+        while len(new) < 12 and tok.eos_id not in new:
+            new.append(model(torch.tensor([seq + new]))[0, -1].argmax().item())
+    expected = tok.decode(new[:-1] if new[-1] == tok.eos_id else new)
+    assert stdout == expected + "\n"
+    code, base_out, _ = run_generate(task, "--prompt=Which colour is the owl?", "--temperature=0", "--max_gen_len=12")
+    assert code == 0 and base_out != stdout  # without --adapter: the base model alone
+
+
+def test_generate_batched_matches_one_prompt_at_a_time(task, open_adapter):
+    prompts = ["Which colour is the owl?", "Which colour is the yak, and the emu and the cat?", "red"]
+    code, batched, _ = run_generate(task, *[f"--prompt={p}" for p in prompts], "--temperature=0", "--max_gen_len=10",
+                                    adapter=open_adapter)
+    responses = [line[len("### Response: "):] for line in batched.splitlines() if line.startswith("### Response: ")]
+    alone = [run_generate(task, f"--prompt={p}", "--temperature=0", "--max_gen_len=10", adapter=open_adapter)[1]
+             for p in prompts]
+    assert code == 0 and responses == [a.strip() for a in alone]
+
+
+def test_generate_is_reproducible_per_seed(task, open_adapter):
+    args = ["--prompt=Which colour is the fox?", "--temperature=1.0", "--top_p=0.95", "--max_gen_len=16"]
+    runs = [run_generate(task, *args, f"--seed={s}", adapter=open_adapter)[1] for s in (3, 3, 4)]
+    assert runs[0] == runs[1] != runs[2]
+
+
+def test_gate_heatmap_shows_the_gates_it_is_given(task, tmp_path):
+    model = tiny_model(max_seq_len=512)
+    with torch.no_grad():  # tanh(gate) = 0, 0.2, -0.45, 0.9 in layer 2; 0.9 * (1, 0.5, 0.74, 0.76) in layer 3
+        model.layers[2].attention.gate.copy_(torch.atanh(torch.tensor([0, 0.2, -0.45, 0.9])).view(1, 4, 1, 1))
+        model.layers[3].attention.gate.copy_(torch.atanh(torch.tensor([0.9, 0.45, 0.666, 0.684])).view(1, 4, 1, 1))
+    lladapter.atomic_save(lladapter.adapter_state_dict(model), tmp_path / "known.pth")
+    code, stdout, _ = run_generate(task, "--show_gates", adapter=tmp_path / "known.pth")
+    rows = {line.split("│")[0].strip(): line.split("│")[1] for line in stdout.splitlines() if "│" in line}
+    assert code == 0 and "up to 0.900" in stdout
+    assert rows["layer   2"] == "  ░░▒▒██"  # magnitudes in quarters of the largest: 0, (0, 1/4], (1/4, 1/2], ...
+    assert rows["layer   3"] == "██▒▒▓▓██"
+
+
+def test_generate_bad_input_is_one_clear_message(task, tmp_path):
+    torch.save(lladapter.adapter_state_dict(tiny_model(adapter_len=5)), tmp_path / "other.pth")
+    cases = [(["--prompt=hi"], {"adapter": tmp_path / "nope.pth"}, "nope.pth: no such file"),
+             (["--prompt=hi"], {"adapter": tmp_path / "other.pth"}, "other.pth: it does not fit this model"),
+             (["--prompt=" + "red " * 400], {}, "over max_seq_len=512"),
+             (["--prompts_file=" + str(tmp_path / "none.txt")], {}, "none.txt: no such prompts file"),
+             (["--prompt=hi", "--image=" + str(tmp_path / "f.npy")], {}, "the adapter is text-only")]
+    for args, kwargs, message in cases:
+        code, stdout, stderr = run_generate(task, *args, **kwargs)
+        assert code != 0 and message in stderr and "Traceback" not in stderr, (args, stderr)

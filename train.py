@@ -1,0 +1,331 @@
+"""
+Fine-tune LLaMA-Adapter on Alpaca-format instructions, with the paper's recipe (SPEC.md section 3).
+
+    python train.py                      # no arguments: the built-in walkthrough, ~3 minutes on a laptop CPU
+    python train.py --ckpt_dir=llama/7B --data_path=alpaca_data.json              # one GPU, or the CPU
+    torchrun --nproc_per_node 8 train.py --ckpt_dir=llama/7B --data_path=alpaca_data.json
+    python train.py --ckpt_dir=llama/7B --data_path=alpaca_data.json --resume      # continue a stopped run
+
+Every setting below can be overridden as --key=value. The effective batch (batch_size) holds at any number of
+processes: each process runs micro-batches and accumulates gradients until the global batch is done.
+Writes out_dir/adapter.pth (the adapter alone, fp32, ~4.7 MiB at 7B), out_dir/train_state.pth (what --resume
+needs) and out_dir/log.jsonl (one line per optimizer step).
+"""
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import lladapter
+from lladapter import InputError
+
+# ----------------------------------------------------------------------------------------------------------
+# settings
+ckpt_dir = ""  # base model in Meta's layout (params.json, consolidated.*.pth); empty: the built-in walkthrough
+tokenizer_path = ""  # empty: tokenizer.model in ckpt_dir or beside it
+data_path = "alpaca_data.json"  # a JSON list (or .jsonl, one per line) of {"instruction", "input", "output"}
+out_dir = "out"
+mode = "adapter"  # "adapter": train the prompts and gates only; "full": every weight (the paper's baseline)
+adapter_len = 10  # K, prompt vectors per adapted layer
+adapter_layer = 30  # L, adapted top layers
+image_dim = 0  # width of the image features that records name under "image"; 0: text only
+max_seq_len = 512  # longer examples are truncated; those whose prompt alone doesn't fit are skipped
+val_fraction = 0.01  # held out from training for the validation loss
+batch_size = 32  # effective batch: examples per optimizer step, over all processes
+micro_batch_size = 4  # examples per forward pass in each process
+epochs = 5
+warmup_epochs = 2.0  # linear warmup, then half a cosine down to 0, set at every optimizer step
+base_lr = 9e-3  # the learning rate is base_lr * batch_size / 256 (1.125e-3 at 32)
+weight_decay = 0.02
+beta1 = 0.9
+beta2 = 0.95
+seed = 0
+log_interval = 10  # optimizer steps between printed lines (log.jsonl gets every step)
+eval_interval = 200  # optimizer steps between validation losses (and one at the end)
+save_interval = 200  # optimizer steps between checkpoints (and one at the end)
+stop_after = 0  # stop after this many optimizer steps in all, to --resume later; 0: run to the end
+resume = False  # continue from out_dir/train_state.pth
+device = ""  # empty: cuda if available, else cpu
+compile = False  # torch.compile the model
+smoke = False  # the walkthrough only: its one-minute version
+settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+# Settings that must not change between a run and its --resume.
+RUN_IDENTITY = ["ckpt_dir", "data_path", "mode", "adapter_len", "adapter_layer", "image_dim", "max_seq_len",
+                "val_fraction", "batch_size", "epochs", "warmup_epochs", "base_lr", "weight_decay", "beta1", "beta2", "seed"]
+# ----------------------------------------------------------------------------------------------------------
+
+lladapter.exit_on_input_error()
+overrides = lladapter.parse_overrides(settings, sys.argv[1:])
+walkthrough = not overrides.get("ckpt_dir", ckpt_dir)
+if walkthrough:  # the miniature run has its own recipe; command-line overrides still apply on top
+    from data import walkthrough as wt
+    settings.update(wt.SETTINGS, **(wt.SMOKE_SETTINGS if overrides.get("smoke") else {}))
+settings.update(overrides)
+globals().update(settings)
+if mode not in ("adapter", "full"):
+    raise InputError(f"--mode={mode}: expected adapter or full")
+
+# DDP when launched by torchrun (it sets RANK); one process otherwise. NCCL on GPUs, gloo on CPUs.
+ddp = "RANK" in os.environ
+if ddp:
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if use_cuda:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+else:
+    rank, world = 0, 1
+device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+device_type = torch.device(device).type
+master = rank == 0  # only it prints and writes files
+autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda")
+torch.manual_seed(seed)
+out = Path(out_dir)
+
+
+def say(*args):
+    if master:
+        print(*args, flush=True)
+
+
+if walkthrough:
+    if master:
+        paths = wt.prepare(out, smoke)  # its data, tokenizer and pretrained base model, built once
+    if ddp:
+        dist.barrier()
+    paths = wt.paths(out, smoke)
+    ckpt_dir, data_path = paths["ckpt_dir"], paths["data_path"]
+
+# ----------------------------------------------------------------------------------------------------------
+# data: Alpaca records -> (tokens, labels) with only the response and EOS scored
+
+
+def load_records(path):
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such data file")
+    text = path.read_text()
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid {'JSON Lines' if path.suffix == '.jsonl' else 'JSON'}: {e}") from None
+    if not isinstance(records, list) or not records:
+        raise InputError(f"{path}: expected a non-empty list of records")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise InputError(f"{path}: record {i} is not an object")
+        missing = [key for key in ("instruction", "output") if key not in r]
+        if missing:
+            raise InputError(f"{path}: record {i} has no {missing[0]!r}")
+        for key in ("instruction", "input", "output"):
+            if not isinstance(r.get(key, ""), str):
+                raise InputError(f"{path}: record {i}: {key!r} is a {type(r[key]).__name__}, not a string")
+        if "image" in r and not image_dim:
+            raise InputError(f"{path}: record {i} has an image, but this adapter is text-only (set --image_dim)")
+        if image_dim and "image" not in r:
+            raise InputError(f"{path}: record {i} has no 'image', and --image_dim={image_dim} needs one per record")
+    return records
+
+
+records = load_records(data_path)
+model, tokenizer = lladapter.load_llama(
+    ckpt_dir, tokenizer_path or None, device=device, dtype=torch.float32 if mode == "full" else None,
+    max_seq_len=max_seq_len, adapter_len=adapter_len, adapter_layer=adapter_layer, image_dim=image_dim)
+examples, features, n_truncated = [], [], 0
+for i, r in enumerate(records):
+    encoded = lladapter.encode_example(tokenizer, r["instruction"], r.get("input", ""), r["output"], max_seq_len)
+    if encoded is None:
+        continue
+    examples.append(encoded[:2])
+    n_truncated += encoded[2]
+    if image_dim:
+        features.append(lladapter.load_image_feature(r["image"], Path(data_path).parent, image_dim, f"{data_path}: record {i}"))
+if not examples:
+    raise InputError(f"{data_path}: no record fits in max_seq_len={max_seq_len}")
+features = torch.stack(features) if image_dim else None
+n_scored = [sum(label != lladapter.IGNORE_INDEX for label in labels) for _, labels in examples]
+say(f"data: {len(records)} records in {data_path}; {len(records) - len(examples)} skipped (prompt alone longer than "
+    f"max_seq_len={max_seq_len}), {n_truncated} truncated")
+
+# A fixed held-out split, the same in every process and on every resume.
+perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+n_val = min(len(examples) - 1, math.ceil(val_fraction * len(examples)))
+val_idx, train_idx = perm[:n_val], perm[n_val:]
+steps_per_epoch = len(train_idx) // batch_size
+accumulation = batch_size // (world * micro_batch_size)
+if steps_per_epoch == 0:
+    raise InputError(f"{data_path}: {len(train_idx)} training records, fewer than batch_size={batch_size}")
+if accumulation * world * micro_batch_size != batch_size:
+    raise InputError(f"batch_size={batch_size} must be a multiple of micro_batch_size={micro_batch_size} "
+                     f"x {world} processes")
+total_steps = epochs * steps_per_epoch
+warmup_steps = round(warmup_epochs * steps_per_epoch)
+peak_lr = base_lr * batch_size / 256
+say(f"{len(train_idx)} train / {len(val_idx)} val examples; {steps_per_epoch} steps per epoch, {total_steps} in all; "
+    f"{world} process(es) x {accumulation} micro-batches of {micro_batch_size}; peak lr {peak_lr:.3g}")
+
+
+def global_batch(step):
+    # The examples of optimizer step `step`: a fresh permutation per epoch, so the position is the step alone.
+    epoch, i = divmod(step, steps_per_epoch)
+    order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed + 1 + epoch)).tolist()
+    return [train_idx[j] for j in order[i * batch_size:(i + 1) * batch_size]]
+
+
+def micro_batches(batch):
+    # This process's share, sorted by length so each micro-batch pads little (the loss doesn't depend on grouping).
+    share = sorted(batch[rank::world], key=lambda j: len(examples[j][0]))
+    return [share[i:i + micro_batch_size] for i in range(0, len(share), micro_batch_size)]
+
+
+def lr_at(step):
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak_lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def loss_sum(model, idx):
+    # Summed cross-entropy over the scored tokens of examples `idx` (a micro-batch).
+    tokens, labels = lladapter.pad_batch([examples[j] for j in idx], device)
+    with autocast:
+        logits = model(tokens, image=features[idx].to(device) if image_dim else None)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=lladapter.IGNORE_INDEX, reduction="sum")
+
+
+@torch.no_grad()
+def validation_loss():
+    share = val_idx[rank::world]
+    total = torch.zeros(2, device=device)  # summed loss, scored tokens
+    for i in range(0, len(share), micro_batch_size):
+        idx = share[i:i + micro_batch_size]
+        total += torch.tensor([loss_sum(raw_model, idx).item(), sum(n_scored[j] for j in idx)], device=device)
+    if ddp:
+        dist.all_reduce(total)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model: the frozen base plus the adapter (or every weight, in full mode), optimizer, checkpoints
+
+raw_model = model  # saved from, never from the DDP or compiled wrapper (no "module." prefixes in files)
+if mode == "adapter":
+    lladapter.mark_only_adapter_trainable(model)  # before DDP wraps it: DDP syncs only what trains
+trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+n_trainable, n_total = sum(p.numel() for p in trainable.values()), sum(p.numel() for p in model.parameters())
+say(f"model: {n_total:,} parameters, {n_trainable:,} trainable ({100 * n_trainable / n_total:.3f}%), "
+    f"base in {model.tok_embeddings.weight.dtype}, on {device}")
+optimizer = torch.optim.AdamW(trainable.values(), lr=peak_lr, betas=(beta1, beta2), weight_decay=weight_decay,
+                              fused=device_type == "cuda")
+gates = [m.gate for m in raw_model.modules() if isinstance(m, lladapter.Attention) and hasattr(m, "gate")]
+
+start_step = 0
+if resume:
+    state = lladapter.torch_load(out / "train_state.pth")
+    changed = [k for k in RUN_IDENTITY if state["settings"][k] != settings[k]]
+    if changed:
+        raise InputError(f"{out / 'train_state.pth'} was written with other settings: " +
+                         ", ".join(f"{k}={state['settings'][k]!r} (now {settings[k]!r})" for k in changed))
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(state["trainable"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    start_step = state["step"]
+    say(f"resumed from {out / 'train_state.pth'} at step {start_step}")
+
+
+def save_checkpoint(step):
+    # The deliverable first, then the resume state; each written whole under a temporary name, then renamed.
+    if mode == "adapter":
+        lladapter.atomic_save(lladapter.adapter_state_dict(raw_model), out / "adapter.pth")
+    else:  # the whole fine-tuned model in Meta's layout, loadable with --ckpt_dir=out_dir
+        lladapter.atomic_save(raw_model.state_dict(), out / "consolidated.00.pth")
+        shutil.copy(Path(ckpt_dir) / "params.json", out / "params.json")
+        (out / "tokenizer.model").write_bytes(tokenizer.sp.serialized_model_proto())
+    lladapter.atomic_save({"step": step, "settings": settings, "optimizer": optimizer.state_dict(),
+                           "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
+                           "rng": {"cpu": torch.get_rng_state()}}, out / "train_state.pth")
+
+
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop: one optimizer step per global batch
+
+last_step = min(total_steps, stop_after or total_steps)
+t_start, tokens_seen = time.time(), 0
+for step in range(start_step, last_step):
+    batch = global_batch(step)
+    targets = sum(n_scored[j] for j in batch)  # scored tokens in the whole global batch
+    lr = lr_at(step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = torch.zeros((), device=device)
+    parts = micro_batches(batch)
+    for i, idx in enumerate(parts):
+        last = i == len(parts) - 1
+        with model.no_sync() if ddp and not last else nullcontext():  # DDP averages gradients on the last one
+            # Each micro-batch adds its share of the global batch's mean token loss; DDP divides by `world`.
+            loss = loss_sum(model, idx) / targets
+            (loss * world).backward()
+        step_loss += loss.detach()
+    if ddp:
+        dist.all_reduce(step_loss)
+    step_loss = step_loss.item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    done = step + 1
+    saving = done % save_interval == 0 or done == last_step
+    # A non-finite loss, or a step that broke the weights about to be saved, ends the run; nothing bad is written.
+    broken = f"the loss is {step_loss}" if not math.isfinite(step_loss) else \
+        "the weights are no longer finite" if saving and not all(p.isfinite().all() for p in trainable.values()) else ""
+    if broken:
+        say(f"error: {broken} at step {done}: stopping. The last good checkpoint is in {out} "
+            f"(written every {save_interval} steps); try a lower --base_lr")
+        sys.exit(1)
+
+    tokens_seen += sum(len(examples[j][0]) for j in batch)
+    gate = torch.cat([torch.tanh(g).flatten() for g in gates]).abs().mean().item() if gates else 0.0
+    record = {"step": done, "epoch": done / steps_per_epoch, "loss": step_loss, "lr": lr, "gate": gate}
+    if (done % eval_interval == 0 or done == total_steps) and val_idx:
+        record["val_loss"] = validation_loss()  # every process evaluates its share
+    if master:
+        elapsed = time.time() - t_start
+        eta = elapsed / (done - start_step) * (last_step - done)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if done % log_interval == 0 or done == last_step or "val_loss" in record:
+            val = f" | val loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+            print(f"step {done}/{total_steps} | epoch {record['epoch']:.2f} | loss {step_loss:.4f} | lr {lr:.3e} | "
+                  f"{tokens_seen / elapsed:,.0f} tok/s | {elapsed:.0f}s elapsed, eta {eta:.0f}s | "
+                  f"mean |tanh(gate)| {gate:.4f}{val}", flush=True)
+        if saving:
+            save_checkpoint(done)
+
+if last_step < total_steps:
+    say(f"stopped after step {last_step} of {total_steps} (--stop_after); continue with --resume")
+elif master and mode == "adapter":
+    size = os.path.getsize(out / "adapter.pth")
+    say(f"adapter: {out / 'adapter.pth'} ({size / 2**20:.2f} MiB)")
+    if walkthrough:
+        wt.report(raw_model, tokenizer, paths, out / "adapter.pth")
+if ddp:
+    dist.destroy_process_group()
