@@ -458,7 +458,7 @@ def task(tmp_path_factory):
     ckpt.mkdir()
     sentencepiece.SentencePieceTrainer.train(
         input=str(d / "text.txt"), model_prefix=str(ckpt / "tokenizer"), vocab_size=VOCAB, model_type="bpe",
-        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2, user_defined_symbols=COLOURS)  # one piece each
     write_meta_checkpoint(tiny_model(max_seq_len=512), ckpt, vocab_size=-1)
     return d
 
@@ -655,3 +655,110 @@ def test_generate_bad_input_is_one_clear_message(task, tmp_path):
     for args, kwargs, message in cases:
         code, stdout, stderr = run_generate(task, *args, **kwargs)
         assert code != 0 and message in stderr and "Traceback" not in stderr, (args, stderr)
+
+
+# ---- image-conditioned prompts (paper Sec. 3.3) -----------------------------------------------------------
+
+def test_zero_gates_give_the_base_model_with_or_without_an_image():
+    model = tiny_model(image_dim=16)
+    base = base_copy(model)
+    x, image = tokens(), torch.randn(2, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x, image=image), model(x))
+        assert torch.equal(model(x, image=image), base(x))
+        assert torch.equal(cached_logits(model, x, [5, 1, 6]), cached_logits(base, x, [5, 1, 6]))
+
+
+def test_open_gates_make_the_image_matter_and_the_projection_learns_from_step_two():
+    model = tiny_model(image_dim=16)
+    lladapter.mark_only_adapter_trainable(model)
+    x, image = tokens(), torch.randn(2, 16)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    grads = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(x, image=image).logsumexp(-1).mean().backward()
+        grads.append(model.adapter_image_proj.weight.grad.clone())
+        optimizer.step()
+    assert torch.count_nonzero(grads[0]) == 0 and torch.count_nonzero(grads[1]) > 0
+    with torch.no_grad():
+        a, b = model(x, image=image), model(x, image=torch.randn(2, 16))
+        assert not torch.allclose(a, b)
+        # each example's prompts carry its own image: the first row doesn't depend on the second's image
+        torch.testing.assert_close(model(x[:1], image=image[:1]), a[:1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cached_logits_with_image(model, x, image), a, rtol=1e-4, atol=1e-4)
+
+
+def cached_logits_with_image(model, x, image):
+    model.setup_cache(x.shape[0], x.shape[1])
+    with torch.no_grad():
+        out = torch.cat([model(x[:, :4], 0, image)] + [model(x[:, i:i + 1], i, image) for i in range(4, x.shape[1])], 1)
+    model.clear_cache()
+    return out
+
+
+def test_adapter_with_image_projection_saves_and_reloads_exactly(tmp_path):
+    model = tiny_model(open_gates=True, image_dim=16)
+    lladapter.atomic_save(lladapter.adapter_state_dict(model), tmp_path / "adapter.pth")
+    assert {"adapter_image_proj.weight", "adapter_image_proj.bias"} <= set(torch.load(tmp_path / "adapter.pth"))
+    fresh = tiny_model(image_dim=16)
+    lladapter.load_adapter(fresh, tmp_path / "adapter.pth")
+    x, image = tokens(), torch.randn(2, 16)
+    with torch.no_grad():
+        assert torch.equal(fresh(x, image=image), model(x, image=image))
+    with pytest.raises(InputError, match="does not fit this model"):
+        lladapter.load_adapter(tiny_model(), tmp_path / "adapter.pth")  # a text-only model
+
+
+def image_task(d, n, seed, images=True):
+    """Records asking for the colour of a picture that only its feature vector shows: 4 noisy class centres."""
+    import numpy as np
+    centres = np.random.default_rng(0).normal(size=(4, 16)) * 2
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        c = int(rng.integers(4))
+        feature = (centres[c] + 0.5 * rng.normal(size=16)).astype(np.float32)
+        record = {"instruction": "Which colour is the picture?", "input": "", "output": COLOURS[c]}
+        if images and i % 4 == 0:  # some as .npy files beside the data, the rest inline
+            np.save(d / f"feature{seed}_{i}.npy", feature)
+            record["image"] = f"feature{seed}_{i}.npy"
+        elif images:
+            record["image"] = feature.tolist()
+        records.append(record)
+    return records
+
+
+def first_answer_accuracy(task, out, records, image_dim):
+    """Greedy first answer token against the expected colour (the one token that carries the answer)."""
+    model, tok = lladapter.load_llama(task / "ckpt", adapter_path=out / "adapter.pth", adapter_layer=2,
+                                      adapter_len=3, image_dim=image_dim)
+    prompt = tok.encode(lladapter.format_prompt(records[0]["instruction"]), bos=True, eos=False)
+    image = torch.stack([lladapter.load_image_feature(r["image"], out.parent, 16, "test") for r in records])
+    answers = lladapter.generate(model, [prompt] * len(records), 1, 0, eos_id=tok.eos_id,
+                                 image=image if image_dim else None)
+    return sum(tok.decode(a) == r["output"] for a, r in zip(answers, records)) / len(records)
+
+
+def test_an_answer_only_the_image_holds_is_learned_with_images_and_not_without(task, tmp_path):
+    (tmp_path / "train.json").write_text(json.dumps(image_task(tmp_path, 256, seed=1)))
+    (tmp_path / "text_only.json").write_text(json.dumps(image_task(tmp_path, 256, seed=1, images=False)))
+    held_out = image_task(tmp_path, 60, seed=2)
+    args = ["--batch_size=16", "--micro_batch_size=16", "--epochs=10", "--warmup_epochs=1", "--base_lr=4.0"]
+    train(task, tmp_path / "image", f"--data_path={tmp_path / 'train.json'}", "--image_dim=16", *args)
+    train(task, tmp_path / "text", f"--data_path={tmp_path / 'text_only.json'}", *args)
+    with_image = first_answer_accuracy(task, tmp_path / "image", held_out, image_dim=16)
+    text_only = first_answer_accuracy(task, tmp_path / "text", held_out, image_dim=0)
+    assert with_image >= 0.9 and text_only <= 0.5, (with_image, text_only)
+
+
+def test_image_input_errors_name_the_record(task, tmp_path):
+    good = {"instruction": "Which colour is the picture?", "output": "red"}
+    cases = [([{**good, "image": "missing.npy"}], ["--image_dim=16"], "record 0: image feature 'missing.npy'"),
+             ([good, {**good, "image": [0.5] * 8}], ["--image_dim=16"], "record 0 has no 'image'"),
+             ([{**good, "image": [0.5] * 8}] * 2, ["--image_dim=16"], "has shape [8], expected [16]"),
+             ([{**good, "image": [0.5] * 16}], [], "record 0 has an image, but this adapter is text-only")]
+    for i, (records, args, message) in enumerate(cases):
+        (tmp_path / f"d{i}.json").write_text(json.dumps(records))
+        code, output = train(task, tmp_path / f"out{i}", f"--data_path={tmp_path / f'd{i}.json'}", *args, check=False)
+        assert code != 0 and message in output and "Traceback" not in output, (message, output)
