@@ -518,7 +518,10 @@ def test_a_few_hundred_steps_lower_the_loss_and_open_the_gates(task, tmp_path):
 
 
 def test_learning_rate_follows_warmup_and_cosine_in_optimizer_steps(task, tmp_path):
-    train(task, tmp_path, "--micro_batch_size=2", "--batch_size=8", "--epochs=3", "--warmup_epochs=1", "--base_lr=0.256")
+    records = json.loads((task / "data.json").read_text())  # the same data as JSON Lines
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    train(task, tmp_path, f"--data_path={tmp_path / 'data.jsonl'}", "--micro_batch_size=2", "--batch_size=8",
+          "--epochs=3", "--warmup_epochs=1", "--base_lr=0.256")
     log = log_of(tmp_path)
     steps_per_epoch = 114 // 8  # 120 records, 6 held out; accumulation (4 micro-batches) doesn't change the count
     total, warmup, peak = 3 * steps_per_epoch, steps_per_epoch, 0.256 * 8 / 256
@@ -552,7 +555,9 @@ def bad_inputs(task, d):
     good = json.loads((task / "data.json").read_text())
     cases = {
         "missing data": (["--data_path=" + str(d / "nope.json")], "nope.json: no such data file"),
-        "malformed": ('[{"instruction": "a", ', "not valid JSON"),
+        "malformed": ('[{"instruction": "a", ', "malformed.json: not valid JSON"),
+        "bad line.jsonl": ('{"instruction": "a", "output": "b"}\n\n{"instruction": "c" "output": "d"}\n',
+                           "bad_line.jsonl: line 3: not valid JSON"),
         "no output": ([{"instruction": "a", "output": "b"}, {"instruction": "c"}], "record 1 has no 'output'"),
         "no instruction": ([{"output": "b"}], "record 0 has no 'instruction'"),
         "not a string": (good[:3] + [{"instruction": "a", "input": 7, "output": "b"}], "record 3: 'input' is a int"),
@@ -565,7 +570,7 @@ def bad_inputs(task, d):
         if isinstance(content, list) and all(isinstance(c, str) and c.startswith("--") for c in content) and content:
             yield name, content, message
         else:
-            path = d / f"{name.replace(' ', '_')}.json"
+            path = d / (name.replace(" ", "_") + ("" if name.endswith(".jsonl") else ".json"))
             path.write_text(content if isinstance(content, str) else json.dumps(content))
             yield name, [f"--data_path={path}"], message
 
@@ -762,3 +767,19 @@ def test_image_input_errors_name_the_record(task, tmp_path):
         (tmp_path / f"d{i}.json").write_text(json.dumps(records))
         code, output = train(task, tmp_path / f"out{i}", f"--data_path={tmp_path / f'd{i}.json'}", *args, check=False)
         assert code != 0 and message in output and "Traceback" not in output, (message, output)
+
+
+# ---- bench.py ---------------------------------------------------------------------------------------------
+
+def test_bench_runs_every_section_on_tiny_shapes(tmp_path):
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "bench.py", "--quick", f"--json={tmp_path / 'bench.json'}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert results["cpu_adapter"]["trainable"] == 1 * 10 * 64 + 1 * 4  # L=1, K=10, dim 64, 4 heads
+    assert results["cpu_full"]["trainable"] > 100 * results["cpu_adapter"]["trainable"]
+    assert all(row["cached_tokens_per_s"] > 0 and row["speedup"] > 0 for row in results["cpu_generation"])
+    assert [row["micro_batch"] for row in results["gpu"]["micro_batches"]] == [1, 2]  # the GPU code path ran
+    assert "cpu adapter / full step time" in result.stdout

@@ -110,18 +110,22 @@ if walkthrough:
 # data: Alpaca records -> (tokens, labels) with only the response and EOS scored
 
 
+def parse_json(text, where):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: not valid JSON ({e})") from None
+
+
 def load_records(path):
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such data file")
-    text = path.read_text()
-    try:
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid {'JSON Lines' if path.suffix == '.jsonl' else 'JSON'}: {e}") from None
+    if path.suffix == ".jsonl":  # JSON Lines: one record per line
+        lines = path.read_text().splitlines()
+        records = [parse_json(line, f"{path}: line {n}") for n, line in enumerate(lines, 1) if line.strip()]
+    else:
+        records = parse_json(path.read_text(), path)
     if not isinstance(records, list) or not records:
         raise InputError(f"{path}: expected a non-empty list of records")
     for i, r in enumerate(records):
