@@ -427,20 +427,26 @@ def format_prompt(instruction: str, input: str = "") -> str:
 
 
 def encode_example(tokenizer, instruction, input, output, max_seq_len):
-    """Tokens [BOS] + prompt + response + [EOS], and labels that score only the response and EOS.
+    """Tokens [BOS] + sp(prompt + response) + [EOS], and labels that score only the response and EOS.
 
-    Returns (tokens, labels, truncated), or None when the prompt alone leaves no room for a response.
+    labels[i] is tokens[i] where scored, IGNORE_INDEX elsewhere: the logits at position i - 1, which predict
+    token i, are the ones scored against it. Returns (tokens, labels, truncated), or None when the prompt alone
+    leaves no room for a response.
     """
     prompt = tokenizer.encode(format_prompt(instruction, input), bos=True, eos=False)
     tokens = tokenizer.encode(format_prompt(instruction, input) + output, bos=True, eos=True)
     if len(prompt) >= max_seq_len:
         return None
-    labels = [IGNORE_INDEX] * len(prompt) + tokens[len(prompt):]
+    # The prompt's tokens begin the whole example's, unless SentencePiece merged a piece across the boundary;
+    # then the merged piece is scored too.
+    n_prompt = next((i for i, (a, b) in enumerate(zip(prompt, tokens)) if a != b), len(prompt))
+    labels = [IGNORE_INDEX] * n_prompt + tokens[n_prompt:]
     return tokens[:max_seq_len], labels[:max_seq_len], len(tokens) > max_seq_len
 
 
 def pad_batch(examples, device=None):
-    """Right-pad (tokens, labels) pairs to the longest in the batch; padding is never scored."""
+    """Right-pad (tokens, labels) pairs to the longest in the batch; padding is never scored. Unshifted: see
+    encode_example."""
     width = max(len(tokens) for tokens, _ in examples)
     tokens = torch.zeros(len(examples), width, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)

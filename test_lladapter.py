@@ -506,6 +506,23 @@ def test_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_does(task, tmp_
     assert code != 0 and "other settings: base_lr=1.0 (now 2.0)" in output
 
 
+def test_first_step_loss_is_the_base_models_next_token_loss_on_the_responses(task, tmp_path):
+    # With val_fraction=0 and one global batch of all 120 records, step 1's loss (computed before the first
+    # update, so with zero gates: the base model) is the mean over every response token and EOS.
+    train(task, tmp_path, "--val_fraction=0", "--batch_size=120", "--micro_batch_size=8", "--stop_after=1")
+    model, tok = lladapter.load_llama(task / "ckpt", adapter_layer=0)
+    total, count = 0.0, 0
+    for r in json.loads((task / "data.json").read_text()):
+        prompt = tok.encode(lladapter.format_prompt(r["instruction"], r["input"]), bos=True, eos=False)
+        full = tok.encode(lladapter.format_prompt(r["instruction"], r["input"]) + r["output"], bos=True, eos=True)
+        with torch.no_grad():
+            logits = model(torch.tensor([full]))[0]
+        # the response tokens full[len(prompt):] are predicted at the positions just before them
+        total += F.cross_entropy(logits[len(prompt) - 1:-1], torch.tensor(full[len(prompt):]), reduction="sum").item()
+        count += len(full) - len(prompt)
+    assert math.isclose(log_of(tmp_path)[0]["loss"], total / count, rel_tol=1e-5)
+
+
 def test_a_few_hundred_steps_lower_the_loss_and_open_the_gates(task, tmp_path):
     # The base is random, so the adapter can learn the answers' form but not the colours: ~4.9 -> ~2.4 nats.
     train(task, tmp_path, "--epochs=20", "--warmup_epochs=2", "--base_lr=10.0", "--micro_batch_size=8")
