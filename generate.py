@@ -43,13 +43,14 @@ settings = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 lladapter.exit_on_input_error()
 overrides = lladapter.parse_overrides(settings, sys.argv[1:])
 walkthrough = not overrides.get("ckpt_dir", ckpt_dir)
-if walkthrough:  # the walkthrough's model, its adapter, and some of the instructions it never trained on
+if walkthrough:  # the walkthrough's model and adapter, on some of the instructions it never trained on
     from data import walkthrough as wt
-    settings.update({k: wt.SETTINGS[k] for k in ("adapter_len", "adapter_layer", "max_seq_len")}, temperature=0.0)
-    paths = wt.paths(Path(wt.SETTINGS["out_dir"]), smoke=False)
-    if not Path(paths["ckpt_dir"], "consolidated.00.pth").is_file():
-        raise InputError(f"no walkthrough model in {paths['ckpt_dir']}: run `python train.py` first")
-    settings.update(ckpt_dir=paths["ckpt_dir"], adapter=paths["adapter_path"], prompts_file=paths["heldout_path"])
+    found = wt.paths(wt.SETTINGS["out_dir"])
+    if not Path(found["adapter_path"]).is_file():
+        raise InputError(f"no walkthrough adapter at {found['adapter_path']}: run `python train.py` first")
+    heldout = wt.heldout_examples(found["heldout_path"], 8)
+    settings.update({k: wt.SETTINGS[k] for k in ("adapter_len", "adapter_layer", "max_seq_len")},
+                    ckpt_dir=found["ckpt_dir"], adapter=found["adapter_path"], temperature=0.0)
 settings.update(overrides)
 globals().update(settings)
 
@@ -68,6 +69,8 @@ def heatmap(gates):
 
 # prompts: (instruction, input, image feature or None)
 jobs = [(p, input, image or None) for p in prompt]
+if walkthrough and not jobs and not prompts_file:
+    jobs = [(r["instruction"], r["input"], None) for r in heldout]
 if prompts_file:
     path = Path(prompts_file)
     if not path.is_file():
@@ -130,17 +133,17 @@ answers, n_new = answer()
 elapsed = time.time() - t0
 if len(jobs) == 1:
     print()
-elif walkthrough:  # closing every gate gives exactly the base model (the paper's zero-init claim): compare
-    with torch.no_grad():
+elif walkthrough and not prompt and not prompts_file:  # with and without the adapter, side by side
+    with torch.no_grad():  # every gate closed: exactly the base model (the paper's zero-init property)
         for layer in model.layers[model.first_adapted:]:
             layer.attention.gate.zero_()
     base_answers, _ = answer()
-    expected = [r["output"] for r in json.loads(Path(prompts_file).read_text())]
-    for (instruction, context, _), want, got, base in zip(jobs, expected, answers, base_answers):
-        print(f"{instruction} {context}".strip())
-        print(f"    expected {want!r:14} base alone {base[:30]!r:34} with adapter {got!r}")
-    print(f"exact match on these {len(jobs)} held-out instructions: base alone "
-          f"{sum(a == e for a, e in zip(base_answers, expected))}, with the adapter {sum(a == e for a, e in zip(answers, expected))}")
+    for record, with_adapter, base in zip(heldout, answers, base_answers):
+        print(f"### Instruction: {record['instruction']}" + (f"  ### Input: {record['input']}" if record["input"] else ""))
+        print(f"    expected: {record['output']!r}\n    base alone: {base!r}\n    with the adapter: {with_adapter!r}")
+    print(f"exact match on these {len(heldout)} held-out instructions: base alone "
+          f"{sum(a == r['output'] for a, r in zip(base_answers, heldout))}, with the adapter "
+          f"{sum(a == r['output'] for a, r in zip(answers, heldout))}")
 else:
     for (instruction, context, _), text in zip(jobs, answers):
         print(f"### Instruction: {instruction}" + (f"\n### Input: {context}" if context else ""))

@@ -800,3 +800,33 @@ def test_bench_runs_every_section_on_tiny_shapes(tmp_path):
     assert all(row["cached_tokens_per_s"] > 0 and row["speedup"] > 0 for row in results["cpu_generation"])
     assert [row["micro_batch"] for row in results["gpu"]["micro_batches"]] == [1, 2]  # the GPU code path ran
     assert "cpu adapter / full step time" in result.stdout
+
+
+# ---- the walkthrough --------------------------------------------------------------------------------------
+
+def test_walkthrough_heldout_answers_are_in_the_corpus_and_not_in_the_adapters_data(tmp_path):
+    import random
+    from data import walkthrough as wt
+    world = wt.make_world(random.Random(wt.SEED), wt.PRETRAIN["n_creatures"])
+    heldout, seen = world[:wt.PRETRAIN["n_heldout"]], world[wt.PRETRAIN["n_heldout"]:]
+    corpus = "\n".join(wt.corpus_docs(world))
+    adapter_data = json.dumps(wt.instructions(seen))
+    for creature in heldout:
+        assert creature["name"] not in adapter_data  # the adapter never hears of it
+        for attribute in wt.ATTRIBUTES:  # but the base read every fact about it
+            assert f"The {creature['name']} {wt.FACT[attribute].format(value=creature[attribute])}." in corpus
+
+
+def test_walkthrough_smoke_run_goes_end_to_end(tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "walk"
+    result = subprocess.run([sys.executable, "train.py", "--smoke", f"--out_dir={out}"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for line in ["pretraining step 20/20", "saved the base model", "step 10/10", "base model alone:", "base + adapter:",
+                 "trainable: 10,256 of 945,296 parameters (1.08%)"]:
+        assert line in result.stdout, line
+    assert {p.name for p in (out / "base").iterdir()} == {"consolidated.00.pth", "params.json", "tokenizer.model"}
+    model, _ = lladapter.load_llama(out / "base", adapter_path=out / "adapter.pth", adapter_layer=4, adapter_len=20)
+    assert model.args.dim == 128 and model.args.vocab_size == 512

@@ -100,11 +100,11 @@ def say(*args):
 
 if walkthrough:
     if master:
-        paths = wt.prepare(out, smoke)  # its data, tokenizer and pretrained base model, built once
+        wt.prepare(out, smoke)  # its data, tokenizer and pretrained base model, built once
     if ddp:
         dist.barrier()
-    paths = wt.paths(out, smoke)
-    ckpt_dir, data_path = paths["ckpt_dir"], paths["data_path"]
+    walkthrough_paths = wt.paths(out)
+    ckpt_dir, data_path = walkthrough_paths["ckpt_dir"], walkthrough_paths["data_path"]
 
 # ----------------------------------------------------------------------------------------------------------
 # data: Alpaca records -> (tokens, labels) with only the response and EOS scored
@@ -332,6 +332,6 @@ elif master and mode == "adapter":
     size = os.path.getsize(out / "adapter.pth")
     say(f"adapter: {out / 'adapter.pth'} ({size / 2**20:.2f} MiB)")
     if walkthrough:
-        wt.report(raw_model, tokenizer, paths, out / "adapter.pth")
+        wt.report(raw_model, tokenizer, walkthrough_paths, smoke)
 if ddp:
     dist.destroy_process_group()
