@@ -232,7 +232,9 @@ class Transformer(nn.Module):
             prompts = prompts + image_prompt[:, None, None, :]  # P_l + repeat(I_p, K), for every adapted layer
         return prompts
 
-    def forward(self, tokens, start_pos=0, image=None):
+    def forward(self, tokens, start_pos=0, image=None, logits_at=None):
+        # logits_at: an optional (bsz, seqlen) bool mask of the positions whose logits are wanted (training scores
+        # only the response, generation only the last position); the logits are then (positions, vocab_size).
         bsz, seqlen = tokens.shape
         if start_pos + seqlen > self.args.max_seq_len:
             raise InputError(f"{start_pos + seqlen} positions exceed max_seq_len={self.args.max_seq_len}")
@@ -244,6 +246,8 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             prompt = prompts[:, i - self.first_adapted] if i >= self.first_adapted else None
             h = layer(h, start_pos, cos, sin, prompt)
+        if logits_at is not None:
+            h = h[logits_at]  # (positions, dim): the output head is big, skip the positions no one reads
         return self.output(self.norm(h)).float()  # (bsz, seqlen, vocab_size)
 
     def setup_cache(self, batch_size: int, cache_len: int):
@@ -506,7 +510,9 @@ def generate(model, prompts, max_gen_len, temperature=0.1, top_p=0.75, eos_id=No
     try:
         prev = 0
         for cur in range(min(lengths), total_len):
-            logits = model(tokens[:, prev:cur], start_pos=prev, image=image)[:, -1]  # (bsz, vocab)
+            last = torch.zeros(bsz, cur - prev, dtype=torch.bool, device=device)
+            last[:, -1] = True
+            logits = model(tokens[:, prev:cur], start_pos=prev, image=image, logits_at=last)  # (bsz, vocab)
             next_token = sample_next(logits, temperature, top_p, generator)
             next_token = torch.where(in_prompt[:, cur], tokens[:, cur], next_token)
             tokens[:, cur] = next_token

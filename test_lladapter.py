@@ -177,6 +177,15 @@ def test_cached_decoding_matches_full_forward(n_kv_heads):
         torch.testing.assert_close(cached_logits(model, x, chunks), full, rtol=1e-4, atol=1e-4)
 
 
+def test_logits_at_selects_positions_of_the_full_forward():
+    model = tiny_model(open_gates=True)
+    x = tokens(seqlen=10)
+    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.4
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, logits_at=mask), model(x)[mask], rtol=1e-5, atol=1e-5)
+    assert model(x, logits_at=mask).shape == (int(mask.sum()), VOCAB)
+
+
 def eq7_reference(attn, x, prompt, prompt_scale=None):
     """Paper Eq. 7 as written: scores over [prompt; words], each part softmaxed alone, the prompt part scaled by
     tanh(gate); rotary embeddings in Meta's complex form; kv heads repeated for grouped-query attention."""

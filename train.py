@@ -205,11 +205,11 @@ def lr_at(step):
 def loss_sum(model, idx):
     # Summed next-token cross-entropy over the scored tokens of examples `idx` (a micro-batch).
     tokens, labels = lladapter.pad_batch([examples[j] for j in idx], device)
+    targets = labels[:, 1:]  # the logits at position i predict token i + 1
+    scored = targets != lladapter.IGNORE_INDEX  # logits only where scored: the response, not prompt or padding
     with autocast:
-        logits = model(tokens[:, :-1], image=features[idx].to(device) if image_dim else None)
-    # the logits at position i predict token i + 1
-    return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=lladapter.IGNORE_INDEX,
-                           reduction="sum")
+        logits = model(tokens[:, :-1], image=features[idx].to(device) if image_dim else None, logits_at=scored)
+    return F.cross_entropy(logits, targets[scored], reduction="sum")
 
 
 @torch.no_grad()
