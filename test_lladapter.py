@@ -129,6 +129,19 @@ def test_only_the_adapter_trains_and_its_size_matches_the_formula():
     assert total - trainable == 6_738_415_616  # LLaMA-7B as published
 
 
+def test_a_7b_adapter_file_is_about_4_7_mib(tmp_path):
+    with torch.device("meta"):  # LLaMA-7B's shapes; only the adapter's tensors get real memory below
+        model = Transformer(ModelArgs(vocab_size=32000))
+    model.adapter_query.to_empty(device="cpu")
+    for layer in model.layers[model.first_adapted:]:
+        layer.attention.gate = torch.nn.Parameter(torch.empty(1, 32, 1, 1))
+    model.reset_adapter()
+    lladapter.atomic_save(lladapter.adapter_state_dict(model), tmp_path / "adapter.pth")
+    size = (tmp_path / "adapter.pth").stat().st_size
+    assert 1_229_760 * 4 < size < 1_229_760 * 4 + 64 * 1024  # the fp32 values and a little pickle
+    assert 4.69 < size / 2**20 < 4.76
+
+
 def test_bottom_layers_build_no_graph_in_adapter_training():
     model = tiny_model()
     lladapter.mark_only_adapter_trainable(model)
@@ -256,6 +269,20 @@ def test_corrupted_checkpoint_shape_is_refused_naming_the_tensor(tmp_path, spm_t
     torch.save(shard, tmp_path / "consolidated.00.pth")
     with pytest.raises(InputError, match=r"layers\.1\.feed_forward\.w3\.weight has shape \[191, 64\].*\[192, 64\]"):
         lladapter.load_llama(tmp_path, tokenizer_path=spm_tokenizer, device="cpu", adapter_layer=2, adapter_len=3)
+
+
+def test_renamed_or_missing_checkpoint_tensor_is_refused_by_name(tmp_path, spm_tokenizer):
+    write_meta_checkpoint(tiny_model(), tmp_path)
+    shard = torch.load(tmp_path / "consolidated.00.pth")
+    shard["layers.2.attention.wq_renamed.weight"] = shard.pop("layers.2.attention.wq.weight")
+    torch.save(shard, tmp_path / "consolidated.00.pth")
+    with pytest.raises(InputError, match=r"missing \['layers.2.attention.wq.weight'\], "
+                                         r"unexpected \['layers.2.attention.wq_renamed.weight'\]"):
+        lladapter.load_llama(tmp_path, tokenizer_path=spm_tokenizer, adapter_layer=2, adapter_len=3)
+    del shard["layers.2.attention.wq_renamed.weight"]
+    torch.save(shard, tmp_path / "consolidated.00.pth")
+    with pytest.raises(InputError, match=r"missing \['layers.2.attention.wq.weight'\], unexpected \[\]"):
+        lladapter.load_llama(tmp_path, tokenizer_path=spm_tokenizer, adapter_layer=2, adapter_len=3)
 
 
 def test_missing_checkpoint_files_are_named(tmp_path, spm_tokenizer):
