@@ -11,6 +11,7 @@ processes: each process runs micro-batches and accumulates gradients until the g
 Writes out_dir/adapter.pth (the adapter alone, fp32, ~4.7 MiB at 7B), out_dir/train_state.pth (what --resume
 needs) and out_dir/log.jsonl (one line per optimizer step).
 """
+import functools
 import json
 import math
 import os
@@ -145,6 +146,8 @@ def load_records(path):
 
 
 records = load_records(data_path)
+say(f"loading {ckpt_dir} and tokenizing {len(records)} records ...")
+t_load = time.time()
 model, tokenizer = lladapter.load_llama(
     ckpt_dir, tokenizer_path or None, device=device, dtype=torch.float32 if mode == "full" else None,
     max_seq_len=max_seq_len, adapter_len=adapter_len, adapter_layer=adapter_layer, image_dim=image_dim)
@@ -162,7 +165,7 @@ if not examples:
 features = torch.stack(features) if image_dim else None
 n_scored = [sum(label != lladapter.IGNORE_INDEX for label in labels) for _, labels in examples]
 say(f"data: {len(records)} records in {data_path}; {len(records) - len(examples)} skipped (prompt alone longer than "
-    f"max_seq_len={max_seq_len}), {n_truncated} truncated")
+    f"max_seq_len={max_seq_len}), {n_truncated} truncated; loaded in {time.time() - t_load:.0f}s")
 
 # A fixed held-out split, the same in every process and on every resume.
 perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -182,11 +185,15 @@ say(f"{len(train_idx)} train / {len(val_idx)} val examples; {steps_per_epoch} st
     f"{world} process(es) x {accumulation} micro-batches of {micro_batch_size}; peak lr {peak_lr:.3g}")
 
 
+@functools.lru_cache(maxsize=1)
+def epoch_order(epoch):  # a fresh permutation per epoch, from the seed: the data position is the step alone
+    return torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed + 1 + epoch)).tolist()
+
+
 def global_batch(step):
-    # The examples of optimizer step `step`: a fresh permutation per epoch, so the position is the step alone.
+    # The examples of optimizer step `step`, over all processes.
     epoch, i = divmod(step, steps_per_epoch)
-    order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed + 1 + epoch)).tolist()
-    return [train_idx[j] for j in order[i * batch_size:(i + 1) * batch_size]]
+    return [train_idx[j] for j in epoch_order(epoch)[i * batch_size:(i + 1) * batch_size]]
 
 
 def micro_batches(batch):
@@ -215,10 +222,8 @@ def loss_sum(model, idx):
 @torch.no_grad()
 def validation_loss():
     share = val_idx[rank::world]
-    total = torch.zeros(2, device=device)  # summed loss, scored tokens
-    for i in range(0, len(share), micro_batch_size):
-        idx = share[i:i + micro_batch_size]
-        total += torch.tensor([loss_sum(raw_model, idx).item(), sum(n_scored[j] for j in idx)], device=device)
+    loss = sum(loss_sum(raw_model, share[i:i + micro_batch_size]) for i in range(0, len(share), micro_batch_size))
+    total = torch.tensor([float(loss), sum(n_scored[j] for j in share)], device=device)  # summed loss, tokens
     if ddp:
         dist.all_reduce(total)
     return (total[0] / total[1].clamp(min=1)).item()
