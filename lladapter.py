@@ -305,18 +305,13 @@ def torch_load(path, mmap=False):
         raise InputError(f"{path}: not a torch file ({str(e).splitlines()[0]})") from None
 
 
-def merge_shards(shards, files):
-    """Join Meta's model-parallel shards (consolidated.00.pth, .01, ...) into whole tensors."""
-    keys = shards[0].keys() - {"rope.freqs"}  # rope.freqs is a precomputed table, not a weight
-    for shard, file in zip(shards[1:], files[1:]):
-        if shard.keys() - {"rope.freqs"} != keys:
-            raise InputError(f"{file} holds other tensors than {files[0]}")
-    merged = {}
+def merge_shards(shards, keys):
+    """Join Meta's model-parallel shards (consolidated.00.pth, .01, ...): yields (key, whole tensor), one at a time,
+    so a big model is never held twice in memory."""
     for key in keys:
         parts = [shard[key] for shard in shards]
         dim = MODEL_PARALLEL_DIM.get(key.split(".")[-2])  # e.g. "layers.3.attention.wq.weight" -> "wq"
-        merged[key] = parts[0] if len(parts) == 1 or dim is None else torch.cat(parts, dim=dim)  # norms are copies
-    return merged
+        yield key, parts[0] if len(parts) == 1 or dim is None else torch.cat(parts, dim=dim)  # norms are copies
 
 
 def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dtype=None, **model_args):
@@ -346,25 +341,30 @@ def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dt
     files = sorted(ckpt_dir.glob("consolidated.*.pth"))
     if not files:
         raise InputError(f"{ckpt_dir}: no consolidated.*.pth checkpoint files")
-    state = merge_shards([torch_load(f, mmap=True) for f in files], files)
+    shards = [torch_load(f, mmap=True) for f in files]  # memory-mapped: read as each tensor is used
+    keys = shards[0].keys() - {"rope.freqs"}  # rope.freqs is a precomputed table, not a weight
+    for shard, file in zip(shards[1:], files[1:]):
+        if shard.keys() - {"rope.freqs"} != keys:
+            raise InputError(f"{file} holds other tensors than {files[0]}")
 
     with torch.device("meta"):  # shapes only: the values come from the checkpoint, no time spent on init
         model = Transformer(args)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     where = files[0].name if len(files) == 1 else f"{files[0].name}..{files[-1].name}"
-    unexpected = sorted(state.keys() - expected.keys())
-    missing = sorted(k for k in expected.keys() - state.keys() if not is_adapter_key(k))
+    unexpected = sorted(keys - expected.keys())
+    missing = sorted(k for k in expected.keys() - keys if not is_adapter_key(k))
     if unexpected or missing:
-        hint = " (an adapter file, not a base checkpoint?)" if state and all(map(is_adapter_key, state)) else ""
+        hint = " (an adapter file, not a base checkpoint?)" if keys and all(map(is_adapter_key, keys)) else ""
         raise InputError(f"{ckpt_dir / where} does not match params.json{hint}: missing {missing[:5]}"
                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
-    for key, tensor in state.items():
+    # Base weights to the device in `dtype`, one tensor at a time; the adapter (absent from a base checkpoint,
+    # present in a full fine-tune's) in fp32.
+    state = {}
+    for key, tensor in merge_shards(shards, sorted(keys)):
         if tensor.shape != expected[key]:
             raise InputError(f"{ckpt_dir / where}: {key} has shape {list(tensor.shape)}, "
                              f"params.json implies {list(expected[key])}")
-    # Base weights to the device in `dtype` one tensor at a time; the adapter (absent from a base
-    # checkpoint, present in a full fine-tune's) in fp32.
-    state = {k: v.to(device, torch.float32 if is_adapter_key(k) else dtype) for k, v in state.items()}
+        state[key] = tensor.to(device, torch.float32 if is_adapter_key(key) else dtype)
     new_adapter = [k for k in expected if k not in state]
     for k in new_adapter:
         state[k] = torch.empty(expected[k], device=device, dtype=torch.float32)
