@@ -20,7 +20,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import lladapter
 from lladapter import ModelArgs, Transformer
@@ -81,18 +80,12 @@ def random_model(args, device, dtype, seed=0):
     return model
 
 
-def loss_of(model, tokens, labels):
-    # train.py's loss: next-token cross-entropy at the scored positions only (labels are unshifted)
-    device_type = tokens.device.type
-    targets = labels[:, 1:]
-    scored = targets != lladapter.IGNORE_INDEX
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
-        logits = model(tokens[:, :-1], logits_at=scored)
-    return F.cross_entropy(logits, targets[scored])
-
-
 def training_step(model, optimizer, tokens, labels):
-    loss_of(model, tokens, labels).backward()
+    # train.py's step: the response loss under bf16 autocast on a GPU, a backward, an AdamW update
+    device_type = tokens.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+        loss = lladapter.response_loss(model, tokens, labels) / (labels != lladapter.IGNORE_INDEX).sum()
+    loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

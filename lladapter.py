@@ -448,6 +448,17 @@ def encode_example(tokenizer, instruction, input, output, max_seq_len):
     return tokens[:max_seq_len], labels[:max_seq_len], len(tokens) > max_seq_len
 
 
+def response_loss(model, tokens, labels, image=None):
+    """Summed next-token cross-entropy over the scored tokens of a padded batch (see encode_example).
+
+    The logits at position i predict token i + 1; only the scored positions go through the output head.
+    """
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    logits = model(tokens[:, :-1], image=image, logits_at=scored)  # (scored positions, vocab_size)
+    return F.cross_entropy(logits, targets[scored], reduction="sum")
+
+
 def pad_batch(examples, device=None):
     """Right-pad (tokens, labels) pairs to the longest in the batch; padding is never scored. Unshifted: see
     encode_example."""

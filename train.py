@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lladapter
@@ -210,13 +209,10 @@ def lr_at(step):
 
 
 def loss_sum(model, idx):
-    # Summed next-token cross-entropy over the scored tokens of examples `idx` (a micro-batch).
+    # Summed cross-entropy over the response tokens and EOS of examples `idx` (a micro-batch).
     tokens, labels = lladapter.pad_batch([examples[j] for j in idx], device)
-    targets = labels[:, 1:]  # the logits at position i predict token i + 1
-    scored = targets != lladapter.IGNORE_INDEX  # logits only where scored: the response, not prompt or padding
     with autocast:
-        logits = model(tokens[:, :-1], image=features[idx].to(device) if image_dim else None, logits_at=scored)
-    return F.cross_entropy(logits, targets[scored], reduction="sum")
+        return lladapter.response_loss(model, tokens, labels, features[idx].to(device) if image_dim else None)
 
 
 @torch.no_grad()
