@@ -82,18 +82,23 @@ def write_meta_checkpoint(model, ckpt_dir, n_shards=1, vocab_size=None):
     (ckpt_dir / "params.json").write_text(json.dumps(params))
 
 
+def train_tokenizer(text_path, model_prefix, **options):
+    """A SentencePiece model of VOCAB pieces with LLaMA's special ids, trained in a second."""
+    import sentencepiece
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(text_path), model_prefix=str(model_prefix), vocab_size=VOCAB, model_type="bpe",
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2, **options)
+
+
 @pytest.fixture(scope="session")
 def spm_tokenizer(tmp_path_factory):
     """A SentencePiece model with exactly VOCAB pieces, trained in a second on text written here."""
     import random
-    import sentencepiece
     d = tmp_path_factory.mktemp("spm")
     rng = random.Random(0)
     words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 6))) for _ in range(300)]
     (d / "text.txt").write_text("\n".join(" ".join(rng.choices(words, k=12)) for _ in range(2000)))
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(d / "text.txt"), model_prefix=str(d / "tokenizer"), vocab_size=VOCAB, model_type="bpe",
-        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    train_tokenizer(d / "text.txt", d / "tokenizer")
     return d / "tokenizer.model"
 
 
@@ -482,7 +487,6 @@ COLOURS = ["red", "blue", "green", "pink"]
 def task(tmp_path_factory):
     """A tiny base model in Meta's layout, its tokenizer, and an Alpaca-format data file."""
     import random
-    import sentencepiece
     d = tmp_path_factory.mktemp("task")
     rng = random.Random(0)
     records = [{"instruction": f"Which colour is the {a}?", "input": rng.choice(["", "a short note"]),
@@ -492,9 +496,7 @@ def task(tmp_path_factory):
     (d / "text.txt").write_text("\n".join(text))
     ckpt = d / "ckpt"
     ckpt.mkdir()
-    sentencepiece.SentencePieceTrainer.train(
-        input=str(d / "text.txt"), model_prefix=str(ckpt / "tokenizer"), vocab_size=VOCAB, model_type="bpe",
-        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2, user_defined_symbols=COLOURS)  # one piece each
+    train_tokenizer(d / "text.txt", ckpt / "tokenizer", user_defined_symbols=COLOURS)  # a colour is one piece
     write_meta_checkpoint(tiny_model(max_seq_len=512), ckpt, vocab_size=-1)
     return d
 
