@@ -134,10 +134,8 @@ elapsed = time.time() - t0
 if len(jobs) == 1:
     print()
 elif walkthrough and not prompt and not prompts_file:  # with and without the adapter, side by side
-    with torch.no_grad():  # every gate closed: exactly the base model (the paper's zero-init property)
-        for layer in model.layers[model.first_adapted:]:
-            layer.attention.gate.zero_()
-    base_answers, _ = answer()
+    with lladapter.gates_closed(model):  # exactly the base model (the paper's zero-init property)
+        base_answers, _ = answer()
     for record, with_adapter, base in zip(heldout, answers, base_answers):
         print(f"### Instruction: {record['instruction']}" + (f"  ### Input: {record['input']}" if record["input"] else ""))
         print(f"    expected: {record['output']!r}\n    base alone: {base!r}\n    with the adapter: {with_adapter!r}")

@@ -24,6 +24,7 @@ import json
 import os
 import pickle
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -380,6 +381,22 @@ def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dt
 def mark_only_adapter_trainable(model):
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter_key(name))
+
+
+@contextmanager
+def gates_closed(model):
+    """Every gate at zero while inside: the model is then exactly its base model (the zero-init property)."""
+    gates = [layer.attention.gate for layer in model.layers[model.first_adapted:]]
+    saved = [g.detach().clone() for g in gates]
+    with torch.no_grad():
+        for g in gates:
+            g.zero_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for g, value in zip(gates, saved):
+                g.copy_(value)
 
 
 def adapter_state_dict(model):

@@ -113,6 +113,11 @@ def test_zero_gates_give_exactly_the_base_model(n_kv_heads):
         assert torch.equal(model(x), base(x))
     chunks = [5, 1, 1, 1, 4]  # a prefill, single tokens, and a later multi-token chunk
     assert torch.equal(cached_logits(model, x, chunks), cached_logits(base, x, chunks))
+    opened = tiny_model(open_gates=True, n_kv_heads=n_kv_heads)
+    with lladapter.gates_closed(opened), torch.no_grad():  # closing an adapter's gates gives the base model back
+        assert torch.equal(opened(x), base(x))
+    with torch.no_grad():  # and reopens them afterwards
+        assert not torch.allclose(opened(x), base(x))
     with torch.no_grad():  # and the prompts do matter once a gate opens
         model.layers[-1].attention.gate[0, 1] = 0.5
         assert not torch.allclose(model(x), base(x))

@@ -237,7 +237,7 @@ say(f"model: {n_total:,} parameters, {n_trainable:,} trainable ({100 * n_trainab
     f"base in {model.tok_embeddings.weight.dtype}, on {device}")
 optimizer = torch.optim.AdamW(trainable.values(), lr=peak_lr, betas=(beta1, beta2), weight_decay=weight_decay,
                               fused=device_type == "cuda")
-gates = [m.gate for m in raw_model.modules() if isinstance(m, lladapter.Attention) and hasattr(m, "gate")]
+gates = [layer.attention.gate for layer in raw_model.layers[raw_model.first_adapted:]]
 
 start_step = 0
 if resume:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lladapter import (PROMPT_NO_INPUT, PROMPT_WITH_INPUT, ModelArgs, Tokenizer, Transformer, atomic_save,
-                       format_prompt, generate)
+                       format_prompt, gates_closed, generate)
 
 # train.py settings for the adapter run (intervals in optimizer steps: 12 per epoch here, 480 in all). A model this
 # small wants a far larger learning rate than 7B's base_lr=9e-3 (the peak here is 1.0 * 32/256), and 20 prompts
@@ -207,15 +207,8 @@ def evaluate(model, tokenizer, heldout_path, batch_size=64):
 def report(model, tokenizer, found, smoke):
     """The walkthrough's last lines: base alone against base + adapter on held-out instructions, and the sizes."""
     with_adapter = evaluate(model, tokenizer, found["heldout_path"])
-    gates = [layer.attention.gate for layer in model.layers[model.first_adapted:]]
-    saved = [g.detach().clone() for g in gates]
-    with torch.no_grad():  # every gate closed: exactly the base model (the paper's zero-init property)
-        for g in gates:
-            g.zero_()
-    base_alone = evaluate(model, tokenizer, found["heldout_path"])
-    with torch.no_grad():
-        for g, value in zip(gates, saved):
-            g.copy_(value)
+    with gates_closed(model):  # exactly the base model (the paper's zero-init property)
+        base_alone = evaluate(model, tokenizer, found["heldout_path"])
     n_total = sum(p.numel() for p in model.parameters())
     n_adapter = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
     adapter_mib = Path(found["adapter_path"]).stat().st_size / 2**20
