@@ -21,6 +21,7 @@ import time
 
 import torch
 
+import cli
 import lladapter
 from lladapter import ModelArgs, Transformer
 
@@ -44,8 +45,8 @@ json = ""  # --json=FILE writes the results as JSON
 quick = False  # tiny shapes: a smoke test of this script
 memory_probe = ""  # internal: "adapter" or "full", run in a fresh process to measure its peak memory
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
-lladapter.exit_on_input_error()
-settings.update(lladapter.parse_overrides(settings, sys.argv[1:]))
+cli.exit_on_input_error()
+settings.update(cli.parse_overrides(settings, sys.argv[1:], __doc__, __file__))
 if settings["quick"]:
     settings.update(dim=64, n_layers=2, n_heads=4, vocab_size=512, seq_len=32, batch=2, adapter_layer=1, steps=2,
                     new_tokens=16, prompt_len=8, gpu_steps=2, gpu_micro_batches="1,2")

@@ -4,13 +4,17 @@ Answer instructions with a base LLaMA plus a trained adapter (or the base alone,
     python generate.py                   # no arguments: the walkthrough's held-out questions, with and without
                                          # its adapter (run `python train.py` first)
     python generate.py --ckpt_dir=llama/7B --adapter=out/adapter.pth --prompt="Tell me about alpacas."
-    python generate.py --ckpt_dir=llama/7B --adapter=out/adapter.pth --prompts_file=questions.txt --temperature=0
+    python generate.py --ckpt_dir=Llama-2-7b-hf --adapter=out/adapter.pth --interactive    # Hugging Face layout
+    python generate.py --ckpt_dir=llama/7B --adapter=out/adapter.pth --prompts_file=alpaca_eval.json \\
+        --temperature=0 --out=answers.jsonl
     python generate.py ... --show_gates  # the adapter's tanh(gate) per layer and head, as a heat map
 
-Prompts are wrapped in the training template. --prompts_file holds one instruction per line, or an Alpaca JSON
-list (with "input", and "image" for image adapters). Override any setting below as --key=value.
+Prompts are wrapped in the training template. --prompts_file holds one instruction per line, or Alpaca-format
+records (a JSON list, or JSON Lines in a .jsonl file; with "input", and "image" for image adapters), answered in
+batches of --max_batch_size. The adapter file says its own K, L and image width. --help lists every setting.
 """
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,30 +22,35 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import cli
 import lladapter
+from checkpoint import load_llama
 from lladapter import InputError
 
-ckpt_dir = ""  # base model in Meta's layout; empty: the walkthrough's (see train.py)
+ckpt_dir = ""  # base model, Meta's layout or Hugging Face's; empty: the walkthrough's (see train.py)
 tokenizer_path = ""  # empty: tokenizer.model in ckpt_dir or beside it
 adapter = ""  # adapter file from train.py; empty: the base model alone
 prompt = []  # an instruction; repeat --prompt for several
 input = ""  # context for the with-input template, for every --prompt
-prompts_file = ""  # one instruction per line, or an Alpaca-format JSON list
+prompts_file = ""  # one instruction per line, or Alpaca-format records (.json list or .jsonl)
 image = ""  # a .npy image feature for every prompt (image adapters only)
+interactive = False  # read instructions from standard input, one per line, and answer each
+out = ""  # write one JSON line per prompt (instruction, input, output) to this file
 max_gen_len = 256  # new tokens at most, per prompt
+max_batch_size = 32  # prompts decoded together (the KV cache grows with it)
 temperature = 0.1  # the paper's; 0 is greedy
 top_p = 0.75  # the paper's
-seed = 0
-max_seq_len = 512
-adapter_len = 10  # must match the adapter's training
-adapter_layer = 30
-image_dim = 0
+seed = 0  # of the sampling, for answers that repeat
+max_seq_len = 512  # prompt plus answer, in tokens
+adapter_len = 0  # 0: from the adapter file (needed only for an original-layout file whose gates are all zero)
+adapter_layer = 0  # 0: from the adapter file (as adapter_len)
+image_dim = 0  # 0: from the adapter file
 device = ""  # empty: cuda if available, else cpu
 show_gates = False  # print the adapter's tanh(gate) as a layers x heads heat map
-settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
+settings = cli.settings_of(globals())
 
-lladapter.exit_on_input_error()
-overrides = lladapter.parse_overrides(settings, sys.argv[1:])
+cli.exit_on_input_error()
+overrides = cli.parse_overrides(settings, sys.argv[1:], __doc__, __file__)
 walkthrough = not overrides.get("ckpt_dir", ckpt_dir)
 if walkthrough:  # the walkthrough's model and adapter, on some of the instructions it never trained on
     from data import walkthrough as wt
@@ -49,10 +58,15 @@ if walkthrough:  # the walkthrough's model and adapter, on some of the instructi
     if not Path(found["adapter_path"]).is_file():
         raise InputError(f"no walkthrough adapter at {found['adapter_path']}: run `python train.py` first")
     heldout = wt.heldout_examples(found["heldout_path"], 8)
-    settings.update({k: wt.SETTINGS[k] for k in ("adapter_len", "adapter_layer", "max_seq_len")},
-                    ckpt_dir=found["ckpt_dir"], adapter=found["adapter_path"], temperature=0.0)
+    settings.update(ckpt_dir=found["ckpt_dir"], adapter=found["adapter_path"], max_seq_len=wt.SETTINGS["max_seq_len"],
+                    temperature=0.0)
 settings.update(overrides)
 globals().update(settings)
+for key in ("max_gen_len", "max_batch_size", "max_seq_len"):
+    cli.require(settings[key] > 0, f"--{key}={settings[key]}: must be positive")
+cli.require(temperature >= 0 and 0 < top_p <= 1, f"--temperature={temperature} --top_p={top_p}: need temperature "
+            f">= 0 and 0 < top_p <= 1")
+cli.require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}: no CUDA device here")
 
 
 def heatmap(gates):
@@ -69,80 +83,110 @@ def heatmap(gates):
 
 # prompts: (instruction, input, image feature or None)
 jobs = [(p, input, image or None) for p in prompt]
-if walkthrough and not jobs and not prompts_file:
+if walkthrough and not jobs and not prompts_file and not interactive:
     jobs = [(r["instruction"], r["input"], None) for r in heldout]
 if prompts_file:
     path = Path(prompts_file)
-    if not path.is_file():
-        raise InputError(f"{path}: no such prompts file")
-    if path.suffix == ".json":
-        try:
-            jobs += [(r["instruction"], r.get("input", ""), r.get("image")) for r in json.loads(path.read_text())]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise InputError(f"{path}: expected an Alpaca-format JSON list of records with 'instruction' ({e})") from None
+    if path.suffix in (".json", ".jsonl"):
+        for i, r in enumerate(cli.read_records(path)):
+            if not isinstance(r.get("instruction"), str) or not isinstance(r.get("input", ""), str):
+                raise InputError(f"{path}: record {i}: expected a string 'instruction' (and optional 'input')")
+            jobs.append((r["instruction"], r.get("input", ""), r.get("image", image or None)))
     else:
-        jobs += [(line, "", image or None) for line in path.read_text().splitlines() if line.strip()]
-if not jobs and not show_gates:
-    raise InputError("nothing to answer: give --prompt=... or --prompts_file=...")
+        jobs += [(line, "", image or None) for line in cli.read_text(path).splitlines() if line.strip()]
+if not jobs and not show_gates and not interactive:
+    raise InputError("nothing to answer: give --prompt=..., --prompts_file=... or --interactive")
+out_path = Path(out) if out else None
+cli.require(out_path is None or out_path.parent.is_dir(), f"--out={out}: no folder {out_path and out_path.parent}")
 
-model, tokenizer = lladapter.load_llama(ckpt_dir, tokenizer_path or None, adapter or None, device=device or None,
-                                        max_seq_len=max_seq_len, adapter_len=adapter_len,
-                                        adapter_layer=adapter_layer if adapter else 0, image_dim=image_dim)
+given = {"adapter_len": adapter_len, "adapter_layer": adapter_layer, "image_dim": image_dim}
+model, tokenizer = load_llama(ckpt_dir, tokenizer_path or None, adapter or None, device=device or None,
+                              max_seq_len=max_seq_len, **({k: v for k, v in given.items() if v} if adapter else
+                                                          {"adapter_layer": 0}))
+model_device = model.tok_embeddings.weight.device
 if show_gates:
     if not adapter:
         raise InputError("--show_gates needs an --adapter")
     print(heatmap({i: torch.tanh(layer.attention.gate).flatten().tolist()
                    for i, layer in enumerate(model.layers) if i >= model.first_adapted}))
-if not jobs:
-    sys.exit(0)
 
-prompts = [tokenizer.encode(lladapter.format_prompt(instruction, context), bos=True, eos=False)
-           for instruction, context, _ in jobs]
-for (instruction, _, _), tokens in zip(jobs, prompts):
-    if len(tokens) >= max_seq_len:
-        raise InputError(f"the prompt {instruction[:40]!r}... is {len(tokens)} tokens, over max_seq_len={max_seq_len}")
-images = None
-if any(feature is not None for _, _, feature in jobs):
-    if not image_dim:
-        raise InputError("an image was given, but the adapter is text-only (set --image_dim for an image adapter)")
+
+def encode(jobs):
+    """Token lists and image features (or None) of (instruction, input, image) jobs, checked against the model."""
+    prompts = [tokenizer.encode(lladapter.format_prompt(instruction, context), bos=True, eos=False)
+               for instruction, context, _ in jobs]
+    for (instruction, _, _), tokens in zip(jobs, prompts):
+        if len(tokens) >= max_seq_len:
+            raise InputError(f"the prompt {instruction[:40]!r}... is {len(tokens)} tokens, over max_seq_len={max_seq_len}")
+    if all(feature is None for _, _, feature in jobs):
+        return prompts, None
+    if not model.args.image_dim:
+        raise InputError("an image was given, but the adapter is text-only")
     if any(feature is None for _, _, feature in jobs):
         raise InputError("either every prompt has an image or none does")
     base_dir = Path(prompts_file).parent if prompts_file else Path(".")
-    images = torch.stack([lladapter.load_image_feature(f, base_dir, image_dim, f"prompt {i}")
-                          for i, (_, _, f) in enumerate(jobs)]).to(model.tok_embeddings.weight.device)
+    images = [lladapter.load_image_feature(f, base_dir, model.args.image_dim, f"prompt {i}") for i, (_, _, f) in enumerate(jobs)]
+    return prompts, torch.stack(images).to(model_device)
 
 
-def stream(new_tokens):  # one prompt: print the text as it grows (pieces decode differently alone)
-    global shown
-    streamed.append(new_tokens[0].item())
-    text = tokenizer.decode(streamed[:streamed.index(tokenizer.eos_id)] if tokenizer.eos_id in streamed else streamed)
-    print(text[len(shown):], end="", flush=True)
-    shown = text
+def answer(jobs, stream=False):
+    """The responses to `jobs` and their token count, in batches of max_batch_size; with stream, one job's text is
+    printed as it grows."""
+    shown, streamed, n_tokens = "", [], 0
+
+    def print_growing_text(new_tokens):  # pieces decode differently alone: decode all so far, print what's new
+        nonlocal shown
+        streamed.append(new_tokens[0].item())
+        text = tokenizer.decode(streamed[:streamed.index(tokenizer.eos_id)] if tokenizer.eos_id in streamed else streamed)
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+
+    answers = []
+    for i in range(0, len(jobs), max_batch_size):
+        prompts, images = encode(jobs[i:i + max_batch_size])
+        new = lladapter.generate(model, prompts, max_gen_len, temperature, top_p, tokenizer.eos_id, images, generator,
+                                 on_token=print_growing_text if stream else None)
+        answers += [tokenizer.decode(tokens).strip() for tokens in new]
+        n_tokens += sum(map(len, new))
+        if len(jobs) > max_batch_size:
+            print(f"[{len(answers)}/{len(jobs)} answered]", file=sys.stderr, flush=True)
+    if stream:
+        print()
+    return answers, n_tokens
 
 
-def answer():
-    generator = torch.Generator(model.tok_embeddings.weight.device).manual_seed(seed)
-    new = lladapter.generate(model, prompts, max_gen_len, temperature, top_p, tokenizer.eos_id, images, generator,
-                             on_token=stream if len(jobs) == 1 else None)
-    return [tokenizer.decode(tokens).strip() for tokens in new], sum(map(len, new))
+generator = torch.Generator(model_device).manual_seed(seed)
+if interactive:
+    print("Type an instruction and press Enter; an empty line or Ctrl-D ends.", file=sys.stderr)
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        print("### Response: ", end="", flush=True)
+        answer([(line.strip(), input, image or None)], stream=True)
+if not jobs:
+    sys.exit(0)
 
-
-streamed, shown = [], ""
 t0 = time.time()
-answers, n_new = answer()
+answers, n_new = answer(jobs, stream=len(jobs) == 1 and not out_path)
 elapsed = time.time() - t0
-if len(jobs) == 1:
-    print()
+if out_path:  # written whole under a temporary name, then renamed
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for (instruction, context, _), text in zip(jobs, answers):
+            f.write(json.dumps({"instruction": instruction, "input": context, "output": text}) + "\n")
+    os.replace(tmp, out_path)
+    print(f"wrote {len(answers)} answers to {out_path}", file=sys.stderr)
 elif walkthrough and not prompt and not prompts_file:  # with and without the adapter, side by side
     with lladapter.gates_closed(model):  # exactly the base model (the paper's zero-init property)
-        base_answers, _ = answer()
+        generator.manual_seed(seed)
+        base_answers, _ = answer(jobs)
     for record, with_adapter, base in zip(heldout, answers, base_answers):
         print(f"### Instruction: {record['instruction']}" + (f"  ### Input: {record['input']}" if record["input"] else ""))
         print(f"    expected: {record['output']!r}\n    base alone: {base!r}\n    with the adapter: {with_adapter!r}")
     print(f"exact match on these {len(heldout)} held-out instructions: base alone "
           f"{sum(a == r['output'] for a, r in zip(base_answers, heldout))}, with the adapter "
           f"{sum(a == r['output'] for a, r in zip(answers, heldout))}")
-else:
+elif len(jobs) > 1:
     for (instruction, context, _), text in zip(jobs, answers):
         print(f"### Instruction: {instruction}" + (f"\n### Input: {context}" if context else ""))
         print(f"### Response: {text}\n")

@@ -20,12 +20,9 @@ Where we follow the paper, and where we chose differently:
 - Optional image conditioning (paper Sec. 3.3): with image_dim > 0, a projected image feature is added to every
   prompt token of every adapted layer.
 """
-import json
 import os
-import pickle
-import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -95,11 +92,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
-        # --- LLaMA-Adapter: the gate, one scalar per head, used as tanh(gate) ---
-        # It starts at zero so the prompts, still random, add nothing: the adapted model begins as exactly the
-        # pretrained one and training opens each head's gate only as far as the prompts prove useful.
+        # --- LLaMA-Adapter: the gate, one scalar per head, used as tanh(gate); it starts at zero (reset_adapter) ---
         if adapted:
-            self.gate = nn.Parameter(torch.zeros(1, self.n_heads, 1, 1))
+            self.gate = nn.Parameter(torch.empty(1, self.n_heads, 1, 1))
         # Generation-only state, set by Transformer.setup_cache; a training forward never touches it.
         self.cache_k = self.cache_v = None  # (bsz, cache_len, n_kv_heads, head_dim)
         self.prompt_kv = None  # this layer's prompt keys/values, reused within one generation call
@@ -207,16 +202,20 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         # --- LLaMA-Adapter: the adaption prompts, K vectors for each of the top L layers ---
-        # Row l*K + j is prompt j of layer first_adapted + l. An Embedding's weight starts as N(0, 1).
+        # Row l*K + j is prompt j of layer first_adapted + l.
         if args.adapter_layer:
             self.adapter_query = nn.Embedding(args.adapter_layer * args.adapter_len, args.dim)
             if args.image_dim:  # paper Sec. 3.3: an image feature, projected to dim, joins every prompt token
                 self.adapter_image_proj = nn.Linear(args.image_dim, args.dim)
+            if not self.adapter_query.weight.is_meta:  # on the meta device, load_llama calls it once there are values
+                self.reset_adapter()
 
     def reset_adapter(self):
-        """Give the adapter its initial values: prompts N(0, 1), gates 0 (the model is then the base model)."""
+        """The adapter's initial values, for a model built here and for one loaded by load_llama alike."""
         with torch.no_grad():
-            self.adapter_query.weight.normal_()
+            self.adapter_query.weight.normal_()  # prompts N(0, 1)
+            # Gates start at zero so the prompts, still random, add nothing: the adapted model begins as exactly
+            # the pretrained one, and training opens each head's gate only as far as the prompts prove useful.
             for layer in self.layers[self.first_adapted:]:
                 layer.attention.gate.zero_()
             if self.args.image_dim:
@@ -283,99 +282,10 @@ class Tokenizer:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Loading Meta checkpoints and adapter files
-
-MODEL_PARALLEL_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
-
+# The adapter's parameters
 
 def is_adapter_key(name: str) -> bool:
     return name.startswith("adapter_") or name.endswith(".attention.gate")
-
-
-def torch_load(path, mmap=False):
-    """torch.load that can't run code: weights_only refuses any pickle holding more than tensors and containers."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        raise InputError(f"{path}: refused to unpickle, it holds more than tensors ({str(e).splitlines()[0]})") from None
-    except RuntimeError as e:
-        if mmap:  # files written in torch's pre-1.6 format can't be memory-mapped; read them whole
-            return torch_load(path)
-        raise InputError(f"{path}: not a torch file ({str(e).splitlines()[0]})") from None
-
-
-def merge_shards(shards, keys):
-    """Join Meta's model-parallel shards (consolidated.00.pth, .01, ...): yields (key, whole tensor), one at a time,
-    so a big model is never held twice in memory."""
-    for key in keys:
-        parts = [shard[key] for shard in shards]
-        dim = MODEL_PARALLEL_DIM.get(key.split(".")[-2])  # e.g. "layers.3.attention.wq.weight" -> "wq"
-        yield key, parts[0] if len(parts) == 1 or dim is None else torch.cat(parts, dim=dim)  # norms are copies
-
-
-def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dtype=None, **model_args):
-    """Build a Transformer from a checkpoint in Meta's layout; returns (model, tokenizer).
-
-    ckpt_dir holds params.json and consolidated.NN.pth; tokenizer.model is looked for in ckpt_dir, then beside it.
-    model_args override params.json (max_seq_len, adapter_len, adapter_layer, image_dim). The base weights go to
-    `dtype` (default bf16 on a GPU, fp32 on CPU), the adapter stays fp32. Without adapter_path the adapter is new.
-    """
-    ckpt_dir = Path(ckpt_dir)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if not (ckpt_dir / "params.json").is_file():
-        raise InputError(f"{ckpt_dir / 'params.json'}: no such file (expected Meta's layout: params.json, consolidated.00.pth)")
-    params = json.loads((ckpt_dir / "params.json").read_text())
-    unknown = params.keys() - {f.name for f in fields(ModelArgs)}
-    if unknown:
-        raise InputError(f"{ckpt_dir / 'params.json'}: unknown fields {sorted(unknown)}")
-    if tokenizer_path is None:
-        candidates = [ckpt_dir / "tokenizer.model", ckpt_dir.parent / "tokenizer.model"]
-        tokenizer_path = next((p for p in candidates if p.is_file()), candidates[0])
-    tokenizer = Tokenizer(tokenizer_path)
-    args = ModelArgs(**{**params, **model_args})
-    if args.vocab_size == -1:
-        args.vocab_size = tokenizer.n_words
-
-    files = sorted(ckpt_dir.glob("consolidated.*.pth"))
-    if not files:
-        raise InputError(f"{ckpt_dir}: no consolidated.*.pth checkpoint files")
-    shards = [torch_load(f, mmap=True) for f in files]  # memory-mapped: read as each tensor is used
-    keys = shards[0].keys() - {"rope.freqs"}  # rope.freqs is a precomputed table, not a weight
-    for shard, file in zip(shards[1:], files[1:]):
-        if shard.keys() - {"rope.freqs"} != keys:
-            raise InputError(f"{file} holds other tensors than {files[0]}")
-
-    with torch.device("meta"):  # shapes only: the values come from the checkpoint, no time spent on init
-        model = Transformer(args)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    where = files[0].name if len(files) == 1 else f"{files[0].name}..{files[-1].name}"
-    unexpected = sorted(keys - expected.keys())
-    missing = sorted(k for k in expected.keys() - keys if not is_adapter_key(k))
-    if unexpected or missing:
-        hint = " (an adapter file, not a base checkpoint?)" if keys and all(map(is_adapter_key, keys)) else ""
-        raise InputError(f"{ckpt_dir / where} does not match params.json{hint}: missing {missing[:5]}"
-                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
-    # Base weights to the device in `dtype`, one tensor at a time; the adapter (absent from a base checkpoint,
-    # present in a full fine-tune's) in fp32.
-    state = {}
-    for key, tensor in merge_shards(shards, sorted(keys)):
-        if tensor.shape != expected[key]:
-            raise InputError(f"{ckpt_dir / where}: {key} has shape {list(tensor.shape)}, "
-                             f"params.json implies {list(expected[key])}")
-        state[key] = tensor.to(device, torch.float32 if is_adapter_key(key) else dtype)
-    new_adapter = [k for k in expected if k not in state]
-    for k in new_adapter:
-        state[k] = torch.empty(expected[k], device=device, dtype=torch.float32)
-    model.load_state_dict(state, assign=True)  # strict: every key accounted for above
-    model.rope_cos, model.rope_sin = precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta, device)
-    if new_adapter:
-        model.reset_adapter()
-    if adapter_path is not None:
-        load_adapter(model, adapter_path)
-    return model, tokenizer
 
 
 def mark_only_adapter_trainable(model):
@@ -402,30 +312,6 @@ def gates_closed(model):
 def adapter_state_dict(model):
     """The adapter alone: adapter_query.weight [L*K, dim], layers.{i}.attention.gate [1, H, 1, 1], fp32."""
     return {k: v.detach().float().cpu() for k, v in model.state_dict().items() if is_adapter_key(k)}
-
-
-def load_adapter(model, path):
-    expected = {k: v for k, v in model.state_dict().items() if is_adapter_key(k)}
-    if not expected:
-        raise InputError(f"{path}: this model has no adapter to load it into (adapter_layer=0)")
-    state = torch_load(path)
-    if not isinstance(state, dict):
-        raise InputError(f"{path}: not a state dict of tensors")
-    # The original export also stores zero gates for the layers it did not adapt: accept those, only those.
-    state = {k: v for k, v in state.items() if k in expected or not (k.endswith(".attention.gate") and not v.any())}
-    a = model.args
-    about = (f"it does not fit this model (dim={a.dim}, n_heads={a.n_heads}, adapter_layer={a.adapter_layer}, "
-             f"adapter_len={a.adapter_len}, image_dim={a.image_dim})")
-    extra, missing = sorted(state.keys() - expected.keys()), sorted(expected.keys() - state.keys())
-    if extra or missing:
-        what = " (a full checkpoint?)" if len(extra) > 10 else ""
-        raise InputError(f"{path}: {about}{what}: unexpected {extra[:4]}, missing {missing[:4]}")
-    for k, v in state.items():
-        if v.shape != expected[k].shape:
-            raise InputError(f"{path}: {about}: {k} has shape {list(v.shape)}, expected {list(expected[k].shape)}")
-    with torch.no_grad():
-        for k, v in state.items():
-            expected[k].copy_(v)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -561,51 +447,14 @@ def generate(model, prompts, max_gen_len, temperature=0.1, top_p=0.75, eos_id=No
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Small utilities shared by the scripts
+# Checkpoint I/O lives in checkpoint.py and the scripts' command line in cli.py; these names still import from here.
 
-def atomic_save(obj, path):
-    """torch.save to a temporary name, flushed to disk, then renamed: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+MOVED = {"load_llama": "checkpoint", "load_adapter": "checkpoint", "save_adapter": "checkpoint",
+         "torch_load": "checkpoint", "atomic_save": "checkpoint", "parse_overrides": "cli", "exit_on_input_error": "cli"}
 
 
-def parse_overrides(settings: dict, argv) -> dict:
-    """--key=value arguments, each parsed as the type of its default in `settings` (a bare --key sets a bool).
-
-    A list default collects repeated keys. Unknown keys and values of the wrong type raise InputError.
-    """
-    out = {}
-    for arg in argv:
-        key, has_value, value = arg[2:].partition("=")
-        if not arg.startswith("--") or key not in settings:
-            raise InputError(f"unknown argument {arg!r}; settings are --key=value with key one of: {', '.join(settings)}")
-        default = settings[key]
-        try:
-            if isinstance(default, bool):
-                value = {"true": True, "1": True, "false": False, "0": False}[value.lower()] if has_value else True
-            elif not has_value:
-                raise ValueError
-            elif isinstance(default, list):
-                value = out.get(key, []) + [value]
-            else:
-                value = type(default)(value)
-        except (KeyError, ValueError):
-            raise InputError(f"--{key}={value}: expected a {type(default).__name__} like the default {default!r}") from None
-        out[key] = value
-    return out
-
-
-def exit_on_input_error():
-    """Make the scripts print an InputError as one line and exit with status 1, without a traceback."""
-    def hook(kind, error, traceback):
-        if issubclass(kind, InputError):
-            print(f"error: {error}", file=sys.stderr)
-        else:
-            sys.__excepthook__(kind, error, traceback)
-    sys.excepthook = hook
+def __getattr__(name):
+    if name in MOVED:
+        import importlib
+        return getattr(importlib.import_module(MOVED[name]), name)
+    raise AttributeError(f"module 'lladapter' has no attribute {name!r}")

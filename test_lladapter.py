@@ -43,6 +43,11 @@ def base_copy(model):
     return base
 
 
+def adapter_tensors(path):
+    """The tensors of an adapter file, without the config that describes them."""
+    return {k: v for k, v in torch.load(path).items() if k != "adapter_config"}
+
+
 def tokens(bsz=2, seqlen=12, seed=1):
     return torch.randint(3, VOCAB, (bsz, seqlen), generator=torch.Generator().manual_seed(seed))
 
@@ -296,7 +301,7 @@ def test_renamed_or_missing_checkpoint_tensor_is_refused_by_name(tmp_path, spm_t
 
 
 def test_missing_checkpoint_files_are_named(tmp_path, spm_tokenizer):
-    with pytest.raises(InputError, match="params.json: no such file"):
+    with pytest.raises(InputError, match="neither Meta's layout .params.json"):
         lladapter.load_llama(tmp_path, tokenizer_path=spm_tokenizer)
     write_meta_checkpoint(tiny_model(), tmp_path)
     (tmp_path / "consolidated.00.pth").unlink()
@@ -528,7 +533,7 @@ def log_of(out):
 def test_two_ddp_processes_end_with_the_adapter_of_one_process(task, tmp_path):
     train(task, tmp_path / "one", "--stop_after=8", "--base_lr=1.0")
     train(task, tmp_path / "two", "--stop_after=8", "--base_lr=1.0", nproc=2)
-    one, two = torch.load(tmp_path / "one" / "adapter.pth"), torch.load(tmp_path / "two" / "adapter.pth")
+    one, two = adapter_tensors(tmp_path / "one" / "adapter.pth"), adapter_tensors(tmp_path / "two" / "adapter.pth")
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5)
@@ -542,7 +547,8 @@ def test_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_does(task, tmp_
     train(task, tmp_path / "stopped", "--base_lr=1.0", "--save_interval=5", "--stop_after=7")
     _, output = train(task, tmp_path / "stopped", "--base_lr=1.0", "--save_interval=5", "--resume")
     assert "resumed from" in output and "at step 7" in output
-    straight, resumed = torch.load(tmp_path / "straight" / "adapter.pth"), torch.load(tmp_path / "stopped" / "adapter.pth")
+    straight = adapter_tensors(tmp_path / "straight" / "adapter.pth")
+    resumed = adapter_tensors(tmp_path / "stopped" / "adapter.pth")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert [r["step"] for r in log_of(tmp_path / "stopped")] == [r["step"] for r in log_of(tmp_path / "straight")]
     code, output = train(task, tmp_path / "stopped", "--base_lr=2.0", "--resume", check=False)
@@ -606,7 +612,7 @@ def test_a_diverging_run_stops_with_a_message_and_keeps_the_last_good_checkpoint
     code, output = train(task, tmp_path, "--base_lr=1e30", "--save_interval=1", check=False)
     assert code != 0 and "stopping. The last good checkpoint is in" in output
     assert "error: the loss is nan" in output or "error: the weights are no longer finite" in output
-    saved = torch.load(tmp_path / "adapter.pth")
+    saved = adapter_tensors(tmp_path / "adapter.pth")
     assert all(torch.isfinite(v).all() for v in saved.values())
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -614,7 +620,7 @@ def test_a_diverging_run_stops_with_a_message_and_keeps_the_last_good_checkpoint
 def bad_inputs(task, d):
     good = json.loads((task / "data.json").read_text())
     cases = {
-        "missing data": (["--data_path=" + str(d / "nope.json")], "nope.json: no such data file"),
+        "missing data": (["--data_path=" + str(d / "nope.json")], "nope.json: no such file"),
         "malformed": ('[{"instruction": "a", ', "malformed.json: not valid JSON"),
         "bad line.jsonl": ('{"instruction": "a", "output": "b"}\n\n{"instruction": "c" "output": "d"}\n',
                            "bad_line.jsonl: line 3: not valid JSON"),
@@ -622,7 +628,7 @@ def bad_inputs(task, d):
         "no instruction": ([{"output": "b"}], "record 0 has no 'instruction'"),
         "not a string": (good[:3] + [{"instruction": "a", "input": 7, "output": "b"}], "record 3: 'input' is a int"),
         "empty": ([], "expected a non-empty list"),
-        "missing checkpoint": (["--ckpt_dir=" + str(d / "nockpt")], "nockpt/params.json: no such file"),
+        "missing checkpoint": (["--ckpt_dir=" + str(d / "nockpt")], "nockpt: no such checkpoint directory"),
         "unknown setting": (["--learning_rate=3"], "unknown argument '--learning_rate=3'"),
         "wrong type": (["--epochs=five"], "--epochs=five: expected a int"),
     }
@@ -713,9 +719,9 @@ def test_gate_heatmap_shows_the_gates_it_is_given(task, tmp_path):
 def test_generate_bad_input_is_one_clear_message(task, tmp_path):
     torch.save(lladapter.adapter_state_dict(tiny_model(adapter_len=5)), tmp_path / "other.pth")
     cases = [(["--prompt=hi"], {"adapter": tmp_path / "nope.pth"}, "nope.pth: no such file"),
-             (["--prompt=hi"], {"adapter": tmp_path / "other.pth"}, "other.pth: it does not fit this model"),
+             (["--prompt=hi"], {"adapter": tmp_path / "other.pth"}, "other.pth: the file says adapter_len=5, the settings say adapter_len=3"),
              (["--prompt=" + "red " * 400], {}, "over max_seq_len=512"),
-             (["--prompts_file=" + str(tmp_path / "none.txt")], {}, "none.txt: no such prompts file"),
+             (["--prompts_file=" + str(tmp_path / "none.txt")], {}, "none.txt: no such file"),
              (["--prompt=hi", "--image=" + str(tmp_path / "f.npy")], {}, "the adapter is text-only")]
     for args, kwargs, message in cases:
         code, stdout, stderr = run_generate(task, *args, **kwargs)

@@ -6,8 +6,9 @@ Fine-tune LLaMA-Adapter on Alpaca-format instructions, with the paper's recipe (
     torchrun --nproc_per_node 8 train.py --ckpt_dir=llama/7B --data_path=alpaca_data.json
     python train.py --ckpt_dir=llama/7B --data_path=alpaca_data.json --resume      # continue a stopped run
 
-Every setting below can be overridden as --key=value. The effective batch (batch_size) holds at any number of
-processes: each process runs micro-batches and accumulates gradients until the global batch is done.
+Every setting below can be overridden as --key=value or --key value; --help lists them. The effective batch
+(batch_size) holds at any number of processes: each process runs micro-batches and accumulates gradients until the
+global batch is done. ckpt_dir may hold Meta's layout or Hugging Face's (config.json + safetensors).
 Writes out_dir/adapter.pth (the adapter alone, fp32, ~4.7 MiB at 7B), out_dir/train_state.pth (what --resume
 needs) and out_dir/log.jsonl (one line per optimizer step).
 """
@@ -15,7 +16,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -25,15 +25,17 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
+import cli
 import lladapter
 from lladapter import InputError
 
 # ----------------------------------------------------------------------------------------------------------
 # settings
-ckpt_dir = ""  # base model in Meta's layout (params.json, consolidated.*.pth); empty: the built-in walkthrough
+ckpt_dir = ""  # base model: Meta's layout (params.json, consolidated.*.pth) or Hugging Face's; empty: the walkthrough
 tokenizer_path = ""  # empty: tokenizer.model in ckpt_dir or beside it
 data_path = "alpaca_data.json"  # a JSON list (or .jsonl, one per line) of {"instruction", "input", "output"}
-out_dir = "out"
+out_dir = "out"  # adapter.pth, train_state.pth and log.jsonl go here
 mode = "adapter"  # "adapter": train the prompts and gates only; "full": every weight (the paper's baseline)
 adapter_len = 10  # K, prompt vectors per adapted layer
 adapter_layer = 30  # L, adapted top layers
@@ -42,13 +44,13 @@ max_seq_len = 512  # longer examples are truncated; those whose prompt alone doe
 val_fraction = 0.01  # held out from training for the validation loss
 batch_size = 32  # effective batch: examples per optimizer step, over all processes
 micro_batch_size = 4  # examples per forward pass in each process
-epochs = 5
+epochs = 5  # passes over the training examples
 warmup_epochs = 2.0  # linear warmup, then half a cosine down to 0, set at every optimizer step
 base_lr = 9e-3  # the learning rate is base_lr * batch_size / 256 (1.125e-3 at 32)
-weight_decay = 0.02
-beta1 = 0.9
+weight_decay = 0.02  # AdamW, on the prompts and gates
+beta1 = 0.9  # AdamW betas, the paper's
 beta2 = 0.95
-seed = 0
+seed = 0  # the adapter's initial values, the validation split and the data order
 log_interval = 10  # optimizer steps between printed lines (log.jsonl gets every step)
 eval_interval = 200  # optimizer steps between validation losses (and one at the end)
 save_interval = 200  # optimizer steps between checkpoints (and one at the end)
@@ -57,22 +59,36 @@ resume = False  # continue from out_dir/train_state.pth
 device = ""  # empty: cuda if available, else cpu
 compile = False  # torch.compile the model
 smoke = False  # the walkthrough only: its one-minute version
-settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+settings = cli.settings_of(globals())
 # Settings that must not change between a run and its --resume.
 RUN_IDENTITY = ["ckpt_dir", "data_path", "mode", "adapter_len", "adapter_layer", "image_dim", "max_seq_len",
                 "val_fraction", "batch_size", "epochs", "warmup_epochs", "base_lr", "weight_decay", "beta1", "beta2", "seed"]
 # ----------------------------------------------------------------------------------------------------------
 
-lladapter.exit_on_input_error()
-overrides = lladapter.parse_overrides(settings, sys.argv[1:])
+cli.exit_on_input_error()
+overrides = cli.parse_overrides(settings, sys.argv[1:], __doc__, __file__)
 walkthrough = not overrides.get("ckpt_dir", ckpt_dir)
 if walkthrough:  # the miniature run has its own recipe; command-line overrides still apply on top
     from data import walkthrough as wt
+    stray = [k for k in ("data_path", "tokenizer_path") if k in overrides]
+    cli.require(not stray, f"--{stray[0] if stray else ''} needs --ckpt_dir: without one, train.py runs the "
+                           f"walkthrough on its own data and model")
     settings.update(wt.SETTINGS, **(wt.SMOKE_SETTINGS if overrides.get("smoke") else {}))
 settings.update(overrides)
 globals().update(settings)
-if mode not in ("adapter", "full"):
-    raise InputError(f"--mode={mode}: expected adapter or full")
+# Settings a user can get wrong, refused before anything is built or written
+cli.require(mode in ("adapter", "full"), f"--mode={mode}: expected adapter or full")
+for key in ("batch_size", "micro_batch_size", "epochs", "max_seq_len", "log_interval", "eval_interval", "save_interval"):
+    cli.require(settings[key] > 0, f"--{key}={settings[key]}: must be positive")
+for key in ("stop_after", "adapter_len", "adapter_layer", "image_dim", "warmup_epochs", "weight_decay"):
+    cli.require(settings[key] >= 0, f"--{key}={settings[key]}: must not be negative")
+cli.require(mode == "full" or adapter_len > 0 and adapter_layer > 0, f"--adapter_len={adapter_len} "
+            f"--adapter_layer={adapter_layer}: an adapter needs at least one prompt in one layer (or --mode=full)")
+cli.require(0 <= val_fraction < 1 and base_lr > 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1,
+            "--val_fraction, --beta1 and --beta2 must lie in [0, 1), --base_lr must be positive")
+cli.require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}: no CUDA device here")
+cli.require(not resume or (Path(out_dir) / "train_state.pth").is_file(),
+            f"--resume: nothing to resume, {Path(out_dir) / 'train_state.pth'} does not exist")
 
 # DDP when launched by torchrun (it sets RANK); one process otherwise. NCCL on GPUs, gloo on CPUs.
 ddp = "RANK" in os.environ
@@ -110,27 +126,9 @@ if walkthrough:
 # data: Alpaca records -> (tokens, labels) with only the response and EOS scored
 
 
-def parse_json(text, where):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{where}: not valid JSON ({e})") from None
-
-
 def load_records(path):
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such data file")
-    if path.suffix == ".jsonl":  # JSON Lines: one record per line
-        lines = path.read_text().splitlines()
-        records = [parse_json(line, f"{path}: line {n}") for n, line in enumerate(lines, 1) if line.strip()]
-    else:
-        records = parse_json(path.read_text(), path)
-    if not isinstance(records, list) or not records:
-        raise InputError(f"{path}: expected a non-empty list of records")
+    records = cli.read_records(path)
     for i, r in enumerate(records):
-        if not isinstance(r, dict):
-            raise InputError(f"{path}: record {i} is not an object")
         missing = [key for key in ("instruction", "output") if key not in r]
         if missing:
             raise InputError(f"{path}: record {i} has no {missing[0]!r}")
@@ -147,7 +145,7 @@ def load_records(path):
 records = load_records(data_path)
 say(f"loading {ckpt_dir} and tokenizing {len(records)} records ...")
 t_load = time.time()
-model, tokenizer = lladapter.load_llama(
+model, tokenizer = checkpoint.load_llama(
     ckpt_dir, tokenizer_path or None, device=device, dtype=torch.float32 if mode == "full" else None,
     max_seq_len=max_seq_len, adapter_len=adapter_len, adapter_layer=adapter_layer, image_dim=image_dim)
 examples, features, n_truncated = [], [], 0
@@ -171,6 +169,9 @@ perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(see
 n_val = min(len(examples) - 1, math.ceil(val_fraction * len(examples)))
 val_idx, train_idx = perm[:n_val], perm[n_val:]
 steps_per_epoch = len(train_idx) // batch_size
+if micro_batch_size * world > batch_size:  # e.g. the walkthrough's one micro-batch of 32, under torchrun
+    micro_batch_size = max(1, batch_size // world)
+    say(f"micro_batch_size lowered to {micro_batch_size}: {world} processes share each batch of {batch_size}")
 accumulation = batch_size // (world * micro_batch_size)
 if steps_per_epoch == 0:
     raise InputError(f"{data_path}: {len(train_idx)} training records, fewer than batch_size={batch_size}")
@@ -241,7 +242,7 @@ gates = [layer.attention.gate for layer in raw_model.layers[raw_model.first_adap
 
 start_step = 0
 if resume:
-    state = lladapter.torch_load(out / "train_state.pth")
+    state = checkpoint.torch_load(out / "train_state.pth", verify=True)
     changed = [k for k in RUN_IDENTITY if state["settings"][k] != settings[k]]
     if changed:
         raise InputError(f"{out / 'train_state.pth'} was written with other settings: " +
@@ -258,12 +259,15 @@ if resume:
 def save_checkpoint(step):
     # The deliverable first, then the resume state; each written whole under a temporary name, then renamed.
     if mode == "adapter":
-        lladapter.atomic_save(lladapter.adapter_state_dict(raw_model), out / "adapter.pth")
+        checkpoint.save_adapter(raw_model, out / "adapter.pth")
     else:  # the whole fine-tuned model in Meta's layout, loadable with --ckpt_dir=out_dir
-        lladapter.atomic_save(raw_model.state_dict(), out / "consolidated.00.pth")
-        shutil.copy(Path(ckpt_dir) / "params.json", out / "params.json")
+        checkpoint.atomic_save(raw_model.state_dict(), out / "consolidated.00.pth")
+        a = raw_model.args
+        params = {k: getattr(a, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                                             "ffn_dim_multiplier", "norm_eps", "rope_theta")}
+        (out / "params.json").write_text(json.dumps(params, indent=1))
         (out / "tokenizer.model").write_bytes(tokenizer.sp.serialized_model_proto())
-    lladapter.atomic_save({"step": step, "settings": settings, "optimizer": optimizer.state_dict(),
+    checkpoint.atomic_save({"step": step, "settings": settings, "optimizer": optimizer.state_dict(),
                            "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
                            "rng": {"cpu": torch.get_rng_state()}}, out / "train_state.pth")
 

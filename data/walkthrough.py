@@ -20,8 +20,9 @@ import sentencepiece
 import torch
 import torch.nn.functional as F
 
-from lladapter import (PROMPT_NO_INPUT, PROMPT_WITH_INPUT, ModelArgs, Tokenizer, Transformer, atomic_save,
-                       format_prompt, gates_closed, generate)
+from checkpoint import atomic_save
+from lladapter import (PROMPT_NO_INPUT, PROMPT_WITH_INPUT, ModelArgs, Tokenizer, Transformer, format_prompt,
+                       gates_closed, generate)
 
 # train.py settings for the adapter run (intervals in optimizer steps: 12 per epoch here, 480 in all). A model this
 # small wants a far larger learning rate than 7B's base_lr=9e-3 (the peak here is 1.0 * 32/256), and 20 prompts

@@ -1,0 +1,466 @@
+"""
+Reading and writing weights, without running code from any file.
+
+- Base checkpoints in Meta's layout (params.json, consolidated.NN.pth: one file per model-parallel rank) and in
+  Hugging Face's (config.json with model_type "llama", then model.safetensors, model-0000N-of-0000M.safetensors
+  with model.safetensors.index.json, or pytorch_model*.bin). Torch files go through torch.load's weights_only
+  unpickler; safetensors files are read here (no dependency): a little-endian u64 header length, a JSON header,
+  then raw bytes, memory-mapped so that a 13 GB file is neither copied nor read twice.
+- Every tensor is read lazily, and only the rows asked for: one process of a sharded (FSDP) run reads just its
+  own rows of each weight, and no process ever holds the whole merged model.
+- Adapter files: the adapter's fp32 tensors plus "adapter_config" (plain ints: K, L, the image width and the
+  base's shape), so `--adapter=` needs no other flag. Files without it (the original export's layout, or ours
+  before the config was added) load too: L and K are read off the tensors.
+
+Every problem a user can cause is an InputError naming the file, and the tensor where there is one.
+"""
+import json
+import math
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lladapter import (InputError, ModelArgs, Tokenizer, Transformer, adapter_state_dict, is_adapter_key,
+                       precompute_rope)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files: safe torch.load, atomic writes, safetensors
+
+def first_line(error) -> str:
+    # Exception texts from torch can run to paragraphs and carry terminal escape codes; a one-line error wants neither.
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def torch_load(path, mmap=False, verify=False):
+    """torch.load that can't run code: weights_only refuses any pickle holding more than tensors and containers.
+
+    verify: first check every record's CRC32 (torch.load itself doesn't), so that a flipped byte anywhere in the
+    file is caught, not only in its structure. Cheap for adapter-sized files; a base checkpoint is not verified.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    if verify and zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise InputError(f"{path}: corrupted ({first_line(e)})") from None
+        if bad is not None:
+            raise InputError(f"{path}: corrupted: record {bad} fails its checksum")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        refusal = re.search(r"Unsupported global: [^.]*", str(e))  # what the file asked to run
+        if refusal:
+            raise InputError(f"{path}: refused to unpickle, it holds more than tensors ({refusal.group(0)})") from None
+        raise InputError(f"{path}: not a readable torch file ({first_line(e)})") from None
+    except RuntimeError as e:
+        if mmap and "mmap" in str(e):  # files in torch's pre-1.6 format can't be memory-mapped: read them whole
+            return torch_load(path)
+        raise InputError(f"{path}: not a readable torch file, truncated or corrupted? ({first_line(e)})") from None
+    except Exception as e:  # a corrupted file can fail in the unpickler in many ways
+        raise InputError(f"{path}: not a readable torch file, truncated or corrupted? ({first_line(e)})") from None
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary name, flushed to disk, then renamed: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path) -> dict:
+    """{name: tensor} of a .safetensors file, memory-mapped: no tensor byte is read until it is used.
+
+    The format: an 8-byte little-endian header length N, N bytes of JSON ({name: {"dtype", "shape",
+    "data_offsets": [begin, end]}}, offsets counted from the end of the header), then the raw little-endian data.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise InputError(f"{path}: not a safetensors file, or truncated (a {n}-byte header in {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{path}: not a safetensors file, its header is not JSON ({first_line(e)})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: not a safetensors file, its header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    with warnings.catch_warnings():  # a read-only map: torch warns that it can't write to it; it never has to
+        warnings.simplefilter("ignore")
+        data = torch.from_numpy(np.memmap(path, np.uint8, "r", offset=8 + n)) if data_size else torch.empty(0, dtype=torch.uint8)
+    tensors = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+            assert all(isinstance(d, int) and d >= 0 for d in [*shape, begin, end])
+        except (KeyError, TypeError, ValueError, AssertionError):
+            raise InputError(f"{path}: {name}: malformed header entry {str(entry)[:100]}") from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not begin <= end <= data_size:
+            raise InputError(f"{path}: {name}: data offsets [{begin}, {end}] lie outside the file's {data_size} data bytes")
+        if end - begin != nbytes:
+            raise InputError(f"{path}: {name}: shape {shape} in {entry['dtype']} needs {nbytes} bytes, "
+                             f"its offsets hold {end - begin}")
+        tensors[name] = data[begin:end].view(dtype).view(shape)
+    return tensors
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Base checkpoints as lazily read tensors, named as Meta names them
+
+# A tensor of a checkpoint, not yet read: read(rows) returns those rows (a slice) of the whole tensor; `where`
+# names its file (and the file's own name for it) in messages.
+Stored = namedtuple("Stored", "shape read where")
+
+# How Meta's model-parallel checkpoints split each tensor (SPEC.md section 1); norms are replicated.
+MODEL_PARALLEL_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+
+def joined(parts, dim, where, key) -> Stored:
+    """torch.cat(parts, dim), never built: rows are read from the parts that hold them."""
+    shape = list(parts[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    if any(list(p.shape[:dim]) + list(p.shape[dim + 1:]) != shape[:dim] + shape[dim + 1:] for p in parts):
+        raise InputError(f"{where}: {key}: the shards' shapes {[list(p.shape) for p in parts]} don't join along "
+                         f"dim {dim}")
+
+    def read(rows):
+        if dim == 1:  # every part holds some columns of every row
+            return torch.cat([p[rows] for p in parts], dim=1)
+        start, stop, _ = rows.indices(shape[0])
+        pieces, offset = [], 0
+        for p in parts:  # the parts hold consecutive runs of rows
+            lo, hi = max(start - offset, 0), min(stop - offset, len(p))
+            if lo < hi:
+                pieces.append(p[lo:hi])
+            offset += len(p)
+        return torch.cat(pieces) if pieces else parts[0][:0]
+    return Stored(torch.Size(shape), read, where)
+
+
+def meta_checkpoint(ckpt_dir):
+    """Meta's layout: (params.json as a dict, {name: Stored}), the model-parallel shards memory-mapped."""
+    params = read_json(ckpt_dir / "params.json")
+    files = sorted(ckpt_dir.glob("consolidated.*.pth"))
+    if not files:
+        raise InputError(f"{ckpt_dir}: no consolidated.*.pth checkpoint files")
+    shards = [torch_load(f, mmap=True) for f in files]  # memory-mapped: pages are read as rows are used
+    for shard, file in zip(shards, files):
+        if not isinstance(shard, dict) or not all(isinstance(t, torch.Tensor) for t in shard.values()):
+            raise InputError(f"{file}: not a checkpoint (expected a dict of tensors)")
+    keys = shards[0].keys() - {"rope.freqs"}  # rope.freqs is a precomputed table, not a weight
+    for shard, file in zip(shards[1:], files[1:]):
+        if shard.keys() - {"rope.freqs"} != keys:
+            raise InputError(f"{file} holds other tensors than {files[0]}")
+    where = files[0] if len(files) == 1 else ckpt_dir / f"{files[0].name}..{files[-1].name}"
+    stored = {}
+    for key in keys:
+        parts = [shard[key] for shard in shards]
+        dim = MODEL_PARALLEL_DIM.get(key.split(".")[-2])  # "layers.3.attention.wq.weight" -> "wq"
+        if len(parts) == 1 or dim is None:  # one file, or a norm (every shard holds a copy)
+            stored[key] = Stored(parts[0].shape, parts[0].__getitem__, where)
+        else:
+            stored[key] = joined(parts, dim, where, key)
+    return params, stored
+
+
+# Hugging Face's names for Meta's, per layer and for the rest
+HF_LAYER_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+                  "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+                  "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
+                  "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+            "lm_head.weight": "output.weight"}
+
+
+def meta_name(hf_name):
+    if hf_name in HF_NAMES:
+        return HF_NAMES[hf_name]
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf_name)
+    if match and match.group(2) in HF_LAYER_NAMES:
+        return f"layers.{match.group(1)}.{HF_LAYER_NAMES[match.group(2)]}.weight"
+    return None
+
+
+def hf_params(config, path) -> dict:
+    """config.json as params.json fields."""
+    problems = [f"model_type is {config.get('model_type')!r}, not 'llama'"] if config.get("model_type") != "llama" else []
+    problems += [f"{k} is {config[k]!r}" for k in ("rope_scaling", "attention_bias", "mlp_bias") if config.get(k)]
+    problems += [f"hidden_act is {config['hidden_act']!r}"] if config.get("hidden_act", "silu") != "silu" else []
+    try:
+        dim, n_heads, hidden = config["hidden_size"], config["num_attention_heads"], config["intermediate_size"]
+        params = dict(dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
+                      n_kv_heads=config.get("num_key_value_heads"), vocab_size=config["vocab_size"],
+                      norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=config.get("rope_theta", 10000.0))
+    except KeyError as e:
+        raise InputError(f"{path}: no {e.args[0]!r}") from None
+    if config.get("head_dim", dim // n_heads) != dim // n_heads:
+        problems.append(f"head_dim is {config['head_dim']}, not hidden_size / num_attention_heads")
+    if problems:
+        raise InputError(f"{path}: not a LLaMA this code implements: {'; '.join(problems)}")
+    # Meta derives the SwiGLU width from dim; Hugging Face states it. Rounding up to a multiple of exactly that
+    # width gives it back: h = int(8 * dim / 3) is scaled down to at most `hidden` first, if it is larger.
+    h = int(2 * 4 * dim / 3)
+    params.update(multiple_of=hidden, ffn_dim_multiplier=None if h <= hidden else hidden / h)
+    return params
+
+
+def unpermuted(stored, n_heads) -> Stored:
+    """wq or wk as Meta stores it. Meta rotates adjacent pairs (2i, 2i+1) of each head; Hugging Face's conversion
+    reordered each head's rows so that pair i sits at (i, i + head_dim/2). Meta row h*head_dim + 2i + j is
+    Hugging Face row h*head_dim + j*head_dim/2 + i."""
+    head_dim = stored.shape[0] // n_heads
+
+    def read(rows):
+        r = torch.arange(stored.shape[0])[rows]
+        head, i, j = r // head_dim, (r % head_dim) // 2, r % 2
+        return stored.read(head * head_dim + j * (head_dim // 2) + i)
+    return Stored(stored.shape, read, stored.where)
+
+
+def hf_checkpoint(ckpt_dir):
+    """Hugging Face's layout: (config.json as params.json fields, {Meta name: Stored})."""
+    config = read_json(ckpt_dir / "config.json")
+    params = hf_params(config, ckpt_dir / "config.json")
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (ckpt_dir / index_name).is_file():
+            weight_map = read_json(ckpt_dir / index_name).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise InputError(f"{ckpt_dir / index_name}: no 'weight_map'")
+            files = sorted(set(weight_map.values()))
+            break
+        if (ckpt_dir / single).is_file():
+            files = [single]
+            break
+    else:
+        raise InputError(f"{ckpt_dir}: config.json but no model.safetensors, model.safetensors.index.json, "
+                         f"pytorch_model.bin or pytorch_model.bin.index.json")
+    stored = {}
+    for name in files:
+        file = ckpt_dir / name
+        if not file.is_file():
+            raise InputError(f"{file}: no such file (named in the checkpoint's index)")
+        tensors = read_safetensors(file) if file.suffix == ".safetensors" else torch_load(file, mmap=True)
+        for hf_name, tensor in tensors.items():
+            key = meta_name(hf_name)
+            if key is None and not hf_name.endswith("rotary_emb.inv_freq"):  # a rope table, not a weight
+                key = hf_name  # reported as unexpected by load_llama
+            if key is not None:
+                stored[key] = Stored(tensor.shape, tensor.__getitem__, f"{file}: {hf_name}")
+    if "output.weight" not in stored and config.get("tie_word_embeddings"):
+        stored["output.weight"] = stored.get("tok_embeddings.weight")  # one matrix for the input and output
+    for key in list(stored):
+        if key.endswith(("attention.wq.weight", "attention.wk.weight")) and stored[key] is not None:
+            heads = params["n_heads"] if key.endswith("wq.weight") else params["n_kv_heads"] or params["n_heads"]
+            stored[key] = unpermuted(stored[key], heads)
+    return params, {k: v for k, v in stored.items() if v is not None}
+
+
+def read_json(path):
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({first_line(e)})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building the model from a checkpoint
+
+def local_rows(param, n_rows) -> slice:
+    """The rows of the whole tensor that this process holds: all of them, or its shard when FSDP split the
+    parameter (torch.chunk's split along dim 0: ceil(n / world) rows per process, fewer for the last)."""
+    if not hasattr(param, "to_local"):
+        return slice(None)
+    mesh_rank, world = param.device_mesh.get_local_rank(), param.device_mesh.size()
+    start = min(n_rows, mesh_rank * math.ceil(n_rows / world))
+    return slice(start, start + param.to_local().shape[0])
+
+
+def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dtype=None, shard=None, **model_args):
+    """Build a Transformer from a base checkpoint in Meta's or Hugging Face's layout; returns (model, tokenizer).
+
+    tokenizer.model is looked for in ckpt_dir, then beside it. model_args override the checkpoint's own (max_seq_len,
+    adapter_len, adapter_layer, image_dim); with adapter_path, K, L and the image width come from the adapter file.
+    The base weights go to `dtype` (default bf16 on a GPU, fp32 on CPU), the adapter stays fp32; without adapter_path
+    the adapter is new. shard: a function applied to the model before any weight is read (FSDP's fully_shard, in
+    train.py --fsdp); a parameter it splits is read only for this process's rows.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if not ckpt_dir.is_dir():
+        raise InputError(f"{ckpt_dir}: no such checkpoint directory")
+    if (ckpt_dir / "config.json").is_file():
+        source, read_checkpoint = ckpt_dir / "config.json", hf_checkpoint
+    elif (ckpt_dir / "params.json").is_file():
+        source, read_checkpoint = ckpt_dir / "params.json", meta_checkpoint
+    else:
+        raise InputError(f"{ckpt_dir}: neither Meta's layout (params.json, consolidated.00.pth) nor Hugging Face's "
+                         f"(config.json, *.safetensors)")
+    if tokenizer_path is None:
+        candidates = [ckpt_dir / "tokenizer.model", ckpt_dir.parent / "tokenizer.model"]
+        tokenizer_path = next((p for p in candidates if p.is_file()), candidates[0])
+    tokenizer = Tokenizer(tokenizer_path)
+    params, stored = read_checkpoint(ckpt_dir)
+    unknown = params.keys() - {f for f in ModelArgs.__dataclass_fields__}
+    if unknown:
+        raise InputError(f"{source}: unknown fields {sorted(unknown)}")
+    if adapter_path is not None:
+        model_args = {**model_args, **adapter_args(adapter_path, params, model_args)}
+    args = ModelArgs(**{**params, **model_args})
+    if args.vocab_size == -1:
+        args.vocab_size = tokenizer.n_words
+
+    with torch.device("meta"):  # shapes only: the values come from the checkpoint, no time spent on init
+        model = Transformer(args)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    unexpected = sorted(stored.keys() - expected.keys())
+    missing = sorted(k for k in expected.keys() - stored.keys() if not is_adapter_key(k))
+    if unexpected or missing:
+        hint = " (an adapter file, not a base checkpoint?)" if stored and all(map(is_adapter_key, stored)) else ""
+        raise InputError(f"{ckpt_dir}: the weights don't match {source.name}{hint}: missing {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+    for key, tensor in stored.items():
+        if tensor.shape != expected[key]:
+            raise InputError(f"{tensor.where}: {key} has shape {list(tensor.shape)}, {source.name} implies "
+                             f"{list(expected[key])}")
+
+    # Base weights in `dtype`, the adapter (absent from a base checkpoint, present in a full fine-tune's) in fp32.
+    model.to(dtype)
+    for name, p in model.named_parameters():
+        if is_adapter_key(name):
+            p.data = p.data.float()
+    if shard is not None:
+        shard(model)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in stored:  # one tensor at a time, only the rows this process holds
+                local = p.to_local() if hasattr(p, "to_local") else p
+                local.copy_(stored[name].read(local_rows(p, expected[name][0])))
+    model.rope_cos, model.rope_sin = precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta, device)
+    if any(is_adapter_key(k) and k not in stored for k in expected):
+        model.reset_adapter()
+    if adapter_path is not None:
+        load_adapter(model, adapter_path)
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Adapter files
+
+ADAPTER_CONFIG = "adapter_config"  # the key under which an adapter file describes itself (plain ints)
+BASE_FIELDS = ("dim", "n_layers", "n_heads")
+
+
+def save_adapter(model, path):
+    """The adapter's tensors (fp32) and what is needed to rebuild it on its base, written atomically."""
+    a = model.args
+    config = {k: getattr(a, k) for k in ("adapter_len", "adapter_layer", "image_dim", *BASE_FIELDS)}
+    atomic_save({**adapter_state_dict(model), ADAPTER_CONFIG: config}, path)
+
+
+def read_adapter(path) -> dict:
+    state = torch_load(path, verify=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for k, v in state.items() if k != ADAPTER_CONFIG):
+        raise InputError(f"{path}: not an adapter file (expected a dict of tensors)")
+    return state
+
+
+def adapter_args(path, params, given) -> dict:
+    """adapter_len, adapter_layer and image_dim of the adapter file at `path`, for a base with `params`.
+
+    From the file's adapter_config when it has one. Otherwise read off the tensors: the original export stores a
+    gate for every layer, zero where it did not adapt, so the adapted layers are the top ones from the lowest
+    nonzero gate up; our older files store only the adapted layers' gates. K = rows of adapter_query / L.
+    `given` (the user's flags) settles what the file leaves open, and must not contradict what it says.
+    """
+    state = read_adapter(path)
+    n_layers = params["n_layers"]
+    config = state.get(ADAPTER_CONFIG)
+    if config is not None:
+        base = {k: config.get(k) for k in BASE_FIELDS}
+        if base != {k: params[k] for k in BASE_FIELDS}:
+            raise InputError(f"{path}: an adapter for another base: it was trained on {fields_text(base)}, this base "
+                             f"has {fields_text({k: params[k] for k in BASE_FIELDS})}")
+        found = {k: config[k] for k in ("adapter_len", "adapter_layer", "image_dim")}
+    else:
+        if "adapter_query.weight" not in state:
+            hint = " (a full checkpoint?)" if any(k.endswith("attention.wq.weight") for k in state) else ""
+            raise InputError(f"{path}: not an adapter file{hint}: no adapter_query.weight")
+        gates = {int(k.split(".")[1]): v for k, v in state.items() if re.fullmatch(r"layers\.\d+\.attention\.gate", k)}
+        if len(gates) == n_layers:  # a gate for every layer: the adapted ones are nonzero
+            nonzero = [i for i in sorted(gates) if gates[i].any()]
+            L = n_layers - nonzero[0] if nonzero else given.get("adapter_layer")
+            if not L:
+                raise InputError(f"{path}: every gate is zero, so the file doesn't say which layers it adapts: "
+                                 f"give --adapter_layer and --adapter_len")
+        else:
+            L = len(gates)
+        rows = state["adapter_query.weight"].shape[0]
+        if not L or rows % L:
+            raise InputError(f"{path}: {rows} prompt rows don't split over the {L} adapted layers its gates imply")
+        image = state.get("adapter_image_proj.weight")
+        found = {"adapter_len": rows // L, "adapter_layer": L, "image_dim": image.shape[1] if image is not None else 0}
+    clash = {k: v for k, v in given.items() if k in found and v and v != found[k]}
+    if clash:
+        raise InputError(f"{path}: the file says {fields_text({k: found[k] for k in clash})}, the settings say "
+                         f"{fields_text(clash)}")
+    return found
+
+
+def fields_text(d):
+    return ", ".join(f"{k}={v}" for k, v in d.items())
+
+
+def load_adapter(model, path):
+    """Copy an adapter file's tensors into `model`, refusing any that don't fit it."""
+    expected = {k: v for k, v in model.state_dict().items() if is_adapter_key(k)}
+    if not expected:
+        raise InputError(f"{path}: this model has no adapter to load it into (adapter_layer=0)")
+    state = read_adapter(path)
+    config = state.pop(ADAPTER_CONFIG, None)
+    # The original export also stores zero gates for the layers it did not adapt: accept those, only those.
+    state = {k: v for k, v in state.items() if k in expected or not (k.endswith(".attention.gate") and not v.any())}
+    a = model.args
+    about = (f"it does not fit this model (dim={a.dim}, n_heads={a.n_heads}, adapter_layer={a.adapter_layer}, "
+             f"adapter_len={a.adapter_len}, image_dim={a.image_dim})")
+    if config is not None:
+        about += f"; it was made for {fields_text(config)}"
+    extra, missing = sorted(state.keys() - expected.keys()), sorted(expected.keys() - state.keys())
+    if extra or missing:
+        what = " (a full checkpoint?)" if len(extra) > 10 else ""
+        raise InputError(f"{path}: {about}{what}: unexpected {extra[:4]}, missing {missing[:4]}")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise InputError(f"{path}: {about}: {k} has shape {list(v.shape)}, expected {list(expected[k].shape)}")
+    with torch.no_grad():
+        for k, v in state.items():
+            expected[k].copy_(v)
