@@ -59,9 +59,10 @@ resume = False  # continue from out_dir/train_state.pth
 device = ""  # empty: cuda if available, else cpu
 compile = False  # torch.compile the model
 smoke = False  # the walkthrough only: its one-minute version
+variant = ""  # an ablation from data/ablations.py, applied to the built model (python -m data.ablations runs them)
 settings = cli.settings_of(globals())
 # Settings that must not change between a run and its --resume.
-RUN_IDENTITY = ["ckpt_dir", "data_path", "mode", "adapter_len", "adapter_layer", "image_dim", "max_seq_len",
+RUN_IDENTITY = ["ckpt_dir", "data_path", "mode", "variant", "adapter_len", "adapter_layer", "image_dim", "max_seq_len",
                 "val_fraction", "batch_size", "epochs", "warmup_epochs", "base_lr", "weight_decay", "beta1", "beta2", "seed"]
 # ----------------------------------------------------------------------------------------------------------
 
@@ -87,6 +88,9 @@ cli.require(mode == "full" or adapter_len > 0 and adapter_layer > 0, f"--adapter
 cli.require(0 <= val_fraction < 1 and base_lr > 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1,
             "--val_fraction, --beta1 and --beta2 must lie in [0, 1), --base_lr must be positive")
 cli.require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}: no CUDA device here")
+if variant:
+    from data.ablations import VARIANTS
+    cli.require(variant in VARIANTS, f"--variant={variant}: expected one of {', '.join(VARIANTS)}")
 cli.require(not resume or (Path(out_dir) / "train_state.pth").is_file(),
             f"--resume: nothing to resume, {Path(out_dir) / 'train_state.pth'} does not exist")
 
@@ -105,7 +109,6 @@ device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 device_type = torch.device(device).type
 master = rank == 0  # only it prints and writes files
 autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda")
-torch.manual_seed(seed)
 out = Path(out_dir)
 
 
@@ -145,9 +148,12 @@ def load_records(path):
 records = load_records(data_path)
 say(f"loading {ckpt_dir} and tokenizing {len(records)} records ...")
 t_load = time.time()
+torch.manual_seed(seed)  # the adapter's initial values: the same on every run, whatever ran before
 model, tokenizer = checkpoint.load_llama(
     ckpt_dir, tokenizer_path or None, device=device, dtype=torch.float32 if mode == "full" else None,
     max_seq_len=max_seq_len, adapter_len=adapter_len, adapter_layer=adapter_layer, image_dim=image_dim)
+if variant:  # one of the paper's ablations: a small, visible change to the built model (data/ablations.py)
+    VARIANTS[variant](model)
 examples, features, n_truncated = [], [], 0
 for i, r in enumerate(records):
     encoded = lladapter.encode_example(tokenizer, r["instruction"], r.get("input", ""), r["output"], max_seq_len)
@@ -254,6 +260,9 @@ if resume:
     torch.set_rng_state(state["rng"]["cpu"])
     start_step = state["step"]
     say(f"resumed from {out / 'train_state.pth'} at step {start_step}")
+if master and (out / "log.jsonl").exists():  # a new run starts a new log; a resumed one keeps its steps so far
+    kept = [line for line in (out / "log.jsonl").read_text().splitlines() if json.loads(line)["step"] <= start_step]
+    (out / "log.jsonl").write_text("".join(line + "\n" for line in kept))
 
 
 def save_checkpoint(step):
@@ -313,8 +322,10 @@ for step in range(start_step, last_step):
         sys.exit(1)
 
     tokens_seen += sum(len(examples[j][0]) for j in batch)
-    gate = torch.cat([torch.tanh(g).flatten() for g in gates]).abs().mean().item() if gates else 0.0
-    record = {"step": done, "epoch": done / steps_per_epoch, "loss": step_loss, "lr": lr, "gate": gate}
+    per_layer = torch.stack([torch.tanh(g).abs().mean() for g in gates]).tolist() if gates else []  # per layer
+    gate = sum(per_layer) / len(per_layer) if per_layer else 0.0
+    record = {"step": done, "epoch": done / steps_per_epoch, "loss": step_loss, "lr": lr, "gate": gate,
+              "gates": per_layer}
     if (done % eval_interval == 0 or done == total_steps) and val_idx:
         record["val_loss"] = validation_loss()  # every process evaluates its share
     if master:
