@@ -76,7 +76,7 @@ def random_model(args, device, dtype, seed=0):
             p.normal_(0, 0.02)
     if args.adapter_layer:
         model.reset_adapter()
-    model.rope_cos, model.rope_sin = lladapter.precompute_rope(args.dim // args.n_heads, args.max_seq_len,
+    model.rope = lladapter.precompute_rope(args.dim // args.n_heads, args.max_seq_len,
                                                                args.rope_theta, device)
     return model
 

@@ -8,6 +8,8 @@ import re
 import sys
 from pathlib import Path
 
+import torch
+
 from lladapter import InputError
 
 
@@ -72,6 +74,22 @@ def require(condition, message):
     """An InputError with `message` unless `condition`: for settings checks that read as a list of rules."""
     if not condition:
         raise InputError(message)
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def dtype_of(name: str, device) -> torch.dtype:
+    """The frozen base's dtype for --dtype: "auto" is bf16 on a GPU that has it, fp16 on one that doesn't (V100,
+    T4: train.py then scales the loss), fp32 on a CPU. The adapter is fp32 whatever this says."""
+    device = torch.device(device)
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in DTYPES:
+        raise InputError(f"--dtype={name}: expected auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def read_text(path) -> str:

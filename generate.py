@@ -46,6 +46,8 @@ adapter_len = 0  # 0: from the adapter file (needed only for an original-layout 
 adapter_layer = 0  # 0: from the adapter file (as adapter_len)
 image_dim = 0  # 0: from the adapter file
 device = ""  # empty: cuda if available, else cpu
+dtype = "auto"  # the base's weights: auto is bf16 on a GPU that has it, else fp16; fp32 on a CPU
+compile = False  # decode with a compiled one-token step (CUDA graphs on a GPU): the same tokens, less overhead
 show_gates = False  # print the adapter's tanh(gate) as a layers x heads heat map
 settings = cli.settings_of(globals())
 
@@ -67,6 +69,8 @@ for key in ("max_gen_len", "max_batch_size", "max_seq_len"):
 cli.require(temperature >= 0 and 0 < top_p <= 1, f"--temperature={temperature} --top_p={top_p}: need temperature "
             f">= 0 and 0 < top_p <= 1")
 cli.require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}: no CUDA device here")
+device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+base_dtype = cli.dtype_of(dtype, device)
 
 
 def heatmap(gates):
@@ -100,7 +104,7 @@ out_path = Path(out) if out else None
 cli.require(out_path is None or out_path.parent.is_dir(), f"--out={out}: no folder {out_path and out_path.parent}")
 
 given = {"adapter_len": adapter_len, "adapter_layer": adapter_layer, "image_dim": image_dim}
-model, tokenizer = load_llama(ckpt_dir, tokenizer_path or None, adapter or None, device=device or None,
+model, tokenizer = load_llama(ckpt_dir, tokenizer_path or None, adapter or None, device=device, dtype=base_dtype,
                               max_seq_len=max_seq_len, **({k: v for k, v in given.items() if v} if adapter else
                                                           {"adapter_layer": 0}))
 model_device = model.tok_embeddings.weight.device
@@ -145,7 +149,7 @@ def answer(jobs, stream=False):
     for i in range(0, len(jobs), max_batch_size):
         prompts, images = encode(jobs[i:i + max_batch_size])
         new = lladapter.generate(model, prompts, max_gen_len, temperature, top_p, tokenizer.eos_id, images, generator,
-                                 on_token=print_growing_text if stream else None)
+                                 on_token=print_growing_text if stream else None, compile=compile)
         answers += [tokenizer.decode(tokens).strip() for tokens in new]
         n_tokens += sum(map(len, new))
         if len(jobs) > max_batch_size:

@@ -248,7 +248,7 @@ def test_attention_matches_paper_eq7(n_kv_heads):
     x = torch.randn(2, 9, model.args.dim)
     prompt = model.adapter_query.weight[-model.args.adapter_len:]  # the last layer's K prompts
     with torch.no_grad():
-        ours = attn(x, 0, model.rope_cos[:9], model.rope_sin[:9], prompt[None])
+        ours = attn(x, torch.arange(9), model.rope[:9], prompt=prompt[None])
         torch.testing.assert_close(ours, eq7_reference(attn, x, prompt), rtol=1e-5, atol=1e-5)
         # the prompt scores are scaled by 1/sqrt(head_dim); 1/sqrt(dim), a bug peers shipped, would differ
         wrong = eq7_reference(attn, x, prompt, prompt_scale=1 / math.sqrt(model.args.dim))
