@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lladapter import (InputError, ModelArgs, Tokenizer, Transformer, adapter_state_dict, is_adapter_key,
-                       precompute_rope)
+from lladapter import (InputError, ModelArgs, Tokenizer, Transformer, adapter_state_dict, adapter_tensors,
+                       is_adapter_key, precompute_rope)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -365,7 +365,7 @@ def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dt
             if name in stored:  # one tensor at a time, only the rows this process holds
                 local = p.to_local() if hasattr(p, "to_local") else p
                 local.copy_(stored[name].read(local_rows(p, expected[name][0])))
-    model.rope_cos, model.rope_sin = precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta, device)
+    model.rope = precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta, device)
     if any(is_adapter_key(k) and k not in stored for k in expected):
         model.reset_adapter()
     if adapter_path is not None:
@@ -442,7 +442,7 @@ def fields_text(d):
 
 def load_adapter(model, path):
     """Copy an adapter file's tensors into `model`, refusing any that don't fit it."""
-    expected = {k: v for k, v in model.state_dict().items() if is_adapter_key(k)}
+    expected = adapter_tensors(model)
     if not expected:
         raise InputError(f"{path}: this model has no adapter to load it into (adapter_layer=0)")
     state = read_adapter(path)

@@ -4,6 +4,7 @@ Fine-tune LLaMA-Adapter on Alpaca-format instructions, with the paper's recipe (
     python train.py                      # no arguments: the built-in walkthrough, ~3 minutes on a laptop CPU
     python train.py --ckpt_dir=llama/7B --data_path=alpaca_data.json              # one GPU, or the CPU
     torchrun --nproc_per_node 8 train.py --ckpt_dir=llama/7B --data_path=alpaca_data.json
+    torchrun --nproc_per_node 8 train.py --ckpt_dir=llama/65B --data_path=alpaca_data.json --fsdp   # sharded base
     python train.py --ckpt_dir=llama/7B --data_path=alpaca_data.json --resume      # continue a stopped run
 
 Every setting below can be overridden as --key=value or --key value; --help lists them. The effective batch
@@ -12,7 +13,9 @@ global batch is done. ckpt_dir may hold Meta's layout or Hugging Face's (config.
 Writes out_dir/adapter.pth (the adapter alone, fp32, ~4.7 MiB at 7B), out_dir/train_state.pth (what --resume
 needs) and out_dir/log.jsonl (one line per optimizer step).
 """
+import contextlib
 import functools
+import io
 import json
 import math
 import os
@@ -57,6 +60,9 @@ save_interval = 200  # optimizer steps between checkpoints (and one at the end)
 stop_after = 0  # stop after this many optimizer steps in all, to --resume later; 0: run to the end
 resume = False  # continue from out_dir/train_state.pth
 device = ""  # empty: cuda if available, else cpu
+dtype = "auto"  # the frozen base: auto is bf16 on a GPU that has it, fp16 on one that doesn't, fp32 on a CPU
+loss_scale = 65536.0  # fp16 only: the starting loss scale, halved at each overflow (that step skipped)
+fsdp = False  # under torchrun: shard the frozen base over the processes (FSDP2) instead of a copy in each
 compile = False  # torch.compile the model
 smoke = False  # the walkthrough only: its one-minute version
 variant = ""  # an ablation from data/ablations.py, applied to the built model (python -m data.ablations runs them)
@@ -88,15 +94,20 @@ cli.require(mode == "full" or adapter_len > 0 and adapter_layer > 0, f"--adapter
 cli.require(0 <= val_fraction < 1 and base_lr > 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1,
             "--val_fraction, --beta1 and --beta2 must lie in [0, 1), --base_lr must be positive")
 cli.require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}: no CUDA device here")
+cli.require(loss_scale > 0, f"--loss_scale={loss_scale}: must be positive")
+cli.require(not fsdp or "RANK" in os.environ and mode == "adapter" and not compile,
+            "--fsdp: runs under torchrun (one process per GPU), in adapter mode, without --compile")
 if variant:
     from data.ablations import VARIANTS
     cli.require(variant in VARIANTS, f"--variant={variant}: expected one of {', '.join(VARIANTS)}")
 cli.require(not resume or (Path(out_dir) / "train_state.pth").is_file(),
             f"--resume: nothing to resume, {Path(out_dir) / 'train_state.pth'} does not exist")
 
-# DDP when launched by torchrun (it sets RANK); one process otherwise. NCCL on GPUs, gloo on CPUs.
-ddp = "RANK" in os.environ
-if ddp:
+# Several processes when launched by torchrun (it sets RANK), one otherwise; NCCL on GPUs, gloo on CPUs. Each
+# process holds the whole base and DDP averages the adapter's gradients, or (--fsdp) each holds a shard of it.
+distributed = "RANK" in os.environ
+ddp = distributed and not fsdp
+if distributed:
     use_cuda = torch.cuda.is_available() and device != "cpu"
     dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -108,7 +119,12 @@ else:
 device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 device_type = torch.device(device).type
 master = rank == 0  # only it prints and writes files
-autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda")
+# One precision story: the frozen base in compute_dtype, every computation on it under one autocast, the adapter
+# fp32. Full fine-tuning keeps fp32 master weights. fp16 (GPUs without bf16) scales the loss so that small
+# gradients don't underflow; a step whose gradients overflow is skipped and the scale halved.
+compute_dtype = cli.dtype_of(dtype, device)
+autocast = torch.autocast(device_type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+scaler = torch.amp.GradScaler(device_type, init_scale=loss_scale, enabled=compute_dtype == torch.float16)
 out = Path(out_dir)
 
 
@@ -117,10 +133,22 @@ def say(*args):
         print(*args, flush=True)
 
 
+def peak_memory_mib():
+    # The most this process needed: on a GPU, the caching allocator's peak reservation (nvidia-smi also counts the
+    # CUDA context, a few hundred MiB); on a CPU, the peak resident memory.
+    if device_type == "cuda":
+        return torch.cuda.max_memory_reserved() / 2**20
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024  # KiB
+
+
+resident_at_start = peak_memory_mib() if device_type == "cpu" else 0.0
+
+
 if walkthrough:
     if master:
         wt.prepare(out, smoke)  # its data, tokenizer and pretrained base model, built once
-    if ddp:
+    if distributed:
         dist.barrier()
     walkthrough_paths = wt.paths(out)
     ckpt_dir, data_path = walkthrough_paths["ckpt_dir"], walkthrough_paths["data_path"]
@@ -148,10 +176,24 @@ def load_records(path):
 records = load_records(data_path)
 say(f"loading {ckpt_dir} and tokenizing {len(records)} records ...")
 t_load = time.time()
-torch.manual_seed(seed)  # the adapter's initial values: the same on every run, whatever ran before
+
+
+def shard(model):
+    # FSDP2: each TransformerBlock is a unit whose weights are gathered only while it runs, the embeddings, final
+    # norm and output head are the root's. The adapter stays whole in every process, in fp32, and is trained
+    # exactly as under DDP: FSDP ignores it, and the loop sums its gradients over processes.
+    from torch.distributed.fsdp import fully_shard
+    adapter = {p for name, p in model.named_parameters() if lladapter.is_adapter_key(name)}
+    for layer in model.layers:
+        fully_shard(layer, ignored_params=adapter & set(layer.parameters()))
+    fully_shard(model, ignored_params=adapter)
+
+
+torch.manual_seed(seed)  # the adapter's initial values: the same on every run and in every process
 model, tokenizer = checkpoint.load_llama(
-    ckpt_dir, tokenizer_path or None, device=device, dtype=torch.float32 if mode == "full" else None,
-    max_seq_len=max_seq_len, adapter_len=adapter_len, adapter_layer=adapter_layer, image_dim=image_dim)
+    ckpt_dir, tokenizer_path or None, device=device, dtype=torch.float32 if mode == "full" else compute_dtype,
+    shard=shard if fsdp else None, max_seq_len=max_seq_len, adapter_len=adapter_len, adapter_layer=adapter_layer,
+    image_dim=image_dim)
 if variant:  # one of the paper's ablations: a small, visible change to the built model (data/ablations.py)
     VARIANTS[variant](model)
 examples, features, n_truncated = [], [], 0
@@ -225,9 +267,13 @@ def loss_sum(model, idx):
 @torch.no_grad()
 def validation_loss():
     share = val_idx[rank::world]
-    loss = sum(loss_sum(raw_model, share[i:i + micro_batch_size]) for i in range(0, len(share), micro_batch_size))
+    batches = [share[i:i + micro_batch_size] for i in range(0, len(share), micro_batch_size)]
+    if fsdp:  # each forward gathers the shards from every process: all must run as many as the busiest, so the
+        # ones with fewer examples run a repeat that isn't counted
+        batches += [[]] * (math.ceil(math.ceil(len(val_idx) / world) / micro_batch_size) - len(batches))
+    loss = sum(loss_sum(raw_model, idx or val_idx[:1]) * bool(idx) for idx in batches)
     total = torch.tensor([float(loss), sum(n_scored[j] for j in share)], device=device)  # summed loss, tokens
-    if ddp:
+    if distributed:
         dist.all_reduce(total)
     return (total[0] / total[1].clamp(min=1)).item()
 
@@ -241,7 +287,11 @@ if mode == "adapter":
 trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
 n_trainable, n_total = sum(p.numel() for p in trainable.values()), sum(p.numel() for p in model.parameters())
 say(f"model: {n_total:,} parameters, {n_trainable:,} trainable ({100 * n_trainable / n_total:.3f}%), "
-    f"base in {model.tok_embeddings.weight.dtype}, on {device}")
+    f"base in {model.tok_embeddings.weight.dtype}, on {device}" + (f", {world} processes" if distributed else ""))
+if fsdp:  # what this process holds of the frozen base: its shard of each tensor
+    local = sum(p.to_local().numel() for p in model.parameters() if hasattr(p, "to_local"))
+    say(f"fsdp: process 0 holds {local:,} of the base's {n_total - n_trainable:,} elements "
+        f"({100 * local / (n_total - n_trainable):.1f}%)")
 optimizer = torch.optim.AdamW(trainable.values(), lr=peak_lr, betas=(beta1, beta2), weight_decay=weight_decay,
                               fused=device_type == "cuda")
 gates = [layer.attention.gate for layer in raw_model.layers[raw_model.first_adapted:]]
@@ -257,6 +307,7 @@ if resume:
         for name, p in trainable.items():
             p.copy_(state["trainable"][name])
     optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state.get("scaler", {}))
     torch.set_rng_state(state["rng"]["cpu"])
     start_step = state["step"]
     say(f"resumed from {out / 'train_state.pth'} at step {start_step}")
@@ -277,6 +328,7 @@ def save_checkpoint(step):
         (out / "params.json").write_text(json.dumps(params, indent=1))
         (out / "tokenizer.model").write_bytes(tokenizer.sp.serialized_model_proto())
     checkpoint.atomic_save({"step": step, "settings": settings, "optimizer": optimizer.state_dict(),
+                            "scaler": scaler.state_dict(),
                            "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
                            "rng": {"cpu": torch.get_rng_state()}}, out / "train_state.pth")
 
@@ -302,14 +354,20 @@ for step in range(start_step, last_step):
     for i, idx in enumerate(parts):
         last = i == len(parts) - 1
         with model.no_sync() if ddp and not last else nullcontext():  # DDP averages gradients on the last one
-            # Each micro-batch adds its share of the global batch's mean token loss; DDP divides by `world`.
+            # Each micro-batch adds its share of the global batch's mean token loss. DDP divides the processes'
+            # summed gradients by `world`, hence the factor; under FSDP the adapter's are summed below.
             loss = loss_sum(model, idx) / targets
-            (loss * world).backward()
+            scaler.scale(loss * (world if ddp else 1)).backward()
         step_loss += loss.detach()
-    if ddp:
+    if fsdp:
+        for p in trainable.values():
+            dist.all_reduce(p.grad)
+    if distributed:
         dist.all_reduce(step_loss)
     step_loss = step_loss.item()
-    optimizer.step()
+    scale = scaler.get_scale()
+    scaler.step(optimizer)  # unscales the gradients; with fp16, skips the update if any overflowed
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
     done = step + 1
     saving = done % save_interval == 0 or done == last_step
@@ -326,6 +384,11 @@ for step in range(start_step, last_step):
     gate = sum(per_layer) / len(per_layer) if per_layer else 0.0
     record = {"step": done, "epoch": done / steps_per_epoch, "loss": step_loss, "lr": lr, "gate": gate,
               "gates": per_layer}
+    if scaler.is_enabled():
+        record["loss_scale"] = scaler.get_scale()
+        if record["loss_scale"] < scale:
+            record["skipped"] = True
+            say(f"step {done}: fp16 gradients overflowed, step skipped; loss scale now {record['loss_scale']:g}")
     if (done % eval_interval == 0 or done == total_steps) and val_idx:
         record["val_loss"] = validation_loss()  # every process evaluates its share
     if master:
@@ -342,12 +405,19 @@ for step in range(start_step, last_step):
         if saving:
             save_checkpoint(done)
 
+peak = torch.tensor(peak_memory_mib(), device=device)
+if distributed:
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+say(f"peak memory: {peak.item():,.0f} MiB " + ("reserved by torch on the GPU" if device_type == "cuda" else
+    f"resident ({peak.item() - resident_at_start:,.0f} MiB above python and torch)") +
+    (f", the most of {world} processes" if distributed else ""))
 if last_step < total_steps:
     say(f"stopped after step {last_step} of {total_steps} (--stop_after); continue with --resume")
-elif master and mode == "adapter":
-    size = os.path.getsize(out / "adapter.pth")
-    say(f"adapter: {out / 'adapter.pth'} ({size / 2**20:.2f} MiB)")
-    if walkthrough:
-        wt.report(raw_model, tokenizer, walkthrough_paths, smoke)
-if ddp:
+elif mode == "adapter":
+    if master:
+        say(f"adapter: {out / 'adapter.pth'} ({os.path.getsize(out / 'adapter.pth') / 2**20:.2f} MiB)")
+    if walkthrough and (master or fsdp):  # a sharded model generates only with every process taking part
+        with contextlib.redirect_stdout(io.StringIO()) if not master else nullcontext():
+            wt.report(raw_model, tokenizer, walkthrough_paths, smoke)
+if distributed:
     dist.destroy_process_group()
