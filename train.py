@@ -210,7 +210,8 @@ if not examples:
 features = torch.stack(features) if image_dim else None
 n_scored = [sum(label != lladapter.IGNORE_INDEX for label in labels) for _, labels in examples]
 say(f"data: {len(records)} records in {data_path}; {len(records) - len(examples)} skipped (prompt alone longer than "
-    f"max_seq_len={max_seq_len}), {n_truncated} truncated; loaded in {time.time() - t_load:.0f}s")
+    f"max_seq_len={max_seq_len}), {n_truncated} truncated; loaded in {time.time() - t_load:.0f}s, peak memory so far "
+    f"{peak_memory_mib():,.0f} MiB")
 
 # A fixed held-out split, the same in every process and on every resume.
 perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
