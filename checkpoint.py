@@ -303,6 +303,20 @@ def local_rows(param, n_rows) -> slice:
     return slice(start, start + param.to_local().shape[0])
 
 
+def fully_shard_base(model):
+    """Shard the frozen base over the processes with FSDP2, for load_llama(shard=...) (train.py --fsdp).
+
+    Each TransformerBlock is a unit whose weights are gathered only while it runs; the embeddings, final norm and
+    output head belong to the root. The adapter stays whole in every process, in fp32: FSDP ignores it, and
+    train.py sums its gradients over processes, as DDP would.
+    """
+    from torch.distributed.fsdp import fully_shard
+    adapter = set(adapter_tensors(model).values())
+    for layer in model.layers:
+        fully_shard(layer, ignored_params=adapter & set(layer.parameters()))
+    fully_shard(model, ignored_params=adapter)
+
+
 def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dtype=None, shard=None, **model_args):
     """Build a Transformer from a base checkpoint in Meta's or Hugging Face's layout; returns (model, tokenizer).
 

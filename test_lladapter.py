@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -471,20 +472,39 @@ def test_overrides_are_type_checked():
             lladapter.parse_overrides(settings, [bad])
 
 
-def test_bf16_base_keeps_the_adapter_and_logits_in_fp32(tmp_path, spm_tokenizer):
+def test_bf16_base_on_cpu_keeps_zero_init_exact_and_trains_an_fp32_adapter(tmp_path, spm_tokenizer):
+    # The GPU recipe's precision, on a CPU: a bf16 base under bf16 autocast, the adapter fp32.
     write_meta_checkpoint(tiny_model(), tmp_path)
     model, _ = lladapter.load_llama(tmp_path, tokenizer_path=spm_tokenizer, device="cpu", dtype=torch.bfloat16,
                                     adapter_layer=2, adapter_len=3)
+    base, _ = lladapter.load_llama(tmp_path, tokenizer_path=spm_tokenizer, device="cpu", dtype=torch.bfloat16,
+                                   adapter_layer=0)
     lladapter.mark_only_adapter_trainable(model)
     assert model.layers[0].attention.wq.weight.dtype == torch.bfloat16
-    with torch.no_grad():
-        model.layers[-1].attention.gate.fill_(0.3)
-    logits = model(tokens())
-    assert logits.dtype == torch.float32
-    logits.logsumexp(-1).mean().backward()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    assert all(p.dtype == p.grad.dtype == torch.float32 for p in trainable)
+    assert trainable and all(p.dtype == torch.float32 for p in trainable), "the adapter must stay fp32"
+    x = tokens()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            assert torch.equal(model(x), base(x)), "zero-init: with closed gates, exactly the base model, in bf16 too"
+        optimizer = torch.optim.AdamW(trainable, lr=0.1)
+        for _ in range(2):  # step 1 opens the gates; from step 2 the prompts get gradients
+            optimizer.zero_grad()
+            logits = model(x)
+            logits.logsumexp(-1).mean().backward()
+            optimizer.step()
+    assert logits.dtype == torch.float32
+    assert all(p.grad.dtype == torch.float32 for p in trainable)
     assert torch.count_nonzero(model.adapter_query.weight.grad) > 0
+
+
+def test_compiled_decoding_gives_the_tokens_of_eager_decoding():
+    model = tiny_model(open_gates=True, n_kv_heads=2)
+    prompts = [[1, 5, 9, 14], [1, 7], [1, 30, 31, 32, 33, 34]]  # different lengths: prompt tokens fed in steps
+    eager = lladapter.generate(model, prompts, max_gen_len=12, temperature=0, eos_id=2)
+    compiled = lladapter.generate(model, prompts, max_gen_len=12, temperature=0, eos_id=2, compile=True)
+    assert compiled == eager
+    assert all(len(out) == 12 for out in eager)
 
 
 # ---- train.py ---------------------------------------------------------------------------------------------
@@ -530,16 +550,83 @@ def log_of(out):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def test_two_ddp_processes_end_with_the_adapter_of_one_process(task, tmp_path):
-    train(task, tmp_path / "one", "--stop_after=8", "--base_lr=1.0")
-    train(task, tmp_path / "two", "--stop_after=8", "--base_lr=1.0", nproc=2)
-    one, two = adapter_tensors(tmp_path / "one" / "adapter.pth"), adapter_tensors(tmp_path / "two" / "adapter.pth")
-    assert one.keys() == two.keys()
-    for key in one:
-        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(one["layers.3.attention.gate"], torch.zeros(1, 4, 1, 1))
-    for a, b in zip(log_of(tmp_path / "one"), log_of(tmp_path / "two")):
-        assert a["lr"] == b["lr"] and math.isclose(a["loss"], b["loss"], rel_tol=1e-4)
+@pytest.fixture(scope="session")
+def parallel_runs(task, tmp_path_factory):
+    """The same 8 optimizer steps from the same seed and data: one process, DDP on 2, FSDP on 2, and an FSDP run
+    stopped after 3 steps and resumed. Returns the folder and each run's output."""
+    d = tmp_path_factory.mktemp("parallel")
+    args = ["--stop_after=8", "--base_lr=1.0", "--save_interval=3"]
+    output = {name: train(task, d / name, *args, *extra, nproc=nproc)[1]
+              for name, extra, nproc in [("one", [], 1), ("ddp", [], 2), ("fsdp", ["--fsdp"], 2)]}
+    train(task, d / "fsdp_resumed", *args, "--fsdp", "--stop_after=3", nproc=2)
+    output["fsdp_resumed"] = train(task, d / "fsdp_resumed", *args, "--fsdp", "--resume", nproc=2)[1]
+    return d, output
+
+
+def test_ddp_and_fsdp_on_two_processes_end_with_the_adapter_of_one_process(parallel_runs):
+    d, _ = parallel_runs
+    one = adapter_tensors(d / "one" / "adapter.pth")
+    assert any(key.endswith("gate") and v.any() for key, v in one.items())  # the run moved the gates
+    for name in ("ddp", "fsdp"):
+        other = adapter_tensors(d / name / "adapter.pth")
+        assert other.keys() == one.keys()
+        for key in one:
+            torch.testing.assert_close(other[key], one[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+        for a, b in zip(log_of(d / "one"), log_of(d / name)):
+            assert a["lr"] == b["lr"] and math.isclose(a["loss"], b["loss"], rel_tol=1e-4), name
+
+
+def test_fsdp_holds_half_of_the_frozen_base_in_each_of_two_processes(parallel_runs):
+    _, output = parallel_runs
+    held = re.search(r"fsdp: process 0 holds ([\d,]+) of the base's ([\d,]+) elements", output["fsdp"])
+    local, total = (int(g.replace(",", "")) for g in held.groups())
+    assert total == sum(p.numel() for n, p in tiny_model().named_parameters() if not lladapter.is_adapter_key(n))
+    assert 0.45 < local / total < 0.55, "sharded, not replicated"
+    assert "fsdp:" not in output["ddp"]
+
+
+def test_a_resumed_fsdp_run_ends_where_an_uninterrupted_one_does(parallel_runs):
+    d, output = parallel_runs
+    assert "resumed from" in output["fsdp_resumed"] and "at step 3" in output["fsdp_resumed"]
+    straight, resumed = adapter_tensors(d / "fsdp" / "adapter.pth"), adapter_tensors(d / "fsdp_resumed" / "adapter.pth")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert [r["loss"] for r in log_of(d / "fsdp_resumed")] == [r["loss"] for r in log_of(d / "fsdp")]
+
+
+SHARDED_FORWARD = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import checkpoint
+dist.init_process_group("gloo")
+model, _ = checkpoint.load_llama({ckpt!r}, adapter_path={adapter!r}, device="cpu", shard=checkpoint.fully_shard_base)
+with torch.no_grad():
+    logits = model(torch.load({tokens!r}))
+if dist.get_rank() == 0:
+    torch.save(logits, {out!r})
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_loads_two_meta_shards_and_its_adapter_to_the_logits_of_one_process(task, parallel_runs, tmp_path):
+    # The base in 2 model-parallel files, loaded under FSDP on 2 processes (each reading only its rows), with the
+    # adapter an FSDP run wrote, computes the logits that one process gets from load_llama and generate.py's path.
+    import subprocess
+    import sys
+    d, _ = parallel_runs
+    base, _ = lladapter.load_llama(task / "ckpt", adapter_layer=0)
+    write_meta_checkpoint(base, tmp_path / "mp2", n_shards=2)
+    (tmp_path / "mp2" / "tokenizer.model").write_bytes((task / "ckpt" / "tokenizer.model").read_bytes())
+    torch.save(tokens(seqlen=10), tmp_path / "tokens.pth")
+    script = SHARDED_FORWARD.format(root=str(ROOT), ckpt=str(tmp_path / "mp2"), adapter=str(d / "fsdp" / "adapter.pth"),
+                                    tokens=str(tmp_path / "tokens.pth"), out=str(tmp_path / "logits.pth"))
+    (tmp_path / "sharded_forward.py").write_text(script)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(tmp_path / "sharded_forward.py")], check=True, capture_output=True, timeout=300,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    one, _ = lladapter.load_llama(task / "ckpt", adapter_path=d / "fsdp" / "adapter.pth")  # K, L from the file
+    with torch.no_grad():
+        expected = one(tokens(seqlen=10))
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pth"), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_does(task, tmp_path):
@@ -606,6 +693,21 @@ def test_full_mode_trains_every_weight_and_saves_a_loadable_checkpoint(task, tmp
     tuned, _ = lladapter.load_llama(tmp_path, adapter_layer=0)
     base, _ = lladapter.load_llama(task / "ckpt", adapter_layer=0)
     assert all(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), base.state_dict().values()))
+
+
+def test_fp16_loss_scaling_skips_overflowing_steps_and_training_goes_on(task, tmp_path):
+    # A starting scale far too large: the first steps' fp16 gradients overflow, each is skipped with the scale
+    # halved, until the scale fits; then the adapter trains. (The scaler's logic, on a CPU.)
+    _, output = train(task, tmp_path, "--dtype=fp16", "--loss_scale=2.5e7", "--stop_after=8", "--base_lr=1.0")
+    log = log_of(tmp_path)
+    skipped = [r.get("skipped", False) for r in log]
+    assert skipped[0] and not skipped[-1] and "step skipped" in output
+    first_kept = skipped.index(False)
+    assert not any(skipped[first_kept:])
+    assert [r["loss_scale"] for r in log[:first_kept + 1]] == [2.5e7 / 2 ** (i + 1) for i in range(first_kept)] + \
+        [2.5e7 / 2 ** first_kept]
+    assert log[first_kept - 1]["gate"] == 0 < log[-1]["gate"]  # nothing moved while skipping, then the gates open
+    assert all(torch.isfinite(v).all() for v in adapter_tensors(tmp_path / "adapter.pth").values())
 
 
 def test_a_diverging_run_stops_with_a_message_and_keeps_the_last_good_checkpoint(task, tmp_path):

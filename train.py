@@ -178,22 +178,11 @@ say(f"loading {ckpt_dir} and tokenizing {len(records)} records ...")
 t_load = time.time()
 
 
-def shard(model):
-    # FSDP2: each TransformerBlock is a unit whose weights are gathered only while it runs, the embeddings, final
-    # norm and output head are the root's. The adapter stays whole in every process, in fp32, and is trained
-    # exactly as under DDP: FSDP ignores it, and the loop sums its gradients over processes.
-    from torch.distributed.fsdp import fully_shard
-    adapter = {p for name, p in model.named_parameters() if lladapter.is_adapter_key(name)}
-    for layer in model.layers:
-        fully_shard(layer, ignored_params=adapter & set(layer.parameters()))
-    fully_shard(model, ignored_params=adapter)
-
-
 torch.manual_seed(seed)  # the adapter's initial values: the same on every run and in every process
 model, tokenizer = checkpoint.load_llama(
     ckpt_dir, tokenizer_path or None, device=device, dtype=torch.float32 if mode == "full" else compute_dtype,
-    shard=shard if fsdp else None, max_seq_len=max_seq_len, adapter_len=adapter_len, adapter_layer=adapter_layer,
-    image_dim=image_dim)
+    shard=checkpoint.fully_shard_base if fsdp else None,  # --fsdp: each process reads and keeps only its shard
+    max_seq_len=max_seq_len, adapter_len=adapter_len, adapter_layer=adapter_layer, image_dim=image_dim)
 if variant:  # one of the paper's ablations: a small, visible change to the built model (data/ablations.py)
     VARIANTS[variant](model)
 examples, features, n_truncated = [], [], 0
