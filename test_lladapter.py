@@ -1,6 +1,9 @@
 """Tests for lladapter: each one checks a claim of the paper or of SPEC.md on a tiny seeded model.
 
 Run: python -m pytest -q test_lladapter.py
+Tests read the adapter's shapes (gate, K, L) from the model, so a change to one of them fails only the tests of
+the property it breaks, with a message naming it. LLADAPTER_TEST_DEVICE=cuda runs the in-process model tests on
+a GPU (gpu_check.py does).
 """
 import json
 import math
@@ -19,6 +22,7 @@ from lladapter import InputError, ModelArgs, Transformer
 ROOT = Path(__file__).resolve().parent
 LLAMA2_TOKENIZER = ROOT.parent / "shared" / "llama2-tokenizer.model"
 VOCAB = 96
+DEVICE = os.environ.get("LLADAPTER_TEST_DEVICE", "cpu")
 
 
 def tiny_args(**overrides):
@@ -29,7 +33,7 @@ def tiny_args(**overrides):
 
 def tiny_model(seed=0, open_gates=False, **overrides):
     torch.manual_seed(seed)
-    model = Transformer(tiny_args(**overrides))
+    model = Transformer(tiny_args(**overrides)).to(DEVICE)
     if open_gates:  # as after some training: every head's gate somewhere in (-1, 1)
         with torch.no_grad():
             for layer in model.layers[model.first_adapted:]:
@@ -37,9 +41,13 @@ def tiny_model(seed=0, open_gates=False, **overrides):
     return model
 
 
+def gates(model):
+    return [layer.attention.gate for layer in model.layers[model.first_adapted:]]
+
+
 def base_copy(model):
     """The same weights in a plain LLaMA (adapter_layer=0), loaded strictly."""
-    base = Transformer(ModelArgs(**{**vars(model.args), "adapter_layer": 0}))
+    base = Transformer(ModelArgs(**{**vars(model.args), "adapter_layer": 0})).to(DEVICE)
     base.load_state_dict({k: v for k, v in model.state_dict().items() if not lladapter.is_adapter_key(k)})
     return base
 
@@ -50,7 +58,7 @@ def adapter_tensors(path):
 
 
 def tokens(bsz=2, seqlen=12, seed=1):
-    return torch.randint(3, VOCAB, (bsz, seqlen), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(3, VOCAB, (bsz, seqlen), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 def cached_logits(model, toks, chunks):
@@ -77,7 +85,7 @@ def write_meta_checkpoint(model, ckpt_dir, n_shards=1, vocab_size=None):
         shard = {}
         for key, tensor in state.items():
             dim = META_SPLIT.get(key.split(".")[-2])
-            shard[key] = tensor.clone() if dim is None else tensor.chunk(n_shards, dim=dim)[rank].clone()
+            shard[key] = (tensor if dim is None else tensor.chunk(n_shards, dim=dim)[rank]).cpu().clone()
         shard["rope.freqs"] = torch.randn(8)  # Meta's files carry this table; it is not a weight
         torch.save(shard, ckpt_dir / f"consolidated.{rank:02d}.pth")
     a = model.args
@@ -115,18 +123,19 @@ def test_zero_gates_give_exactly_the_base_model(n_kv_heads):
     model = tiny_model(n_kv_heads=n_kv_heads)  # fresh: random prompts, zero gates
     base = base_copy(model)
     x = tokens()
+    zero_init = "zero-init attention: with its gates at 0 the adapted model must be exactly the base model"
     with torch.no_grad():
-        assert torch.equal(model(x), base(x))
+        assert torch.equal(model(x), base(x)), zero_init
     chunks = [5, 1, 1, 1, 4]  # a prefill, single tokens, and a later multi-token chunk
-    assert torch.equal(cached_logits(model, x, chunks), cached_logits(base, x, chunks))
+    assert torch.equal(cached_logits(model, x, chunks), cached_logits(base, x, chunks)), zero_init + ", decoding too"
     opened = tiny_model(open_gates=True, n_kv_heads=n_kv_heads)
     with lladapter.gates_closed(opened), torch.no_grad():  # closing an adapter's gates gives the base model back
-        assert torch.equal(opened(x), base(x))
+        assert torch.equal(opened(x), base(x)), zero_init
     with torch.no_grad():  # and reopens them afterwards
         assert not torch.allclose(opened(x), base(x))
     with torch.no_grad():  # and the prompts do matter once a gate opens
-        model.layers[-1].attention.gate[0, 1] = 0.5
-        assert not torch.allclose(model(x), base(x))
+        gates(model)[-1].fill_(0.5)
+        assert not torch.allclose(model(x), base(x)), "an open gate must let the prompts change the output"
 
 
 def test_only_the_adapter_trains_and_its_size_matches_the_formula():
@@ -134,15 +143,17 @@ def test_only_the_adapter_trains_and_its_size_matches_the_formula():
         model = tiny_model(adapter_layer=L, adapter_len=K, dim=C, n_heads=H)
         lladapter.mark_only_adapter_trainable(model)
         trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
-        assert sum(trainable.values()) == L * K * C + L * H
-        assert set(trainable) == {"adapter_query.weight"} | {f"layers.{i}.attention.gate" for i in range(4 - L, 4)}
+        assert set(trainable) == {"adapter_query.weight"} | {f"layers.{i}.attention.gate" for i in range(4 - L, 4)}, \
+            "only the prompts and the gates of the top L layers train"
+        assert sum(trainable.values()) == L * K * C + L * H, \
+            "the paper's count: K prompt vectors of width C for each of L layers, and one gate per head per layer"
     with torch.device("meta"):  # LLaMA-7B's shapes, no memory
         model = Transformer(ModelArgs(vocab_size=32000))  # defaults: 7B, K=10, L=30
     lladapter.mark_only_adapter_trainable(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    assert trainable == 30 * 10 * 4096 + 30 * 32 == 1_229_760
-    assert total - trainable == 6_738_415_616  # LLaMA-7B as published
+    assert trainable == 30 * 10 * 4096 + 30 * 32 == 1_229_760, "the paper's 1.2M trainable parameters at 7B"
+    assert total - trainable == 6_738_415_616, "LLaMA-7B as published"
 
 
 def test_a_7b_adapter_file_is_about_4_7_mib(tmp_path):
@@ -150,12 +161,12 @@ def test_a_7b_adapter_file_is_about_4_7_mib(tmp_path):
         model = Transformer(ModelArgs(vocab_size=32000))
     model.adapter_query.to_empty(device="cpu")
     for layer in model.layers[model.first_adapted:]:
-        layer.attention.gate = torch.nn.Parameter(torch.empty(1, 32, 1, 1))
+        layer.attention.gate = torch.nn.Parameter(torch.empty_like(layer.attention.gate, device="cpu"))
     model.reset_adapter()
     lladapter.atomic_save(lladapter.adapter_state_dict(model), tmp_path / "adapter.pth")
     size = (tmp_path / "adapter.pth").stat().st_size
     assert 1_229_760 * 4 < size < 1_229_760 * 4 + 64 * 1024  # the fp32 values and a little pickle
-    assert 4.69 < size / 2**20 < 4.76
+    assert 4.69 < size / 2**20 < 4.76, "the paper's 4.7 MB adapter file at 7B"
 
 
 def test_bottom_layers_build_no_graph_in_adapter_training():
@@ -165,7 +176,7 @@ def test_bottom_layers_build_no_graph_in_adapter_training():
     for layer in model.layers:
         layer.register_forward_hook(lambda module, inp, out: seen.append(out.requires_grad))
     model(tokens()).sum().backward()
-    assert seen == [False, False, True, True]  # n_layers=4, adapter_layer=2
+    assert seen == [i >= model.first_adapted for i in range(model.args.n_layers)]
 
 
 def test_prompt_gradient_is_zero_at_init_and_flows_after_one_step():
@@ -178,17 +189,16 @@ def test_prompt_gradient_is_zero_at_init_and_flows_after_one_step():
         optimizer.zero_grad()
         logits = model(x[:, :-1])
         F.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1)).backward()
-        gates = [layer.attention.gate.grad for layer in model.layers[model.first_adapted:]]
-        return model.adapter_query.weight.grad, gates
+        return model.adapter_query.weight.grad, [gate.grad for gate in gates(model)]
 
     prompt_grad, gate_grads = loss_and_grads()
-    assert torch.count_nonzero(prompt_grad) == 0  # multiplied by tanh(0) = 0, exactly
-    assert all(torch.count_nonzero(g) == g.numel() for g in gate_grads)  # every head's gate moves
+    assert torch.count_nonzero(prompt_grad) == 0, "zero-init: at step 0 the prompt's gradient is times tanh(0) = 0"
+    assert all(torch.count_nonzero(g) == g.numel() for g in gate_grads), "at step 0 every gate gets a gradient"
     optimizer.step()
     with torch.no_grad():  # an evaluation pass in between must not break the next training step
         model(x)
     prompt_grad, _ = loss_and_grads()  # step 2: the gates are open, the prompt learns
-    assert torch.count_nonzero(prompt_grad) > 0.9 * prompt_grad.numel()
+    assert torch.count_nonzero(prompt_grad) > 0.9 * prompt_grad.numel(), "from step 2 on, the prompts learn"
     optimizer.step()
     lladapter.generate(model, [[1, 5, 7]], max_gen_len=3, temperature=0, eos_id=2)  # nor must a generation
     after_generation, _ = loss_and_grads()
@@ -209,7 +219,7 @@ def test_cached_decoding_matches_full_forward(n_kv_heads):
 def test_logits_at_selects_positions_of_the_full_forward():
     model = tiny_model(open_gates=True)
     x = tokens(seqlen=10)
-    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.4
+    mask = (torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.4).to(DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(model(x, logits_at=mask), model(x)[mask], rtol=1e-5, atol=1e-5)
     assert model(x, logits_at=mask).shape == (int(mask.sum()), VOCAB)
@@ -223,8 +233,8 @@ def eq7_reference(attn, x, prompt, prompt_scale=None):
     q = (x @ attn.wq.weight.T).view(bsz, n, H, d)
     k = (x @ attn.wk.weight.T).view(bsz, n, Hkv, d)
     v = (x @ attn.wv.weight.T).view(bsz, n, Hkv, d)
-    freqs = 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))
-    rot = torch.polar(torch.ones(n, d // 2), torch.outer(torch.arange(n).float(), freqs))
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=x.device).float() / d))
+    rot = torch.polar(torch.ones(n, d // 2, device=x.device), torch.outer(torch.arange(n, device=x.device).float(), freqs))
     q = torch.view_as_real(torch.view_as_complex(q.reshape(bsz, n, H, d // 2, 2)) * rot[:, None]).flatten(-2)
     k = torch.view_as_real(torch.view_as_complex(k.reshape(bsz, n, Hkv, d // 2, 2)) * rot[:, None]).flatten(-2)
     pk = (prompt @ attn.wk.weight.T).view(K, Hkv, d)  # no rotation: prompts have no position
@@ -234,9 +244,9 @@ def eq7_reference(attn, x, prompt, prompt_scale=None):
     scores = torch.einsum("bqhd,bkhd->bhqk", q, keys) / math.sqrt(d)  # (bsz, H, n, K + n)
     if prompt_scale is not None:  # to show that a wrong scale would be caught
         scores[..., :K] *= prompt_scale * math.sqrt(d)
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
     word_scores = scores[..., K:].masked_fill(~causal, float("-inf"))
-    gate = torch.tanh(attn.gate).view(1, H, 1, 1)
+    gate = torch.tanh(attn.gate)  # one per head, broadcast over the batch and positions
     weights = torch.cat([gate * scores[..., :K].softmax(-1), word_scores.softmax(-1)], dim=-1)
     out = torch.einsum("bhqk,bkhd->bqhd", weights, values).reshape(bsz, n, H * d)
     return out @ attn.wo.weight.T
@@ -246,11 +256,13 @@ def eq7_reference(attn, x, prompt, prompt_scale=None):
 def test_attention_matches_paper_eq7(n_kv_heads):
     model = tiny_model(open_gates=True, n_kv_heads=n_kv_heads)
     attn = model.layers[-1].attention
-    x = torch.randn(2, 9, model.args.dim)
+    x = torch.randn(2, 9, model.args.dim, device=DEVICE)
     prompt = model.adapter_query.weight[-model.args.adapter_len:]  # the last layer's K prompts
     with torch.no_grad():
-        ours = attn(x, torch.arange(9), model.rope[:9], prompt=prompt[None])
-        torch.testing.assert_close(ours, eq7_reference(attn, x, prompt), rtol=1e-5, atol=1e-5)
+        ours = attn(x, torch.arange(9, device=DEVICE), model.rope[:9], prompt=prompt[None])
+        torch.testing.assert_close(ours, eq7_reference(attn, x, prompt), rtol=1e-5, atol=1e-5, msg=lambda m: (
+            "paper Eq. 7: two separate softmaxes, the prompt part times tanh(gate), prompt keys not rotated, "
+            "scores over sqrt(head_dim)\n" + m))
         # the prompt scores are scaled by 1/sqrt(head_dim); 1/sqrt(dim), a bug peers shipped, would differ
         wrong = eq7_reference(attn, x, prompt, prompt_scale=1 / math.sqrt(model.args.dim))
     assert not torch.allclose(ours, wrong, atol=1e-3)
@@ -268,14 +280,14 @@ def test_meta_checkpoint_in_one_or_two_shards_loads_to_identical_logits(tmp_path
     for n_shards in (1, 2):
         ckpt = tmp_path / f"mp{n_shards}"
         write_meta_checkpoint(model, ckpt, n_shards, vocab_size=-1)  # -1: taken from the tokenizer, as in LLaMA
-        loaded, tokenizer = lladapter.load_llama(ckpt, tokenizer_path=spm_tokenizer, device="cpu",
+        loaded, tokenizer = lladapter.load_llama(ckpt, tokenizer_path=spm_tokenizer, device=DEVICE,
                                                  max_seq_len=64, adapter_len=3, adapter_layer=2)
         assert loaded.args.vocab_size == tokenizer.n_words == VOCAB
         assert loaded.adapter_query.weight.dtype == torch.float32
         with torch.no_grad():
             logits.append(loaded(x))
     assert torch.equal(logits[0], logits[1])
-    assert torch.equal(logits[0], expected)  # new adapter, zero gates: the base model's logits
+    assert torch.equal(logits[0], expected), "zero-init: a loaded base with a new adapter is the base model"
 
 
 def test_corrupted_checkpoint_shape_is_refused_naming_the_tensor(tmp_path, spm_tokenizer):
@@ -330,14 +342,14 @@ def test_adapter_save_and_reload_reproduce_the_logits_exactly(tmp_path):
 def test_adapter_in_the_original_layout_with_zero_gates_everywhere_loads(tmp_path):
     model = tiny_model(open_gates=True)
     state = lladapter.adapter_state_dict(model)
-    state["layers.0.attention.gate"] = torch.zeros(1, 4, 1, 1, dtype=torch.float16)  # the original's extra gates
-    state["layers.1.attention.gate"] = torch.zeros(1, 4, 1, 1, dtype=torch.float16)
+    for i in range(model.first_adapted):  # the original's extra, zero gates for the layers it did not adapt
+        state[f"layers.{i}.attention.gate"] = torch.zeros_like(state["layers.3.attention.gate"], dtype=torch.float16)
     torch.save(state, tmp_path / "original.pth")
     fresh = tiny_model()
     lladapter.load_adapter(fresh, tmp_path / "original.pth")
     with torch.no_grad():
         assert torch.equal(fresh(tokens()), model(tokens()))
-    state["layers.0.attention.gate"][0, 0] = 0.1  # a gate this model does not have is not silently dropped
+    state["layers.0.attention.gate"].view(-1)[0] = 0.1  # a gate this model does not have is not silently dropped
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(InputError, match=r"unexpected \['layers.0.attention.gate'\]"):
         lladapter.load_adapter(fresh, tmp_path / "bad.pth")
@@ -413,7 +425,7 @@ def test_greedy_generation_is_the_argmax_of_the_full_forward():
     out = lladapter.generate(model, [seq], max_gen_len=8, temperature=0, eos_id=2)[0]
     for _ in range(8):
         with torch.no_grad():
-            seq = seq + [model(torch.tensor([seq]))[0, -1].argmax().item()]
+            seq = seq + [model(torch.tensor([seq], device=DEVICE))[0, -1].argmax().item()]
     assert out == seq[4:]
 
 
@@ -423,7 +435,7 @@ def test_generation_stops_at_eos_and_sampling_is_seeded():
     first = greedy[2]  # declare the third greedy token EOS: output stops before it
     assert lladapter.generate(model, [[1, 5, 9]], max_gen_len=6, temperature=0, eos_id=first)[0] == greedy[:greedy.index(first)]
     runs = [lladapter.generate(model, [[1, 5, 9]] * 3, max_gen_len=12, temperature=1.0, top_p=0.9, eos_id=-5,
-                               generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+                               generator=torch.Generator(DEVICE).manual_seed(s)) for s in (7, 7, 8)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
@@ -538,7 +550,8 @@ def train(task, out, *args, nproc=1, check=True):
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     cmd = [sys.executable, *launcher, "train.py", f"--ckpt_dir={task / 'ckpt'}", f"--data_path={task / 'data.json'}",
            f"--out_dir={out}", "--adapter_layer=2", "--adapter_len=3", "--batch_size=8", "--micro_batch_size=2",
-           "--epochs=2", "--warmup_epochs=0.5", "--val_fraction=0.05", "--log_interval=5", *args]
+           "--epochs=2", "--warmup_epochs=0.5", "--val_fraction=0.05", "--log_interval=5", "--dtype=fp32",
+           f"--device={DEVICE if nproc == 1 else 'cpu'}", *args]  # several processes: gloo on the CPU
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # deterministic kernels, and no oversubscription under torchrun
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     if check and result.returncode != 0:
@@ -613,19 +626,19 @@ def test_fsdp_loads_two_meta_shards_and_its_adapter_to_the_logits_of_one_process
     import subprocess
     import sys
     d, _ = parallel_runs
-    base, _ = lladapter.load_llama(task / "ckpt", adapter_layer=0)
+    base, _ = lladapter.load_llama(task / "ckpt", device="cpu", adapter_layer=0)
     write_meta_checkpoint(base, tmp_path / "mp2", n_shards=2)
     (tmp_path / "mp2" / "tokenizer.model").write_bytes((task / "ckpt" / "tokenizer.model").read_bytes())
-    torch.save(tokens(seqlen=10), tmp_path / "tokens.pth")
+    torch.save(tokens(seqlen=10).cpu(), tmp_path / "tokens.pth")
     script = SHARDED_FORWARD.format(root=str(ROOT), ckpt=str(tmp_path / "mp2"), adapter=str(d / "fsdp" / "adapter.pth"),
                                     tokens=str(tmp_path / "tokens.pth"), out=str(tmp_path / "logits.pth"))
     (tmp_path / "sharded_forward.py").write_text(script)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     str(tmp_path / "sharded_forward.py")], check=True, capture_output=True, timeout=300,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
-    one, _ = lladapter.load_llama(task / "ckpt", adapter_path=d / "fsdp" / "adapter.pth")  # K, L from the file
+    one, _ = lladapter.load_llama(task / "ckpt", adapter_path=d / "fsdp" / "adapter.pth", device="cpu")  # K, L: file
     with torch.no_grad():
-        expected = one(tokens(seqlen=10))
+        expected = one(tokens(seqlen=10).cpu())
     torch.testing.assert_close(torch.load(tmp_path / "logits.pth"), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -646,13 +659,13 @@ def test_first_step_loss_is_the_base_models_next_token_loss_on_the_responses(tas
     # With val_fraction=0 and one global batch of all 120 records, step 1's loss (computed before the first
     # update, so with zero gates: the base model) is the mean over every response token and EOS.
     train(task, tmp_path, "--val_fraction=0", "--batch_size=120", "--micro_batch_size=8", "--stop_after=1")
-    model, tok = lladapter.load_llama(task / "ckpt", adapter_layer=0)
+    model, tok = lladapter.load_llama(task / "ckpt", device=DEVICE, adapter_layer=0)
     total, count = 0.0, 0
     for r in json.loads((task / "data.json").read_text()):
         prompt = tok.encode(lladapter.format_prompt(r["instruction"], r["input"]), bos=True, eos=False)
         full = tok.encode(lladapter.format_prompt(r["instruction"], r["input"]) + r["output"], bos=True, eos=True)
         with torch.no_grad():
-            logits = model(torch.tensor([full]))[0]
+            logits = model(torch.tensor([full], device=DEVICE))[0]
         # the response tokens full[len(prompt):] are predicted at the positions just before them
         total += F.cross_entropy(logits[len(prompt) - 1:-1], torch.tensor(full[len(prompt):]), reduction="sum").item()
         count += len(full) - len(prompt)
@@ -758,7 +771,7 @@ def test_bad_input_exits_nonzero_with_one_clear_message_and_writes_nothing(task,
 def run_generate(task, *args, adapter=None):
     import subprocess
     import sys
-    cmd = [sys.executable, "generate.py", f"--ckpt_dir={task / 'ckpt'}", "--adapter_layer=2", "--adapter_len=3",
+    cmd = [sys.executable, "generate.py", f"--ckpt_dir={task / 'ckpt'}", f"--device={DEVICE}", "--dtype=fp32",
            *([f"--adapter={adapter}"] if adapter else []), *args]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -777,12 +790,12 @@ def test_generate_greedy_output_is_the_step_by_step_argmax_of_the_full_forward(t
     code, stdout, _ = run_generate(task, "--prompt=Which colour is the owl?", "--temperature=0", "--max_gen_len=12",
                                    adapter=open_adapter)
     assert code == 0
-    model, tok = lladapter.load_llama(task / "ckpt", adapter_path=open_adapter, adapter_layer=2, adapter_len=3)
+    model, tok = lladapter.load_llama(task / "ckpt", adapter_path=open_adapter, device=DEVICE)
     seq = tok.encode(lladapter.format_prompt("Which colour is the owl?"), bos=True, eos=False)
     new = []
     with torch.no_grad():
         while len(new) < 12 and tok.eos_id not in new:
-            new.append(model(torch.tensor([seq + new]))[0, -1].argmax().item())
+            new.append(model(torch.tensor([seq + new], device=DEVICE))[0, -1].argmax().item())
     expected = tok.decode(new[:-1] if new[-1] == tok.eos_id else new)
     assert stdout == expected + "\n"
     code, base_out, _ = run_generate(task, "--prompt=Which colour is the owl?", "--temperature=0", "--max_gen_len=12")
@@ -807,21 +820,29 @@ def test_generate_is_reproducible_per_seed(task, open_adapter):
 
 def test_gate_heatmap_shows_the_gates_it_is_given(task, tmp_path):
     model = tiny_model(max_seq_len=512)
-    with torch.no_grad():  # tanh(gate) = 0, 0.2, -0.45, 0.9 in layer 2; 0.9 * (1, 0.5, 0.74, 0.76) in layer 3
-        model.layers[2].attention.gate.copy_(torch.atanh(torch.tensor([0, 0.2, -0.45, 0.9])).view(1, 4, 1, 1))
-        model.layers[3].attention.gate.copy_(torch.atanh(torch.tensor([0.9, 0.45, 0.666, 0.684])).view(1, 4, 1, 1))
-    lladapter.atomic_save(lladapter.adapter_state_dict(model), tmp_path / "known.pth")
+    # tanh(gate) per head; shaded by magnitude in quarters of the largest (0.9): 0, (0, 1/4], (1/4, 1/2], ...
+    shade = {0.0: "  ", 0.2: "░░", -0.45: "▒▒", 0.9: "██", 0.45: "▒▒", 0.666: "▓▓", 0.684: "██"}
+    values = {2: [0.0, 0.2, -0.45, 0.9], 3: [0.9, 0.45, 0.666, 0.684]}  # as many as the model has gates per layer
+    with torch.no_grad():
+        for i, row in values.items():
+            gate = model.layers[i].attention.gate
+            gate.copy_(torch.atanh(torch.tensor(row[:gate.numel()])).view_as(gate))
+    lladapter.save_adapter(model, tmp_path / "known.pth")
     code, stdout, _ = run_generate(task, "--show_gates", adapter=tmp_path / "known.pth")
     rows = {line.split("│")[0].strip(): line.split("│")[1] for line in stdout.splitlines() if "│" in line}
     assert code == 0 and "up to 0.900" in stdout
-    assert rows["layer   2"] == "  ░░▒▒██"  # magnitudes in quarters of the largest: 0, (0, 1/4], (1/4, 1/2], ...
-    assert rows["layer   3"] == "██▒▒▓▓██"
+    for i, row in values.items():
+        assert rows[f"layer   {i}"] == "".join(shade[v] for v in row[:model.layers[i].attention.gate.numel()])
 
 
 def test_generate_bad_input_is_one_clear_message(task, tmp_path):
-    torch.save(lladapter.adapter_state_dict(tiny_model(adapter_len=5)), tmp_path / "other.pth")
+    torch.save(lladapter.adapter_state_dict(tiny_model(adapter_len=5)), tmp_path / "other.pth")  # K=5, no config
+    lladapter.save_adapter(tiny_model(dim=32), tmp_path / "small.pth")
     cases = [(["--prompt=hi"], {"adapter": tmp_path / "nope.pth"}, "nope.pth: no such file"),
-             (["--prompt=hi"], {"adapter": tmp_path / "other.pth"}, "other.pth: the file says adapter_len=5, the settings say adapter_len=3"),
+             (["--prompt=hi", "--adapter_len=3"], {"adapter": tmp_path / "other.pth"},
+              "other.pth: the file says adapter_len=5, the settings say adapter_len=3"),
+             (["--prompt=hi"], {"adapter": tmp_path / "small.pth"}, "small.pth: an adapter for another base: it was "
+              "trained on dim=32, n_layers=4, n_heads=4, this base has dim=64, n_layers=4, n_heads=4"),
              (["--prompt=" + "red " * 400], {}, "over max_seq_len=512"),
              (["--prompts_file=" + str(tmp_path / "none.txt")], {}, "none.txt: no such file"),
              (["--prompt=hi", "--image=" + str(tmp_path / "f.npy")], {}, "the adapter is text-only")]
@@ -904,12 +925,12 @@ def image_task(d, n, seed, images=True):
 
 def first_answer_accuracy(task, out, records, image_dim):
     """Greedy first answer token against the expected colour (the one token that carries the answer)."""
-    model, tok = lladapter.load_llama(task / "ckpt", adapter_path=out / "adapter.pth", adapter_layer=2,
+    model, tok = lladapter.load_llama(task / "ckpt", adapter_path=out / "adapter.pth", device=DEVICE, adapter_layer=2,
                                       adapter_len=3, image_dim=image_dim)
     prompt = tok.encode(lladapter.format_prompt(records[0]["instruction"]), bos=True, eos=False)
     image = torch.stack([lladapter.load_image_feature(r["image"], out.parent, 16, "test") for r in records])
     answers = lladapter.generate(model, [prompt] * len(records), 1, 0, eos_id=tok.eos_id,
-                                 image=image if image_dim else None)
+                                 image=image.to(DEVICE) if image_dim else None)
     return sum(tok.decode(a) == r["output"] for a, r in zip(answers, records)) / len(records)
 
 
@@ -970,16 +991,25 @@ def test_walkthrough_heldout_answers_are_in_the_corpus_and_not_in_the_adapters_d
             assert f"The {creature['name']} {wt.FACT[attribute].format(value=creature[attribute])}." in corpus
 
 
-def test_walkthrough_smoke_run_goes_end_to_end(tmp_path):
+def test_walkthrough_smoke_runs_end_to_end_and_again_to_the_same_log(tmp_path):
+    # The first run builds the world and the base model; the second reuses them and must train identically.
     import subprocess
     import sys
     out = tmp_path / "walk"
-    result = subprocess.run([sys.executable, "train.py", "--smoke", f"--out_dir={out}"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    for line in ["pretraining step 20/20", "saved the base model", "step 10/10", "base model alone:", "base + adapter:",
-                 "trainable: 10,256 of 945,296 parameters (1.08%)"]:
-        assert line in result.stdout, line
+    runs, logs = [], []
+    for _ in range(2):
+        runs.append(subprocess.run([sys.executable, "train.py", "--smoke", f"--out_dir={out}", f"--device={DEVICE}"],
+                                   cwd=ROOT, capture_output=True, text=True, timeout=300,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"}))
+        assert runs[-1].returncode == 0, runs[-1].stderr
+        logs.append((out / "log.jsonl").read_text())
+    for line in ["pretraining step 20/20", "saved the base model", "step 10/10", "base model alone:", "base + adapter:"]:
+        assert line in runs[0].stdout, line
+    assert "reusing the base model" in runs[1].stdout
+    counts = re.search(r"trainable: ([\d,]+) of ([\d,]+)", runs[0].stdout).groups()
+    trainable, total = (int(c.replace(",", "")) for c in counts)
+    assert 0 < trainable < 0.02 * total, "the adapter is a small fraction of the model"
+    assert logs[0] == logs[1], "the same command twice gives the same numbers"
     assert {p.name for p in (out / "base").iterdir()} == {"consolidated.00.pth", "params.json", "tokenizer.model"}
-    model, _ = lladapter.load_llama(out / "base", adapter_path=out / "adapter.pth", adapter_layer=4, adapter_len=20)
+    model, _ = lladapter.load_llama(out / "base", adapter_path=out / "adapter.pth", device="cpu")  # K, L: the file
     assert model.args.dim == 128 and model.args.vocab_size == 512
