@@ -19,6 +19,7 @@ import math
 import os
 import pickle
 import re
+import struct
 import warnings
 import zipfile
 from collections import namedtuple
@@ -43,33 +44,67 @@ def first_line(error) -> str:
 def torch_load(path, mmap=False, verify=False):
     """torch.load that can't run code: weights_only refuses any pickle holding more than tensors and containers.
 
-    verify: first check every record's CRC32 (torch.load itself doesn't), so that a flipped byte anywhere in the
-    file is caught, not only in its structure. Cheap for adapter-sized files; a base checkpoint is not verified.
+    The zip that holds the tensors is checked first (zip_problem): its structure and the pickle always, every
+    tensor's bytes too with verify. Cheap for adapter-sized files; for a base checkpoint the tensors' bytes are not
+    verified, so a flipped byte among them goes unnoticed (nothing else in the file says what they should be).
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    if verify and zipfile.is_zipfile(path):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                bad = archive.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-            raise InputError(f"{path}: corrupted ({first_line(e)})") from None
-        if bad is not None:
-            raise InputError(f"{path}: corrupted: record {bad} fails its checksum")
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # torch's format since 1.6; older files are a bare pickle stream
+    problem = is_zip and zip_problem(path, verify)
+    if problem:
+        raise InputError(f"{path}: corrupted ({problem})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         refusal = re.search(r"Unsupported global: [^.]*", str(e))  # what the file asked to run
         if refusal:
             raise InputError(f"{path}: refused to unpickle, it holds more than tensors ({refusal.group(0)})") from None
-        raise InputError(f"{path}: not a readable torch file ({first_line(e)})") from None
+        reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))  # after a paragraph of advice that doesn't apply
+        raise InputError(f"{path}: not a readable torch file, truncated or corrupted? "
+                         f"({reason.group(1) if reason else first_line(e)})") from None
     except RuntimeError as e:
         if mmap and "mmap" in str(e):  # files in torch's pre-1.6 format can't be memory-mapped: read them whole
             return torch_load(path)
         raise InputError(f"{path}: not a readable torch file, truncated or corrupted? ({first_line(e)})") from None
     except Exception as e:  # a corrupted file can fail in the unpickler in many ways
         raise InputError(f"{path}: not a readable torch file, truncated or corrupted? ({first_line(e)})") from None
+
+
+def zip_problem(path, verify) -> str:
+    """What is wrong with the zip of a torch file, or "".
+
+    torch's reader trusts the zip further than Python's: it never checks a CRC32, it finds a record's data from a
+    header it doesn't check, and it reads a record marked as a folder as empty, leaving the tensor's memory as it
+    was. A flipped byte in the zip's structure or in the pickle would then load other values, silently. So: each
+    record's header must sit where the central directory says and name that record; its data must end where the
+    descriptor that follows repeats its CRC32 and sizes; the records that aren't tensor data (the pickle, a few
+    bytes of format) must pass their CRC32, and with verify the tensor data too.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+            records = sorted(archive.infolist(), key=lambda r: r.header_offset)
+            for r, next_start in zip(records, [r.header_offset for r in records[1:]] + [archive.start_dir]):
+                if r.is_dir() or r.external_attr & 0x10:  # 0x10: MS-DOS's folder attribute, which torch's reader obeys
+                    return f"record {r.filename} is marked as a folder"
+                with archive.open(r) as data:  # Python's reader checks the header's signature and name
+                    if verify or r.filename.split("/")[-2:-1] != ["data"]:  # ".../data/3" holds a tensor's bytes
+                        while data.read(1 << 24):  # the CRC32 is checked at the end
+                            pass
+                f.seek(r.header_offset + 26)
+                name_len, extra_len = struct.unpack("<HH", f.read(4))
+                data_end = r.header_offset + 30 + name_len + extra_len + r.compress_size
+                f.seek(data_end)
+                gap = next_start - data_end  # nothing, or a data descriptor: at most 24 bytes
+                descriptor = f.read(gap).removeprefix(b"PK\x07\x08") if 0 <= gap <= 24 else None
+                repeats = [struct.pack(form, r.CRC, r.compress_size, r.file_size) for form in ("<3I", "<I2Q")]
+                if descriptor not in (b"", *repeats):  # sizes in 4 bytes, or in 8 (zip64)
+                    return f"record {r.filename} does not end where its header says"
+    except Exception as e:  # a damaged zip fails in Python's reader in many ways
+        return first_line(e)
+    return ""
 
 
 def atomic_save(obj, path):
@@ -108,7 +143,7 @@ def read_safetensors(path) -> dict:
     if not isinstance(header, dict):
         raise InputError(f"{path}: not a safetensors file, its header is not a JSON object")
     header.pop("__metadata__", None)
-    data_size = size - 8 - n
+    data_size, spans = size - 8 - n, []
     with warnings.catch_warnings():  # a read-only map: torch warns that it can't write to it; it never has to
         warnings.simplefilter("ignore")
         data = torch.from_numpy(np.memmap(path, np.uint8, "r", offset=8 + n)) if data_size else torch.empty(0, dtype=torch.uint8)
@@ -125,7 +160,21 @@ def read_safetensors(path) -> dict:
         if end - begin != nbytes:
             raise InputError(f"{path}: {name}: shape {shape} in {entry['dtype']} needs {nbytes} bytes, "
                              f"its offsets hold {end - begin}")
-        tensors[name] = data[begin:end].view(dtype).view(shape)
+        raw = data[begin:end]
+        if begin % dtype.itemsize:  # the format packs tensors back to back, so one may start off its element size
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).view(shape)
+        spans.append((begin, end, name))
+    # The format has no checksum, but it requires the tensors to tile the data exactly: a header length or an offset
+    # that a flipped byte put off would otherwise read tensors from shifted places, silently.
+    covered = 0
+    for begin, end, name in sorted(spans):
+        if begin != covered:
+            raise InputError(f"{path}: {name}: its data starts at byte {begin}, not at {covered} where the one "
+                             f"before ends")
+        covered = end
+    if covered != data_size:
+        raise InputError(f"{path}: its tensors end at byte {covered} of its {data_size} data bytes")
     return tensors
 
 
@@ -249,9 +298,10 @@ def hf_checkpoint(ckpt_dir):
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (ckpt_dir / index_name).is_file():
-            weight_map = read_json(ckpt_dir / index_name).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise InputError(f"{ckpt_dir / index_name}: no 'weight_map'")
+            index = read_json(ckpt_dir / index_name)
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise InputError(f"{ckpt_dir / index_name}: no 'weight_map' from tensor names to file names")
             files = sorted(set(weight_map.values()))
             break
         if (ckpt_dir / single).is_file():
@@ -268,6 +318,8 @@ def hf_checkpoint(ckpt_dir):
         tensors = read_safetensors(file) if file.suffix == ".safetensors" else torch_load(file, mmap=True)
         for hf_name, tensor in tensors.items():
             key = meta_name(hf_name)
+            if key is not None and not tensor.is_floating_point():  # e.g. "F32" read as "I32": a damaged header
+                raise InputError(f"{file}: {hf_name}: its values are {tensor.dtype}, not a weight's floating point")
             if key is None and not hf_name.endswith("rotary_emb.inv_freq"):  # a rope table, not a weight
                 key = hf_name  # reported as unexpected by load_llama
             if key is not None:
@@ -420,10 +472,7 @@ def adapter_args(path, params, given) -> dict:
     n_layers = params["n_layers"]
     config = state.get(ADAPTER_CONFIG)
     if config is not None:
-        base = {k: config.get(k) for k in BASE_FIELDS}
-        if base != {k: params[k] for k in BASE_FIELDS}:
-            raise InputError(f"{path}: an adapter for another base: it was trained on {fields_text(base)}, this base "
-                             f"has {fields_text({k: params[k] for k in BASE_FIELDS})}")
+        check_base(path, config, params)
         found = {k: config[k] for k in ("adapter_len", "adapter_layer", "image_dim")}
     else:
         if "adapter_query.weight" not in state:
@@ -454,6 +503,14 @@ def fields_text(d):
     return ", ".join(f"{k}={v}" for k, v in d.items())
 
 
+def check_base(path, config, params):
+    """Refuse an adapter whose config names another base than `params` (dim, n_layers, n_heads), naming both."""
+    base = {k: config.get(k) for k in BASE_FIELDS}
+    if base != {k: params[k] for k in BASE_FIELDS}:
+        raise InputError(f"{path}: an adapter for another base: it was trained on {fields_text(base)}, this base "
+                         f"has {fields_text({k: params[k] for k in BASE_FIELDS})}")
+
+
 def load_adapter(model, path):
     """Copy an adapter file's tensors into `model`, refusing any that don't fit it."""
     expected = adapter_tensors(model)
@@ -461,6 +518,8 @@ def load_adapter(model, path):
         raise InputError(f"{path}: this model has no adapter to load it into (adapter_layer=0)")
     state = read_adapter(path)
     config = state.pop(ADAPTER_CONFIG, None)
+    if config is not None:
+        check_base(path, config, vars(model.args))
     # The original export also stores zero gates for the layers it did not adapt: accept those, only those.
     state = {k: v for k, v in state.items() if k in expected or not (k.endswith(".attention.gate") and not v.any())}
     a = model.args

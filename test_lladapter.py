@@ -5,17 +5,27 @@ Tests read the adapter's shapes (gate, K, L) from the model, so a change to one 
 the property it breaks, with a message naming it. LLADAPTER_TEST_DEVICE=cuda runs the in-process model tests on
 a GPU (gpu_check.py does).
 """
+import io
 import json
 import math
 import os
 import pickle
+import random
 import re
+import runpy
+import shutil
+import struct
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
+import cli
 import lladapter
 from lladapter import InputError, ModelArgs, Transformer
 
@@ -107,7 +117,6 @@ def train_tokenizer(text_path, model_prefix, **options):
 @pytest.fixture(scope="session")
 def spm_tokenizer(tmp_path_factory):
     """A SentencePiece model with exactly VOCAB pieces, trained in a second on text written here."""
-    import random
     d = tmp_path_factory.mktemp("spm")
     rng = random.Random(0)
     words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(2, 6))) for _ in range(300)]
@@ -163,7 +172,7 @@ def test_a_7b_adapter_file_is_about_4_7_mib(tmp_path):
     for layer in model.layers[model.first_adapted:]:
         layer.attention.gate = torch.nn.Parameter(torch.empty_like(layer.attention.gate, device="cpu"))
     model.reset_adapter()
-    lladapter.atomic_save(lladapter.adapter_state_dict(model), tmp_path / "adapter.pth")
+    checkpoint.atomic_save(lladapter.adapter_state_dict(model), tmp_path / "adapter.pth")
     size = (tmp_path / "adapter.pth").stat().st_size
     assert 1_229_760 * 4 < size < 1_229_760 * 4 + 64 * 1024  # the fp32 values and a little pickle
     assert 4.69 < size / 2**20 < 4.76, "the paper's 4.7 MB adapter file at 7B"
@@ -280,7 +289,7 @@ def test_meta_checkpoint_in_one_or_two_shards_loads_to_identical_logits(tmp_path
     for n_shards in (1, 2):
         ckpt = tmp_path / f"mp{n_shards}"
         write_meta_checkpoint(model, ckpt, n_shards, vocab_size=-1)  # -1: taken from the tokenizer, as in LLaMA
-        loaded, tokenizer = lladapter.load_llama(ckpt, tokenizer_path=spm_tokenizer, device=DEVICE,
+        loaded, tokenizer = checkpoint.load_llama(ckpt, tokenizer_path=spm_tokenizer, device=DEVICE,
                                                  max_seq_len=64, adapter_len=3, adapter_layer=2)
         assert loaded.args.vocab_size == tokenizer.n_words == VOCAB
         assert loaded.adapter_query.weight.dtype == torch.float32
@@ -296,7 +305,7 @@ def test_corrupted_checkpoint_shape_is_refused_naming_the_tensor(tmp_path, spm_t
     shard["layers.1.feed_forward.w3.weight"] = shard["layers.1.feed_forward.w3.weight"][:-1]
     torch.save(shard, tmp_path / "consolidated.00.pth")
     with pytest.raises(InputError, match=r"layers\.1\.feed_forward\.w3\.weight has shape \[191, 64\].*\[192, 64\]"):
-        lladapter.load_llama(tmp_path, tokenizer_path=spm_tokenizer, device="cpu", adapter_layer=2, adapter_len=3)
+        checkpoint.load_llama(tmp_path, tokenizer_path=spm_tokenizer, device="cpu", adapter_layer=2, adapter_len=3)
 
 
 def test_renamed_or_missing_checkpoint_tensor_is_refused_by_name(tmp_path, spm_tokenizer):
@@ -306,28 +315,28 @@ def test_renamed_or_missing_checkpoint_tensor_is_refused_by_name(tmp_path, spm_t
     torch.save(shard, tmp_path / "consolidated.00.pth")
     with pytest.raises(InputError, match=r"missing \['layers.2.attention.wq.weight'\], "
                                          r"unexpected \['layers.2.attention.wq_renamed.weight'\]"):
-        lladapter.load_llama(tmp_path, tokenizer_path=spm_tokenizer, adapter_layer=2, adapter_len=3)
+        checkpoint.load_llama(tmp_path, tokenizer_path=spm_tokenizer, adapter_layer=2, adapter_len=3)
     del shard["layers.2.attention.wq_renamed.weight"]
     torch.save(shard, tmp_path / "consolidated.00.pth")
     with pytest.raises(InputError, match=r"missing \['layers.2.attention.wq.weight'\], unexpected \[\]"):
-        lladapter.load_llama(tmp_path, tokenizer_path=spm_tokenizer, adapter_layer=2, adapter_len=3)
+        checkpoint.load_llama(tmp_path, tokenizer_path=spm_tokenizer, adapter_layer=2, adapter_len=3)
 
 
 def test_missing_checkpoint_files_are_named(tmp_path, spm_tokenizer):
     with pytest.raises(InputError, match="neither Meta's layout .params.json"):
-        lladapter.load_llama(tmp_path, tokenizer_path=spm_tokenizer)
+        checkpoint.load_llama(tmp_path, tokenizer_path=spm_tokenizer)
     write_meta_checkpoint(tiny_model(), tmp_path)
     (tmp_path / "consolidated.00.pth").unlink()
     with pytest.raises(InputError, match="no consolidated"):
-        lladapter.load_llama(tmp_path, tokenizer_path=spm_tokenizer)
+        checkpoint.load_llama(tmp_path, tokenizer_path=spm_tokenizer)
     with pytest.raises(InputError, match="nothere.model: no such tokenizer"):
-        lladapter.load_llama(tmp_path, tokenizer_path=tmp_path / "nothere.model")
+        checkpoint.load_llama(tmp_path, tokenizer_path=tmp_path / "nothere.model")
 
 
 def test_adapter_save_and_reload_reproduce_the_logits_exactly(tmp_path):
     model = tiny_model(open_gates=True)
     path = tmp_path / "adapter.pth"
-    lladapter.atomic_save(lladapter.adapter_state_dict(model), path)
+    checkpoint.atomic_save(lladapter.adapter_state_dict(model), path)
     saved = torch.load(path)
     assert set(saved) == {"adapter_query.weight", "layers.2.attention.gate", "layers.3.attention.gate"}
     assert all(v.dtype == torch.float32 for v in saved.values())
@@ -335,7 +344,7 @@ def test_adapter_save_and_reload_reproduce_the_logits_exactly(tmp_path):
     x = tokens()
     with torch.no_grad():
         assert not torch.equal(fresh(x), model(x))
-        lladapter.load_adapter(fresh, path)
+        checkpoint.load_adapter(fresh, path)
         assert torch.equal(fresh(x), model(x))
 
 
@@ -346,32 +355,32 @@ def test_adapter_in_the_original_layout_with_zero_gates_everywhere_loads(tmp_pat
         state[f"layers.{i}.attention.gate"] = torch.zeros_like(state["layers.3.attention.gate"], dtype=torch.float16)
     torch.save(state, tmp_path / "original.pth")
     fresh = tiny_model()
-    lladapter.load_adapter(fresh, tmp_path / "original.pth")
+    checkpoint.load_adapter(fresh, tmp_path / "original.pth")
     with torch.no_grad():
         assert torch.equal(fresh(tokens()), model(tokens()))
     state["layers.0.attention.gate"].view(-1)[0] = 0.1  # a gate this model does not have is not silently dropped
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(InputError, match=r"unexpected \['layers.0.attention.gate'\]"):
-        lladapter.load_adapter(fresh, tmp_path / "bad.pth")
+        checkpoint.load_adapter(fresh, tmp_path / "bad.pth")
 
 
 @pytest.mark.parametrize("other", [dict(dim=32), dict(n_heads=2), dict(adapter_len=4), dict(adapter_layer=3)])
 def test_adapter_for_another_model_is_refused(tmp_path, other):
-    lladapter.atomic_save(lladapter.adapter_state_dict(tiny_model(**other)), tmp_path / "adapter.pth")
-    with pytest.raises(InputError, match="adapter.pth: it does not fit this model"):
-        lladapter.load_adapter(tiny_model(), tmp_path / "adapter.pth")
+    checkpoint.save_adapter(tiny_model(**other), tmp_path / "adapter.pth")  # with its config: the base it was made for
+    with pytest.raises(InputError, match="adapter.pth: (it does not fit this model|an adapter for another base)"):
+        checkpoint.load_adapter(tiny_model(), tmp_path / "adapter.pth")
 
 
 def test_full_checkpoint_and_adapter_file_are_not_mistaken_for_each_other(tmp_path, spm_tokenizer):
     model = tiny_model()
     torch.save(model.state_dict(), tmp_path / "full.pth")
     with pytest.raises(InputError, match="a full checkpoint"):
-        lladapter.load_adapter(model, tmp_path / "full.pth")
+        checkpoint.load_adapter(model, tmp_path / "full.pth")
     ckpt = tmp_path / "ckpt"
     write_meta_checkpoint(model, ckpt)
     torch.save(lladapter.adapter_state_dict(model), ckpt / "consolidated.00.pth")
     with pytest.raises(InputError, match="an adapter file, not a base checkpoint"):
-        lladapter.load_llama(ckpt, tokenizer_path=spm_tokenizer, adapter_layer=2, adapter_len=3)
+        checkpoint.load_llama(ckpt, tokenizer_path=spm_tokenizer, adapter_layer=2, adapter_len=3)
 
 
 class RunsCodeWhenUnpickled:
@@ -387,12 +396,12 @@ def test_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path, spm_to
     evil = {"adapter_query.weight": torch.zeros(6, 64), "x": RunsCodeWhenUnpickled(str(marker))}
     torch.save(evil, tmp_path / "adapter.pth")
     with pytest.raises(InputError, match="refused to unpickle"):
-        lladapter.load_adapter(tiny_model(), tmp_path / "adapter.pth")
+        checkpoint.load_adapter(tiny_model(), tmp_path / "adapter.pth")
     ckpt = tmp_path / "ckpt"
     write_meta_checkpoint(tiny_model(), ckpt)
     torch.save(evil, ckpt / "consolidated.00.pth")
     with pytest.raises(InputError, match="refused to unpickle"):
-        lladapter.load_llama(ckpt, tokenizer_path=spm_tokenizer, adapter_layer=2, adapter_len=3)
+        checkpoint.load_llama(ckpt, tokenizer_path=spm_tokenizer, adapter_layer=2, adapter_len=3)
     assert not marker.exists()
     pickle.loads(pickle.dumps(RunsCodeWhenUnpickled(str(marker))))  # the payload is real: plain pickle runs it
     assert marker.exists()
@@ -474,22 +483,45 @@ def test_labels_score_exactly_the_response_and_eos(spm_tokenizer):
     assert lladapter.encode_example(tok, *records[2], max_seq_len=prompt_len) is None
 
 
+def test_names_moved_out_of_the_model_file_still_import_from_it():
+    for name in lladapter.MOVED:
+        assert getattr(lladapter, name) is getattr(checkpoint if lladapter.MOVED[name] == "checkpoint" else cli, name)
+    with pytest.raises(AttributeError):
+        lladapter.no_such_name
+
+
 def test_overrides_are_type_checked():
     settings = {"lr": 1e-3, "steps": 10, "name": "x", "resume": False, "prompt": []}
-    got = lladapter.parse_overrides(settings, ["--lr=2e-4", "--steps=3", "--resume", "--prompt=a", "--prompt=b=c"])
+    got = cli.parse_overrides(settings, ["--lr=2e-4", "--steps=3", "--resume", "--prompt=a", "--prompt=b=c"])
     assert got == {"lr": 2e-4, "steps": 3, "resume": True, "prompt": ["a", "b=c"]}
-    for bad, message in [("--stepz=3", "unknown argument"), ("--steps=1.5", "expected a int"),
-                         ("--resume=maybe", "expected a bool"), ("steps=3", "unknown argument")]:
+    assert cli.parse_overrides(settings, ["--steps", "3", "--name", "y", "--resume"]) == \
+        {"steps": 3, "name": "y", "resume": True}  # --key value works as --key=value does
+    for bad, message in [(["--stepz=3"], "unknown argument"), (["--steps=1.5"], "expected a int"),
+                         (["--resume=maybe"], "expected a bool"), (["steps=3"], "unknown argument"),
+                         (["--steps"], "--steps needs a value"), (["--steps", "--lr=1"], "--steps needs a value")]:
         with pytest.raises(InputError, match=message):
-            lladapter.parse_overrides(settings, [bad])
+            cli.parse_overrides(settings, bad)
+
+
+@pytest.mark.parametrize("script, setting, comment", [
+    ("train.py", "--base_lr=0.009", "the learning rate is base_lr * batch_size / 256"),
+    ("generate.py", "--max_batch_size=32", "prompts decoded together")])
+def test_help_lists_each_setting_with_its_default_and_comment(monkeypatch, capsys, script, setting, comment):
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # the script installs its own
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert stop.value.code == 0
+    assert any(line.split() and line.split()[0] == setting and comment in line for line in lines), lines
 
 
 def test_bf16_base_on_cpu_keeps_zero_init_exact_and_trains_an_fp32_adapter(tmp_path, spm_tokenizer):
     # The GPU recipe's precision, on a CPU: a bf16 base under bf16 autocast, the adapter fp32.
     write_meta_checkpoint(tiny_model(), tmp_path)
-    model, _ = lladapter.load_llama(tmp_path, tokenizer_path=spm_tokenizer, device="cpu", dtype=torch.bfloat16,
+    model, _ = checkpoint.load_llama(tmp_path, tokenizer_path=spm_tokenizer, device="cpu", dtype=torch.bfloat16,
                                     adapter_layer=2, adapter_len=3)
-    base, _ = lladapter.load_llama(tmp_path, tokenizer_path=spm_tokenizer, device="cpu", dtype=torch.bfloat16,
+    base, _ = checkpoint.load_llama(tmp_path, tokenizer_path=spm_tokenizer, device="cpu", dtype=torch.bfloat16,
                                    adapter_layer=0)
     lladapter.mark_only_adapter_trainable(model)
     assert model.layers[0].attention.wq.weight.dtype == torch.bfloat16
@@ -528,7 +560,6 @@ COLOURS = ["red", "blue", "green", "pink"]
 @pytest.fixture(scope="session")
 def task(tmp_path_factory):
     """A tiny base model in Meta's layout, its tokenizer, and an Alpaca-format data file."""
-    import random
     d = tmp_path_factory.mktemp("task")
     rng = random.Random(0)
     records = [{"instruction": f"Which colour is the {a}?", "input": rng.choice(["", "a short note"]),
@@ -545,7 +576,6 @@ def task(tmp_path_factory):
 
 def train(task, out, *args, nproc=1, check=True):
     """Run train.py as a user would; returns (returncode, stdout + stderr)."""
-    import subprocess
     import sys
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     cmd = [sys.executable, *launcher, "train.py", f"--ckpt_dir={task / 'ckpt'}", f"--data_path={task / 'data.json'}",
@@ -623,10 +653,9 @@ dist.destroy_process_group()
 def test_fsdp_loads_two_meta_shards_and_its_adapter_to_the_logits_of_one_process(task, parallel_runs, tmp_path):
     # The base in 2 model-parallel files, loaded under FSDP on 2 processes (each reading only its rows), with the
     # adapter an FSDP run wrote, computes the logits that one process gets from load_llama and generate.py's path.
-    import subprocess
     import sys
     d, _ = parallel_runs
-    base, _ = lladapter.load_llama(task / "ckpt", device="cpu", adapter_layer=0)
+    base, _ = checkpoint.load_llama(task / "ckpt", device="cpu", adapter_layer=0)
     write_meta_checkpoint(base, tmp_path / "mp2", n_shards=2)
     (tmp_path / "mp2" / "tokenizer.model").write_bytes((task / "ckpt" / "tokenizer.model").read_bytes())
     torch.save(tokens(seqlen=10).cpu(), tmp_path / "tokens.pth")
@@ -636,7 +665,7 @@ def test_fsdp_loads_two_meta_shards_and_its_adapter_to_the_logits_of_one_process
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     str(tmp_path / "sharded_forward.py")], check=True, capture_output=True, timeout=300,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
-    one, _ = lladapter.load_llama(task / "ckpt", adapter_path=d / "fsdp" / "adapter.pth", device="cpu")  # K, L: file
+    one, _ = checkpoint.load_llama(task / "ckpt", adapter_path=d / "fsdp" / "adapter.pth", device="cpu")  # K, L: file
     with torch.no_grad():
         expected = one(tokens(seqlen=10).cpu())
     torch.testing.assert_close(torch.load(tmp_path / "logits.pth"), expected, rtol=1e-5, atol=1e-5)
@@ -659,7 +688,7 @@ def test_first_step_loss_is_the_base_models_next_token_loss_on_the_responses(tas
     # With val_fraction=0 and one global batch of all 120 records, step 1's loss (computed before the first
     # update, so with zero gates: the base model) is the mean over every response token and EOS.
     train(task, tmp_path, "--val_fraction=0", "--batch_size=120", "--micro_batch_size=8", "--stop_after=1")
-    model, tok = lladapter.load_llama(task / "ckpt", device=DEVICE, adapter_layer=0)
+    model, tok = checkpoint.load_llama(task / "ckpt", device=DEVICE, adapter_layer=0)
     total, count = 0.0, 0
     for r in json.loads((task / "data.json").read_text()):
         prompt = tok.encode(lladapter.format_prompt(r["instruction"], r["input"]), bos=True, eos=False)
@@ -703,8 +732,8 @@ def test_learning_rate_follows_warmup_and_cosine_in_optimizer_steps(task, tmp_pa
 def test_full_mode_trains_every_weight_and_saves_a_loadable_checkpoint(task, tmp_path):
     _, output = train(task, tmp_path, "--mode=full", "--adapter_layer=0", "--stop_after=3", "--base_lr=0.5")
     assert "(100.000%)" in output
-    tuned, _ = lladapter.load_llama(tmp_path, adapter_layer=0)
-    base, _ = lladapter.load_llama(task / "ckpt", adapter_layer=0)
+    tuned, _ = checkpoint.load_llama(tmp_path, adapter_layer=0)
+    base, _ = checkpoint.load_llama(task / "ckpt", adapter_layer=0)
     assert all(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), base.state_dict().values()))
 
 
@@ -769,7 +798,6 @@ def test_bad_input_exits_nonzero_with_one_clear_message_and_writes_nothing(task,
 # ---- generate.py ------------------------------------------------------------------------------------------
 
 def run_generate(task, *args, adapter=None):
-    import subprocess
     import sys
     cmd = [sys.executable, "generate.py", f"--ckpt_dir={task / 'ckpt'}", f"--device={DEVICE}", "--dtype=fp32",
            *([f"--adapter={adapter}"] if adapter else []), *args]
@@ -782,7 +810,7 @@ def run_generate(task, *args, adapter=None):
 def open_adapter(task):
     """An adapter for the task's base model with every gate open."""
     path = task / "open_adapter.pth"
-    lladapter.atomic_save(lladapter.adapter_state_dict(tiny_model(open_gates=True, max_seq_len=512)), path)
+    checkpoint.atomic_save(lladapter.adapter_state_dict(tiny_model(open_gates=True, max_seq_len=512)), path)
     return path
 
 
@@ -790,7 +818,7 @@ def test_generate_greedy_output_is_the_step_by_step_argmax_of_the_full_forward(t
     code, stdout, _ = run_generate(task, "--prompt=Which colour is the owl?", "--temperature=0", "--max_gen_len=12",
                                    adapter=open_adapter)
     assert code == 0
-    model, tok = lladapter.load_llama(task / "ckpt", adapter_path=open_adapter, device=DEVICE)
+    model, tok = checkpoint.load_llama(task / "ckpt", adapter_path=open_adapter, device=DEVICE)
     seq = tok.encode(lladapter.format_prompt("Which colour is the owl?"), bos=True, eos=False)
     new = []
     with torch.no_grad():
@@ -827,7 +855,7 @@ def test_gate_heatmap_shows_the_gates_it_is_given(task, tmp_path):
         for i, row in values.items():
             gate = model.layers[i].attention.gate
             gate.copy_(torch.atanh(torch.tensor(row[:gate.numel()])).view_as(gate))
-    lladapter.save_adapter(model, tmp_path / "known.pth")
+    checkpoint.save_adapter(model, tmp_path / "known.pth")
     code, stdout, _ = run_generate(task, "--show_gates", adapter=tmp_path / "known.pth")
     rows = {line.split("│")[0].strip(): line.split("│")[1] for line in stdout.splitlines() if "│" in line}
     assert code == 0 and "up to 0.900" in stdout
@@ -837,7 +865,7 @@ def test_gate_heatmap_shows_the_gates_it_is_given(task, tmp_path):
 
 def test_generate_bad_input_is_one_clear_message(task, tmp_path):
     torch.save(lladapter.adapter_state_dict(tiny_model(adapter_len=5)), tmp_path / "other.pth")  # K=5, no config
-    lladapter.save_adapter(tiny_model(dim=32), tmp_path / "small.pth")
+    checkpoint.save_adapter(tiny_model(dim=32), tmp_path / "small.pth")
     cases = [(["--prompt=hi"], {"adapter": tmp_path / "nope.pth"}, "nope.pth: no such file"),
              (["--prompt=hi", "--adapter_len=3"], {"adapter": tmp_path / "other.pth"},
               "other.pth: the file says adapter_len=5, the settings say adapter_len=3"),
@@ -893,15 +921,15 @@ def cached_logits_with_image(model, x, image):
 
 def test_adapter_with_image_projection_saves_and_reloads_exactly(tmp_path):
     model = tiny_model(open_gates=True, image_dim=16)
-    lladapter.atomic_save(lladapter.adapter_state_dict(model), tmp_path / "adapter.pth")
+    checkpoint.atomic_save(lladapter.adapter_state_dict(model), tmp_path / "adapter.pth")
     assert {"adapter_image_proj.weight", "adapter_image_proj.bias"} <= set(torch.load(tmp_path / "adapter.pth"))
     fresh = tiny_model(image_dim=16)
-    lladapter.load_adapter(fresh, tmp_path / "adapter.pth")
+    checkpoint.load_adapter(fresh, tmp_path / "adapter.pth")
     x, image = tokens(), torch.randn(2, 16)
     with torch.no_grad():
         assert torch.equal(fresh(x, image=image), model(x, image=image))
     with pytest.raises(InputError, match="does not fit this model"):
-        lladapter.load_adapter(tiny_model(), tmp_path / "adapter.pth")  # a text-only model
+        checkpoint.load_adapter(tiny_model(), tmp_path / "adapter.pth")  # a text-only model
 
 
 def image_task(d, n, seed, images=True):
@@ -925,7 +953,7 @@ def image_task(d, n, seed, images=True):
 
 def first_answer_accuracy(task, out, records, image_dim):
     """Greedy first answer token against the expected colour (the one token that carries the answer)."""
-    model, tok = lladapter.load_llama(task / "ckpt", adapter_path=out / "adapter.pth", device=DEVICE, adapter_layer=2,
+    model, tok = checkpoint.load_llama(task / "ckpt", adapter_path=out / "adapter.pth", device=DEVICE, adapter_layer=2,
                                       adapter_len=3, image_dim=image_dim)
     prompt = tok.encode(lladapter.format_prompt(records[0]["instruction"]), bos=True, eos=False)
     image = torch.stack([lladapter.load_image_feature(r["image"], out.parent, 16, "test") for r in records])
@@ -963,7 +991,6 @@ def test_image_input_errors_name_the_record(task, tmp_path):
 # ---- bench.py ---------------------------------------------------------------------------------------------
 
 def test_bench_runs_every_section_on_tiny_shapes(tmp_path):
-    import subprocess
     import sys
     result = subprocess.run([sys.executable, "bench.py", "--quick", f"--json={tmp_path / 'bench.json'}"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -979,7 +1006,6 @@ def test_bench_runs_every_section_on_tiny_shapes(tmp_path):
 # ---- the walkthrough --------------------------------------------------------------------------------------
 
 def test_walkthrough_heldout_answers_are_in_the_corpus_and_not_in_the_adapters_data(tmp_path):
-    import random
     from data import walkthrough as wt
     world = wt.make_world(random.Random(wt.SEED), wt.PRETRAIN["n_creatures"])
     heldout, seen = world[:wt.PRETRAIN["n_heldout"]], world[wt.PRETRAIN["n_heldout"]:]
@@ -993,7 +1019,6 @@ def test_walkthrough_heldout_answers_are_in_the_corpus_and_not_in_the_adapters_d
 
 def test_walkthrough_smoke_runs_end_to_end_and_again_to_the_same_log(tmp_path):
     # The first run builds the world and the base model; the second reuses them and must train identically.
-    import subprocess
     import sys
     out = tmp_path / "walk"
     runs, logs = [], []
@@ -1011,5 +1036,454 @@ def test_walkthrough_smoke_runs_end_to_end_and_again_to_the_same_log(tmp_path):
     assert 0 < trainable < 0.02 * total, "the adapter is a small fraction of the model"
     assert logs[0] == logs[1], "the same command twice gives the same numbers"
     assert {p.name for p in (out / "base").iterdir()} == {"consolidated.00.pth", "params.json", "tokenizer.model"}
-    model, _ = lladapter.load_llama(out / "base", adapter_path=out / "adapter.pth", device="cpu")  # K, L: the file
+    model, _ = checkpoint.load_llama(out / "base", adapter_path=out / "adapter.pth", device="cpu")  # K, L: the file
     assert model.args.dim == 128 and model.args.vocab_size == 512
+
+
+# ---- Hugging Face checkpoints ------------------------------------------------------------------------------
+
+SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def write_raw_safetensors(path, header, data: bytes, header_bytes=None):
+    """A safetensors file: an 8-byte little-endian header length, the JSON header, then the data."""
+    text = header_bytes if header_bytes is not None else json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces: the data starts 8-byte aligned
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def safetensors_layout(tensors, metadata=None):
+    """(header, data) of `tensors` in the safetensors format: offsets counted from the end of the header."""
+    header, chunks, offset = ({"__metadata__": metadata} if metadata else {}), [], 0
+    for name, t in tensors.items():
+        # numpy has no bf16: its bytes are those of the same bits read as int16 (x86 is little-endian, as the format)
+        raw = t.contiguous().view(torch.int16 if t.dtype == torch.bfloat16 else t.dtype).numpy().tobytes()
+        header[name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    return header, b"".join(chunks)
+
+
+def hf_state_dict(model, permute=True):
+    """`model`'s base weights under Hugging Face's names, wq and wk with their rows reordered as Hugging Face's
+    conversion reorders them: Meta rotates adjacent pairs (2i, 2i+1) of each head, HF pair i is rows (i, i + hd/2)."""
+    a = model.args
+    head_dim = a.dim // a.n_heads
+
+    def permuted(w, heads):  # (heads * head_dim, dim) -> the same rows, each head's pairs split into two halves
+        if not permute:
+            return w
+        return w.view(heads, head_dim // 2, 2, a.dim).transpose(1, 2).reshape(heads * head_dim, a.dim)
+
+    state = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
+             "lm_head.weight": model.output.weight}
+    for i, layer in enumerate(model.layers):
+        attn, ffn, p = layer.attention, layer.feed_forward, f"model.layers.{i}."
+        state.update({p + "self_attn.q_proj.weight": permuted(attn.wq.weight, a.n_heads),
+                      p + "self_attn.k_proj.weight": permuted(attn.wk.weight, a.n_kv_heads or a.n_heads),
+                      p + "self_attn.v_proj.weight": attn.wv.weight, p + "self_attn.o_proj.weight": attn.wo.weight,
+                      p + "mlp.gate_proj.weight": ffn.w1.weight, p + "mlp.down_proj.weight": ffn.w2.weight,
+                      p + "mlp.up_proj.weight": ffn.w3.weight,
+                      p + "input_layernorm.weight": layer.attention_norm.weight,
+                      p + "post_attention_layernorm.weight": layer.ffn_norm.weight})
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def write_hf_checkpoint(model, d, tokenizer, layout="model.safetensors", dtype=torch.float32, permute=True):
+    """`model`'s base weights in Hugging Face's layout: config.json, tokenizer.model and one of the weight layouts
+    "model.safetensors", "two shards" (with model.safetensors.index.json) or "pytorch_model.bin"."""
+    d.mkdir(parents=True, exist_ok=True)
+    a = model.args
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
+              "intermediate_size": model.layers[0].feed_forward.w1.weight.shape[0], "num_hidden_layers": a.n_layers,
+              "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads or a.n_heads,
+              "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
+              "max_position_embeddings": 2048, "hidden_act": "silu", "tie_word_embeddings": False,
+              "torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": 1, "eos_token_id": 2}
+    (d / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.copy(tokenizer, d / "tokenizer.model")
+    state = {k: v.to(dtype) for k, v in hf_state_dict(model, permute).items()}
+    if layout == "pytorch_model.bin":
+        torch.save(state, d / layout)
+    elif layout == "model.safetensors":
+        write_raw_safetensors(d / layout, *safetensors_layout(state, {"format": "pt"}))
+    else:  # two shards: the first layers in one file, the rest (with the embeddings and head) in the other
+        names = list(state)
+        shards = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
+                  "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+        for file, keys in shards.items():
+            write_raw_safetensors(d / file, *safetensors_layout({k: state[k] for k in keys}, {"format": "pt"}))
+        weight_map = {k: file for file, keys in shards.items() for k in keys}
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def rounded_to(model, dtype):
+    """`model` with every weight rounded to `dtype` and back: the values a file in that dtype holds."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(dtype).float())
+    return model
+
+
+def base_logits(ckpt, x, **kwargs):
+    model, _ = checkpoint.load_llama(ckpt, device=DEVICE, adapter_layer=0, **kwargs)
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_hugging_face_checkpoint_loads_to_the_logits_of_the_same_weights_in_metas_layout(tmp_path, spm_tokenizer,
+                                                                                        n_kv_heads):
+    # Both layouts are read into fp32 from the same values, so the logits agree to float rounding. A wrong row order
+    # for wq or wk (or the query heads' count used for the key heads' rows) would give other logits.
+    x = tokens()
+    for dtype, layouts in [(torch.float32, ["model.safetensors", "two shards"]),
+                           (torch.float16, ["model.safetensors", "pytorch_model.bin"]), (torch.bfloat16, ["two shards"])]:
+        model = rounded_to(tiny_model(seed=3, n_layers=2, adapter_layer=1, n_kv_heads=n_kv_heads), dtype)
+        write_meta_checkpoint(model, tmp_path / f"meta-{dtype}")
+        expected = base_logits(tmp_path / f"meta-{dtype}", x, tokenizer_path=spm_tokenizer)
+        for layout in layouts:
+            hf = tmp_path / f"hf-{layout}-{dtype}"
+            write_hf_checkpoint(model, hf, spm_tokenizer, layout, dtype)
+            torch.testing.assert_close(base_logits(hf, x), expected, rtol=1e-5, atol=1e-5)  # its tokenizer.model found
+    # and the test can tell: the same weights without Hugging Face's row order load to other logits
+    write_hf_checkpoint(model, tmp_path / "unpermuted", spm_tokenizer, dtype=dtype, permute=False)
+    assert not torch.allclose(base_logits(tmp_path / "unpermuted", x), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_safetensors_data_need_not_be_aligned_to_the_element_size(tmp_path, spm_tokenizer):
+    # The format packs tensors back to back: after a 6-byte tensor (here the rope table old Hugging Face files carry,
+    # which is not a weight) every F32 tensor starts 2 bytes off a multiple of 4, and still loads.
+    model = tiny_model(seed=3)
+    hf = tmp_path / "hf"
+    write_hf_checkpoint(model, hf, spm_tokenizer)
+    state = {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(3, dtype=torch.float16),
+             **hf_state_dict(model)}
+    write_raw_safetensors(hf / "model.safetensors", *safetensors_layout(state))
+    x = tokens()
+    write_meta_checkpoint(model, tmp_path / "meta")
+    torch.testing.assert_close(base_logits(hf, x), base_logits(tmp_path / "meta", x, tokenizer_path=spm_tokenizer),
+                               rtol=1e-5, atol=1e-5)
+
+
+def one_line_error(call, *names):
+    """The message of the InputError that call() raises: one line, naming each of `names`."""
+    with pytest.raises(InputError) as error:
+        call()
+    message = str(error.value)
+    assert "\n" not in message and all(str(name) in message for name in names), message
+    return message
+
+
+def test_safetensors_header_that_lies_is_refused_in_one_line_naming_the_file_and_tensor(tmp_path, spm_tokenizer):
+    model = tiny_model()
+    hf = tmp_path / "hf"
+    write_hf_checkpoint(model, hf, spm_tokenizer)
+    file, q = hf / "model.safetensors", "model.layers.1.self_attn.q_proj.weight"
+    header, data = safetensors_layout(hf_state_dict(model))
+    begin, end = header[q]["data_offsets"]
+    lies = {  # q_proj's entry changed: what it then says, and the message that must name it
+        "past the end": (dict(data_offsets=[len(data) - 8, len(data) - 8 + end - begin]),
+                         f"data offsets [{len(data) - 8}, {len(data) - 8 + end - begin}] lie outside the file's "
+                         f"{len(data)} data bytes"),
+        "too few bytes": (dict(data_offsets=[begin, end - 4]),
+                          "shape [64, 64] in F32 needs 16384 bytes, its offsets hold 16380"),
+        "overlapping": (dict(data_offsets=[begin - 256, end - 256]), f"its data starts at byte {begin - 256}"),
+        "not a float": (dict(dtype="I32"), "its values are torch.int32"),  # "F32" with one byte flipped
+    }
+    for lie, (entry, message) in lies.items():
+        write_raw_safetensors(file, {**header, q: {**header[q], **entry}}, data)
+        assert message in one_line_error(lambda: checkpoint.load_llama(hf, adapter_layer=0), file, q), lie
+    state = hf_state_dict(model)  # a true header, but a q_proj one row short of what config.json implies
+    write_raw_safetensors(file, *safetensors_layout({**state, q: state[q][:-1]}))
+    one_line_error(lambda: checkpoint.load_llama(hf, adapter_layer=0), file, q,
+                   "layers.1.attention.wq.weight has shape [63, 64], config.json implies [64, 64]")
+    file.write_bytes((len(data) + 100).to_bytes(8, "little") + b"{}" + data)  # a header longer than the file
+    one_line_error(lambda: checkpoint.load_llama(hf, adapter_layer=0), file, "header")
+    write_raw_safetensors(file, None, data, header_bytes=json.dumps(header).encode()[:-20])  # cut short: not JSON
+    one_line_error(lambda: checkpoint.load_llama(hf, adapter_layer=0), file, "not JSON")
+
+
+# ---- adapter files: K and L from the file -----------------------------------------------------------------
+
+def generate_answers(task, adapter, *args):
+    """generate.py's stdout for two prompts, greedy, given only the base and the adapter file (and `args`)."""
+    code, stdout, stderr = run_generate(task, "--temperature=0", "--max_gen_len=8", "--prompt=Which colour is the owl?",
+                                        "--prompt=Which colour is the emu?", *args, adapter=adapter)
+    assert code == 0, stderr
+    return stdout
+
+
+def test_adapter_trained_with_other_K_and_L_generates_without_being_told_them(task, tmp_path):
+    train(task, tmp_path, "--adapter_layer=3", "--adapter_len=2", "--stop_after=3", "--base_lr=1.0")
+    adapter = tmp_path / "adapter.pth"
+    untold = generate_answers(task, adapter)
+    assert untold == generate_answers(task, adapter, "--adapter_layer=3", "--adapter_len=2")
+    assert untold.count("### Response: ") == 2
+    model, _ = checkpoint.load_llama(task / "ckpt", adapter_path=adapter, device=DEVICE)
+    assert (model.args.adapter_layer, model.args.adapter_len) == (3, 2)
+    x = tokens()
+    with torch.no_grad(), lladapter.gates_closed(model):
+        base = model(x)
+    with torch.no_grad():  # the adapter was loaded and matters: its gates opened in training
+        assert not torch.allclose(model(x), base)
+
+
+def original_export(model, gates_open=True):
+    """`model`'s adapter as the original code exported it: a gate for every layer (zero where it did not adapt), the
+    prompts of all adapted layers in one [L*K, dim] tensor, and no description of itself."""
+    state = lladapter.adapter_state_dict(model)
+    for i in range(model.first_adapted):
+        state[f"layers.{i}.attention.gate"] = torch.zeros(1, model.args.n_heads, 1, 1)
+    if not gates_open:
+        state = {k: torch.zeros_like(v) if k.endswith(".gate") else v for k, v in state.items()}
+    return state
+
+
+def test_original_layout_adapter_tells_its_K_and_L_by_its_nonzero_gates(tmp_path, spm_tokenizer):
+    source = tiny_model(open_gates=True, adapter_layer=3, adapter_len=2)
+    write_meta_checkpoint(source, tmp_path / "ckpt")
+    path = tmp_path / "original.pth"
+    torch.save(original_export(source), path)
+    assert checkpoint.adapter_args(path, {"dim": 64, "n_layers": 4, "n_heads": 4}, {}) == \
+        {"adapter_len": 2, "adapter_layer": 3, "image_dim": 0}
+    model, _ = checkpoint.load_llama(tmp_path / "ckpt", spm_tokenizer, adapter_path=path, device=DEVICE)
+    assert (model.args.adapter_layer, model.args.adapter_len) == (3, 2)
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x), rtol=1e-5, atol=1e-5)
+    # With every gate zero (an untrained export) nothing tells which layers it adapts: the user is asked, and then
+    # the prompts load into those layers.
+    torch.save(original_export(source, gates_open=False), path)
+    one_line_error(lambda: checkpoint.load_llama(tmp_path / "ckpt", spm_tokenizer, adapter_path=path), path,
+                   "every gate is zero", "give --adapter_layer and --adapter_len")
+    model, _ = checkpoint.load_llama(tmp_path / "ckpt", spm_tokenizer, adapter_path=path, adapter_layer=3,
+                                     adapter_len=2)
+    assert torch.equal(model.adapter_query.weight, source.adapter_query.weight)
+
+
+def test_adapter_for_another_base_is_refused_naming_both_shapes(tmp_path, spm_tokenizer):
+    write_meta_checkpoint(tiny_model(), tmp_path / "ckpt")
+    adapter = tmp_path / "adapter.pth"
+    checkpoint.save_adapter(tiny_model(dim=32, n_heads=2), adapter)
+    one_line_error(lambda: checkpoint.load_llama(tmp_path / "ckpt", spm_tokenizer, adapter_path=adapter), adapter,
+                   "trained on dim=32, n_layers=4, n_heads=2", "this base has dim=64, n_layers=4, n_heads=4")
+
+
+def test_adapter_in_our_older_layout_without_its_config_still_loads(tmp_path, spm_tokenizer):
+    source = tiny_model(open_gates=True)  # L=2, K=3: only the adapted layers' gates, as we saved before the config
+    write_meta_checkpoint(source, tmp_path / "ckpt")
+    torch.save(lladapter.adapter_state_dict(source), tmp_path / "older.pth")
+    model, _ = checkpoint.load_llama(tmp_path / "ckpt", spm_tokenizer, adapter_path=tmp_path / "older.pth", device=DEVICE)
+    assert (model.args.adapter_layer, model.args.adapter_len) == (2, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens()), source(tokens()), rtol=1e-5, atol=1e-5)
+
+
+# ---- generate.py: a prompts file in batches ---------------------------------------------------------------
+
+def test_prompts_file_over_max_batch_size_gives_the_one_at_a_time_answers_one_json_line_each(task, open_adapter,
+                                                                                            tmp_path):
+    records = [{"instruction": "Which colour is the owl?", "input": ""},
+               {"instruction": "Which colour is the yak, and the emu and the cat?", "input": "a short note"},
+               {"instruction": "pink pink pink"},
+               {"instruction": "Which colour is the bee?", "input": "the fox is pink and the dog is blue"},
+               {"instruction": "The cat is blue.", "input": "green"}]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    answers, progress = {}, {}
+    for batch in (2, 1):  # 5 prompts in batches of 2, 2 and 1 (prompts of other lengths padded together); one by one
+        out = tmp_path / f"answers{batch}.jsonl"
+        code, _, stderr = run_generate(task, f"--prompts_file={tmp_path / 'prompts.jsonl'}",
+                                       f"--max_batch_size={batch}", "--temperature=0", "--max_gen_len=8", f"--out={out}",
+                                       adapter=open_adapter)
+        assert code == 0, stderr
+        progress[batch] = [line for line in stderr.splitlines() if line.endswith("answered]")]
+        lines = out.read_text(encoding="utf-8").splitlines()
+        answers[batch] = [json.loads(line) for line in lines]
+        assert [(a["instruction"], a["input"]) for a in answers[batch]] == \
+            [(r["instruction"], r.get("input", "")) for r in records]
+        assert all(set(a) == {"instruction", "input", "output"} for a in answers[batch])
+    assert progress[2] == ["[2/5 answered]", "[4/5 answered]", "[5/5 answered]"]
+    assert progress[1] == [f"[{n}/5 answered]" for n in range(1, 6)]
+    assert [a["output"] for a in answers[2]] == [a["output"] for a in answers[1]]
+    assert len({a["output"] for a in answers[1]}) > 1  # (the random base answers most prompts alike, not these)
+
+
+# ---- damaged files and bad settings -----------------------------------------------------------------------
+
+def record_spans(data: bytes) -> dict:
+    """{record name: (first byte, end)} of the data each record of a zip (a torch file) holds."""
+    spans = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for r in archive.infolist():
+            name_len, extra_len = struct.unpack_from("<HH", data, r.header_offset + 26)  # from the record's own header
+            start = r.header_offset + 30 + name_len + extra_len
+            spans[r.filename] = (start, start + r.compress_size)
+    return spans
+
+
+def flipped(data: bytes, positions, seed=0):
+    """(position, data with that byte changed), for each position: XOR-ed with a seeded random nonzero byte."""
+    rng = random.Random(seed)
+    for position in positions:
+        damaged = bytearray(data)
+        damaged[position] ^= rng.randrange(1, 256)
+        yield position, bytes(damaged)
+
+
+def truncations(data: bytes):
+    return [0, 1, 7, 8, 30, len(data) // 3, len(data) // 2, len(data) - 100, len(data) - 22, len(data) - 1]
+
+
+def test_damaged_adapter_file_is_refused_in_one_line_and_never_loads_other_values(tmp_path):
+    source, model = tiny_model(open_gates=True), tiny_model()
+    good, bad = tmp_path / "adapter.pth", tmp_path / "damaged.pth"
+    checkpoint.save_adapter(source, good)
+    data = good.read_bytes()
+    for n in truncations(data):
+        bad.write_bytes(data[:n])
+        one_line_error(lambda: checkpoint.load_adapter(model, bad), bad)
+    # torch.load checks no CRC32; load_adapter does (torch_load with verify), so a flip in any record is refused:
+    # the tensors' bytes, the pickle, the format's own records. A flip elsewhere lands in the zip's structure, and
+    # is refused too, except in the few bytes no reader uses (alignment padding, a record's attributes or time):
+    # then the file must load exactly the adapter that was saved.
+    records = list(record_spans(data).values())
+    in_records = 0
+    for position, damaged in flipped(data, random.Random(1).sample(range(len(data)), 400)):
+        bad.write_bytes(damaged)
+        in_records += any(start <= position < end for start, end in records)
+        model.reset_adapter()
+        try:
+            checkpoint.load_adapter(model, bad)
+        except InputError as e:
+            assert "\n" not in str(e) and str(bad) in str(e), str(e)
+            continue
+        assert not any(start <= position < end for start, end in records), position
+        assert all(torch.equal(v, source.state_dict()[k]) for k, v in lladapter.adapter_state_dict(model).items())
+    assert in_records > 150  # the sample did reach the records: most of the file (all but 0.13% of a 7B adapter)
+
+
+def test_damaged_base_checkpoint_is_refused_in_one_line_or_loads_unchanged(tmp_path, spm_tokenizer):
+    model = tiny_model(n_layers=1, adapter_layer=1)  # few tensors: torch.load's unpickler is slow
+    ckpt = tmp_path / "ckpt"
+    write_meta_checkpoint(model, ckpt)
+    file = ckpt / "consolidated.00.pth"
+    data = file.read_bytes()
+    for n in truncations(data):
+        file.write_bytes(data[:n])
+        one_line_error(lambda: checkpoint.load_llama(ckpt, spm_tokenizer, adapter_layer=0), file)
+    # A base checkpoint is memory-mapped and its tensors' bytes are not verified (a 13 GB read): a flipped byte
+    # among them loads silently. So flips go only where they can be caught: the zip's headers, the pickle, the
+    # central directory at the end. The pickle is checked whole: a flip there is always refused.
+    file.write_bytes(data)
+    expected = checkpoint.torch_load(file)
+    spans = record_spans(data)
+    pickle_span = next(span for name, span in spans.items() if name.endswith("/data.pkl"))
+    tensor_spans = [span for name, span in spans.items() if name.split("/")[-2] == "data"]
+    structure = [p for p in range(len(data)) if not any(start <= p < end for start, end in tensor_spans)]
+    in_pickle = 0
+    for position, damaged in flipped(data, random.Random(2).sample(structure, 300)):
+        file.write_bytes(damaged)
+        in_pickle += pickle_span[0] <= position < pickle_span[1]
+        try:
+            state = checkpoint.torch_load(file, mmap=True)  # as load_llama reads it
+        except InputError as e:
+            assert "\n" not in str(e) and str(file) in str(e), str(e)
+            continue
+        assert not pickle_span[0] <= position < pickle_span[1], position
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state), position
+    assert in_pickle > 50  # the sample did reach the pickle
+
+
+def test_damaged_safetensors_header_is_refused_in_one_line_or_loads_unchanged(tmp_path, spm_tokenizer):
+    model = tiny_model()
+    hf = tmp_path / "hf"
+    write_hf_checkpoint(model, hf, spm_tokenizer)
+    file = hf / "model.safetensors"
+    data = file.read_bytes()
+    for n in truncations(data):
+        file.write_bytes(data[:n])
+        one_line_error(lambda: checkpoint.load_llama(hf, adapter_layer=0), file)
+    # The format has no checksum: a flip among the tensors' bytes is undetectable. One in the header length or the
+    # JSON header is refused, or lands where it changes nothing (a space of the padding turned into a tab, say).
+    file.write_bytes(data)
+    expected = {k: v.clone() for k, v in checkpoint.load_llama(hf, adapter_layer=0)[0].state_dict().items()}
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    caught = 0
+    for position, damaged in flipped(data, random.Random(3).sample(range(header_end), 150)):
+        file.write_bytes(damaged)
+        try:
+            loaded, _ = checkpoint.load_llama(hf, adapter_layer=0)
+        except InputError as e:  # naming the file, or the folder and the name a flip made up
+            assert "\n" not in str(e) and (str(file) in str(e) or f"{hf}: the weights don't match" in str(e)), str(e)
+            caught += 1
+            continue
+        assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items()), position
+    assert caught > 100
+
+
+def test_files_that_are_not_utf8_are_refused_in_one_line(tmp_path, spm_tokenizer):
+    write_meta_checkpoint(tiny_model(), tmp_path / "meta")
+    write_hf_checkpoint(tiny_model(), tmp_path / "hf", spm_tokenizer)
+    for file in (tmp_path / "meta" / "params.json", tmp_path / "hf" / "config.json"):
+        file.write_bytes(b"\xff\xfe{" + file.read_bytes())
+        one_line_error(lambda: checkpoint.load_llama(file.parent, spm_tokenizer), file, "not valid JSON")
+
+
+def script_error(monkeypatch, script, *args):
+    """The InputError that `script` stops with, run in this process: no second torch import to wait for. (That the
+    scripts turn it into one line and exit status 1 is checked with real processes below.)"""
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # the script installs its own: ours comes back after
+    with pytest.raises(InputError) as error:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    assert "\n" not in str(error.value), str(error.value)
+    return str(error.value)
+
+
+def test_zero_or_negative_settings_and_non_utf8_inputs_are_refused_before_anything_is_written(task, tmp_path,
+                                                                                            monkeypatch):
+    out, answers = tmp_path / "out", tmp_path / "answers.jsonl"
+    (tmp_path / "latin1.json").write_bytes('[{"instruction": "Café?", "output": "Oui."}]'.encode("latin-1"))
+    (tmp_path / "latin1.txt").write_bytes("Which colour is the café?\n".encode("latin-1"))
+    trains = [f"--ckpt_dir={task / 'ckpt'}", f"--data_path={task / 'data.json'}", f"--out_dir={out}"]
+    for setting in ["--batch_size=0", "--micro_batch_size=-1", "--epochs=0", "--save_interval=0", "--adapter_len=0"]:
+        assert setting in script_error(monkeypatch, "train.py", *trains, setting)
+    assert "latin1.json: not UTF-8 text" in script_error(monkeypatch, "train.py", *trains,
+                                                          f"--data_path={tmp_path / 'latin1.json'}")
+    generates = [f"--ckpt_dir={task / 'ckpt'}", f"--out={answers}"]
+    assert "--max_batch_size=0: must be positive" in script_error(monkeypatch, "generate.py", *generates, "--prompt=hi",
+                                                                  "--max_batch_size=0")
+    assert "latin1.txt: not UTF-8 text" in script_error(monkeypatch, "generate.py", *generates,
+                                                        f"--prompts_file={tmp_path / 'latin1.txt'}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latin1.json", "latin1.txt"]
+
+
+def test_scripts_given_damaged_files_exit_1_with_one_line_and_write_nothing(task, tmp_path):
+    ckpt = tmp_path / "ckpt"  # the task's base, its checkpoint cut in half
+    shutil.copytree(task / "ckpt", ckpt)
+    data = (ckpt / "consolidated.00.pth").read_bytes()
+    (ckpt / "consolidated.00.pth").write_bytes(data[:len(data) // 2])
+    adapter = tmp_path / "adapter.pth"  # an adapter for the task's base, one byte of its prompts flipped
+    checkpoint.save_adapter(tiny_model(open_gates=True, max_seq_len=512), adapter)
+    data = adapter.read_bytes()
+    start, end = max(record_spans(data).values(), key=lambda span: span[1] - span[0])  # adapter_query's [6, 64]
+    adapter.write_bytes(next(flipped(data, [(start + end) // 2]))[1])
+    out, answers = tmp_path / "out", tmp_path / "answers.jsonl"
+    runs = {"cut checkpoint": (train(task, out, f"--ckpt_dir={ckpt}", check=False), "consolidated.00.pth: corrupted"),
+            "flipped adapter": (run_generate(task, "--prompt=hi", f"--out={answers}", adapter=adapter), "adapter.pth: "
+                                "corrupted (Bad CRC-32")}
+    for name, (result, message) in runs.items():
+        code, output = result[0], "".join(result[1:])
+        errors = [line for line in output.splitlines() if line.startswith("error: ")]
+        assert code == 1 and len(errors) == 1 and message in errors[0] and "Traceback" not in output, (name, output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.pth", "ckpt"]
+
+
+def test_shard_index_without_a_map_of_file_names_is_refused_in_one_line(tmp_path, spm_tokenizer):
+    write_hf_checkpoint(tiny_model(), tmp_path, spm_tokenizer, "two shards")
+    index = tmp_path / "model.safetensors.index.json"
+    for text in ['[]', '{"metadata": {}}', '{"weight_map": {"lm_head.weight": 2}}']:
+        index.write_text(text)
+        one_line_error(lambda: checkpoint.load_llama(tmp_path, adapter_layer=0), index, "no 'weight_map'")
