@@ -1,26 +1,44 @@
 """
-Measure what the paper claims about cost: adapter training against full fine-tuning, cached generation against
-recomputation, and (with CUDA) a LLaMA-7B-shaped adapter step. Random weights: nothing to download.
+Measure what the paper and the README claim about cost, on random weights: nothing to download.
 
     python bench.py                      # CPU section, then the GPU section when CUDA is present; a table at the end
     python bench.py --json=bench.json    # also write every figure as JSON
-    python bench.py --quick              # tiny shapes, seconds: checks that the benchmark runs, measures nothing
+    python bench.py --quick              # tiny shapes, seconds: checks that every section runs, measures nothing
+    python bench.py --plan               # memory planner for LLaMA 7B-70B, then its check against train.py here
+    python bench.py --plan --quick       # the planner, checked at tiny shapes (CI)
+
+CPU: one adapter step against one full fine-tuning step (time, peak memory); cached generation against
+recomputation; per-token decoding on a tiny model, where it is all overhead, eager against compile=True.
+GPU: LLaMA-7B's shapes, bf16 base and fp32 adapter under autocast, train.py's step at full length (max_seq_len
+512, no padding) for micro-batches 1, 2, 4, 8: tokens/s, MFU against the card's dense 16-bit peak, the peak memory
+torch reserved (the CUDA context, a few hundred MiB, comes on top) beside the planner's prediction, and which
+scaled_dot_product_attention kernel ran; then decoding at batch 1 and 8, eager and compiled, beside the card's
+memory-bandwidth bound.
 
 Targets (issue 7): CPU adapter step <= 0.7x the full step's time and <= 0.6x its memory; cached generation >= 5x
 recomputation at 256 new tokens; GPU: >= 45% MFU on the 7B-shaped adapter step, the paper's 5 Alpaca epochs
-projected under an hour on one H100, 7B adapter training at max_seq_len 512 within 24 GB.
+projected under an hour on one H100, 7B adapter training at max_seq_len 512 (micro-batch 1) within a 24 GB card.
 """
+import functools
 import json as jsonlib  # `json` is the --json setting below
+import math
 import os
 import platform
+import random
+import re
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+import checkpoint
 import cli
 import lladapter
 from lladapter import ModelArgs, Transformer
@@ -37,21 +55,28 @@ adapter_len = 10
 steps = 5  # timed steps per mode, alternating adapter / full, after one warm-up step each
 new_tokens = 256  # generation: new tokens per prompt
 prompt_len = 32
-# GPU section: LLaMA-7B's shapes in bf16, the paper's adapter (K=10, L=30), Alpaca-like lengths
-gpu_steps = 10
-gpu_micro_batches = "1,2,4,8"  # micro-batch sizes to try at max_seq_len 512 (peak memory reported for each)
-gpu_peak_tflops = 989.0  # bf16 dense peak of the GPU: H100 SXM 989 (A100 312, H200 989)
+decode_tokens = 128  # CPU decoding overhead: new tokens per timed call on the tiny model
+compile_decode = True  # also decode with generate(compile=True); compiling first takes ~20 s on a CPU
+# GPU section: LLaMA-7B's shapes, the paper's adapter (K=10, L=30), every sequence max_seq_len long
+dtype = "auto"  # the frozen base: auto is bf16 on a GPU that has it, fp16 on one that doesn't (fp32 on a CPU)
+gpu_steps = 10  # timed steps per micro-batch size, after one warm-up step
+gpu_micro_batches = "1,2,4,8"  # micro-batch sizes to run at max_seq_len 512
+gpu_peak_tflops = 0.0  # the card's dense 16-bit peak; 0: looked up from its name (GPU_SPECS)
+gpu_bandwidth_tbs = 0.0  # the card's memory bandwidth in TB/s; 0: looked up from its name
+# The memory planner
+plan = False  # print the planner's table for LLaMA 7B-70B, check it against train.py on this CPU, and exit
+plan_check = True  # with --plan: check it against train.py, 1 process, DDP 2, FSDP 2 (~2 min; --quick: tiny, ~1)
 json = ""  # --json=FILE writes the results as JSON
 quick = False  # tiny shapes: a smoke test of this script
 memory_probe = ""  # internal: "adapter" or "full", run in a fresh process to measure its peak memory
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
-cli.exit_on_input_error()
-settings.update(cli.parse_overrides(settings, sys.argv[1:], __doc__, __file__))
-if settings["quick"]:
-    settings.update(dim=64, n_layers=2, n_heads=4, vocab_size=512, seq_len=32, batch=2, adapter_layer=1, steps=2,
-                    new_tokens=16, prompt_len=8, gpu_steps=2, gpu_micro_batches="1,2")
-globals().update(settings)
+QUICK = dict(dim=64, n_layers=2, n_heads=4, vocab_size=512, seq_len=32, batch=2, adapter_layer=1, steps=2,
+             new_tokens=16, prompt_len=8, decode_tokens=16, compile_decode=False, gpu_steps=2, gpu_micro_batches="1,2")
+ROOT = Path(__file__).resolve().parent
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared pieces: random models, train.py's step, timing, memory
 
 def cpu_name():
     try:
@@ -76,29 +101,41 @@ def random_model(args, device, dtype, seed=0):
             p.normal_(0, 0.02)
     if args.adapter_layer:
         model.reset_adapter()
-    model.rope = lladapter.precompute_rope(args.dim // args.n_heads, args.max_seq_len,
-                                                               args.rope_theta, device)
+    model.rope = lladapter.precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta, device)
     return model
 
 
-def training_step(model, optimizer, tokens, labels):
-    # train.py's step: the response loss under bf16 autocast on a GPU, a backward, an AdamW update
-    device_type = tokens.device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
-        loss = lladapter.response_loss(model, tokens, labels) / (labels != lladapter.IGNORE_INDEX).sum()
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+def open_gates(model, value=0.1):
+    # An adapter in use: its branch runs at every step and changes the output.
+    with torch.no_grad():
+        for layer in model.layers[model.first_adapted:]:
+            layer.attention.gate.fill_(value)
 
 
-def make_trainer(args, mode, device, dtype):
-    model = random_model(args, device, dtype)
-    if mode == "adapter":
-        lladapter.mark_only_adapter_trainable(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.02,
-                                  fused=device.type == "cuda")
-    return model, optimizer, sum(p.numel() for p in trainable)
+class Trainer:
+    """A model with train.py's optimizer and precision: the base in `dtype` under one autocast, the trainable
+    tensors fp32, AdamW (fused on a GPU), and fp16's loss scaling."""
+
+    def __init__(self, args, mode, device, dtype):
+        self.model = random_model(args, device, dtype)
+        if mode == "adapter":
+            lladapter.mark_only_adapter_trainable(self.model)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.n_trainable = sum(p.numel() for p in trainable)
+        self.optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.02,
+                                           fused=device.type == "cuda")
+        self.autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def step(self, tokens, labels):
+        # train.py's step for one micro-batch that is the whole batch: the response loss as a mean over its scored
+        # tokens, a backward, an AdamW update
+        with self.autocast:
+            loss = lladapter.response_loss(self.model, tokens, labels) / (labels != lladapter.IGNORE_INDEX).sum()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 def mid_args(adapter=True):
@@ -112,6 +149,11 @@ def random_batch(bsz, length, vocab, device):
     labels = tokens.clone()
     labels[:, :length // 3] = lladapter.IGNORE_INDEX
     return tokens, labels
+
+
+def scored_per_sequence(length):
+    # What random_batch scores: targets are labels[:, 1:], of which the first length // 3 - 1 are the prompt's
+    return length - length // 3 + 1
 
 
 def timed(fn):
@@ -134,54 +176,57 @@ def rss_mib(field="VmHWM"):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-if memory_probe:  # a fresh process: one mode only, so its peak resident memory is its own
+# glibc raises its mmap threshold as large blocks are freed, then keeps freed tensors resident, so by default a
+# CPU peak depends on allocation history; with the threshold fixed, freed tensors go back to the system and the
+# peak follows the live tensors (the same to the MiB on every run).
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CPU: adapter against full fine-tuning, the KV cache against recomputation, decoding overhead
+
+def probe_memory(mode):
+    """Run in a fresh process (--memory_probe): 3 training steps of one mode; its peak memory as JSON."""
     baseline = rss_mib()
-    model, optimizer, _ = make_trainer(mid_args(), memory_probe, torch.device("cpu"), torch.float32)
+    trainer = Trainer(mid_args(), mode, torch.device("cpu"), torch.float32)
     loaded = rss_mib("VmRSS")
     tokens, labels = random_batch(batch, seq_len, vocab_size, "cpu")
     for _ in range(3):  # from the second step on, the optimizer state is allocated
-        training_step(model, optimizer, tokens, labels)
+        trainer.step(tokens, labels)
     print(jsonlib.dumps({"peak_mib": rss_mib(), "baseline_mib": baseline, "loaded_mib": loaded}))
-    sys.exit(0)
-
-results = {"torch": torch.__version__, "cpu": f"{cpu_name()}, {os.cpu_count()} cores", "quick": quick}
-print(f"torch {torch.__version__} | {results['cpu']} | {torch.get_num_threads()} threads"
-      + (" | QUICK: tiny shapes, not a measurement" if quick else ""), flush=True)
-
-# ---- CPU: one adapter step against one full fine-tuning step, alternating --------------------------------
-cpu = torch.device("cpu")
-trainers = {mode: make_trainer(mid_args(), mode, cpu, torch.float32) for mode in ("adapter", "full")}
-tokens, labels = random_batch(batch, seq_len, vocab_size, cpu)
-times = {"adapter": [], "full": []}
-for i in range(steps + 1):
-    for mode, (model, optimizer, _) in trainers.items():
-        t = timed(lambda: training_step(model, optimizer, tokens, labels))
-        if i > 0:  # the first step of each warms up (allocations, optimizer state)
-            times[mode].append(t)
-for mode in ("adapter", "full"):
-    median = statistics.median(times[mode])
-    # glibc raises its mmap threshold as large blocks are freed, then keeps freed tensors resident, so by default
-    # the peak depends on allocation history (0.58x-0.60x over runs here); with the threshold fixed, freed
-    # tensors go back to the system and the peak follows the live tensors, the same to the MiB on every run.
-    probe = subprocess.run([sys.executable, __file__, f"--memory_probe={mode}", *sys.argv[1:]], capture_output=True,
-                           text=True, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
-    memory = jsonlib.loads(probe.stdout)
-    # Peak memory above the interpreter and torch (weights included), and above the loaded model (what the
-    # training step itself adds: activations, logits, gradients, optimizer state).
-    above_import, above_model = memory["peak_mib"] - memory["baseline_mib"], memory["peak_mib"] - memory["loaded_mib"]
-    results[f"cpu_{mode}"] = {"trainable": trainers[mode][2], "step_s": median, "tokens_per_s": batch * seq_len / median,
-                              "peak_mib": memory["peak_mib"], "above_import_mib": above_import, "above_model_mib": above_model}
-    print(f"cpu {mode:7} step: {median * 1000:8.1f} ms median of {steps}, {batch * seq_len / median:8.0f} tok/s, "
-          f"peak memory {above_import:.0f} MiB above torch's own, {above_model:.0f} MiB above the loaded model",
-          flush=True)
-del trainers
-a, f = results["cpu_adapter"], results["cpu_full"]
-results["cpu_time_ratio"] = a["step_s"] / f["step_s"]
-for key in ("above_import_mib", "above_model_mib"):
-    results[f"cpu_memory_ratio_{key[:-4]}"] = a[key] / f[key] if f[key] > 0 else float("nan")
 
 
-# ---- generation: KV cache against recomputing the whole sequence at every step ---------------------------
+def cpu_training(argv, results):
+    cpu = torch.device("cpu")
+    trainers = {mode: Trainer(mid_args(), mode, cpu, torch.float32) for mode in ("adapter", "full")}
+    tokens, labels = random_batch(batch, seq_len, vocab_size, cpu)
+    times = {"adapter": [], "full": []}
+    for i in range(steps + 1):
+        for mode, trainer in trainers.items():
+            t = timed(lambda: trainer.step(tokens, labels))
+            if i > 0:  # the first step of each warms up (allocations, optimizer state)
+                times[mode].append(t)
+    for mode in ("adapter", "full"):
+        median = statistics.median(times[mode])
+        probe = subprocess.run([sys.executable, __file__, f"--memory_probe={mode}", *argv], capture_output=True,
+                               text=True, check=True, env={**os.environ, **FIXED_MALLOC})
+        memory = jsonlib.loads(probe.stdout)
+        # Peak memory above the interpreter and torch (weights included), and above the loaded model (what the
+        # training step itself adds: activations, logits, gradients, optimizer state).
+        above_import = memory["peak_mib"] - memory["baseline_mib"]
+        above_model = memory["peak_mib"] - memory["loaded_mib"]
+        results[f"cpu_{mode}"] = {"trainable": trainers[mode].n_trainable, "step_s": median,
+                                  "tokens_per_s": batch * seq_len / median, "peak_mib": memory["peak_mib"],
+                                  "above_import_mib": above_import, "above_model_mib": above_model}
+        print(f"cpu {mode:7} step: {median * 1000:8.1f} ms median of {steps}, {batch * seq_len / median:8.0f} tok/s, "
+              f"peak memory {above_import:.0f} MiB above torch's own, {above_model:.0f} MiB above the loaded model",
+              flush=True)
+    a, f = results["cpu_adapter"], results["cpu_full"]
+    results["cpu_time_ratio"] = a["step_s"] / f["step_s"]
+    for key in ("above_import_mib", "above_model_mib"):
+        results[f"cpu_memory_ratio_{key[:-4]}"] = a[key] / f[key] if f[key] > 0 else float("nan")
+
+
 @torch.inference_mode()
 def recompute_generate(model, prompt, n):
     tokens = prompt
@@ -191,103 +236,589 @@ def recompute_generate(model, prompt, n):
     return tokens
 
 
-def generation_speed(model, device, bsz, label):
-    prompt = torch.randint(3, model.args.vocab_size, (bsz, prompt_len), device=device)
+def cache_against_recompute(model, bsz):
+    prompt = torch.randint(3, model.args.vocab_size, (bsz, prompt_len))
     cached = timed(lambda: lladapter.generate(model, prompt.tolist(), new_tokens, temperature=0, eos_id=-1))
-    row = {"batch": bsz, "cached_tokens_per_s": bsz * new_tokens / cached}
-    if device.type == "cpu" or bsz == 1:
-        recompute = timed(lambda: recompute_generate(model, prompt, new_tokens))
-        row.update(recompute_tokens_per_s=bsz * new_tokens / recompute, speedup=recompute / cached)
-    print(f"{label} generation, batch {bsz}: {row['cached_tokens_per_s']:8.1f} tok/s with the cache" +
-          (f", {row['recompute_tokens_per_s']:8.1f} recomputing, {row['speedup']:.1f}x" if "speedup" in row else ""),
-          flush=True)
+    recompute = timed(lambda: recompute_generate(model, prompt, new_tokens))
+    row = {"batch": bsz, "cached_tokens_per_s": bsz * new_tokens / cached,
+           "recompute_tokens_per_s": bsz * new_tokens / recompute, "speedup": recompute / cached}
+    print(f"cpu generation, batch {bsz}: {row['cached_tokens_per_s']:8.1f} tok/s with the cache, "
+          f"{row['recompute_tokens_per_s']:8.1f} recomputing, {row['speedup']:.1f}x", flush=True)
     return row
 
 
-model = random_model(mid_args(), cpu, torch.float32)
-with torch.no_grad():
-    for layer in model.layers[model.first_adapted:]:
-        layer.attention.gate.fill_(0.1)  # an adapter in use: its branch runs at every step
-results["cpu_generation"] = [generation_speed(model, cpu, bsz, "cpu") for bsz in (1, 8)]
-del model
+def decode_overhead(n_tokens, use_compile, repeats=3):
+    """Per-token decoding time on a tiny model (dim 64, 4 layers: the arithmetic is nothing, the time is Python,
+    dispatch and kernel launches), eager and compile=True alternating in one process, after a warm-up of each.
+    On one thread: ops this small gain nothing from more, and on a busy machine OpenMP's waiting threads would
+    measure the contention (both modes read ~60 ms per token on 2 threads here), not the overhead."""
+    args = ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=512, max_seq_len=n_tokens + 16, adapter_layer=3)
+    model = random_model(args, torch.device("cpu"), torch.float32)
+    open_gates(model)
+    prompt = [list(range(3, 11))]  # 8 tokens: the prefill is one small forward
+    modes = [False, True] if use_compile else [False]
+    times = {m: [] for m in modes}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for i in range(repeats + 1):
+        for m in modes:
+            t = timed(lambda: lladapter.generate(model, prompt, n_tokens, temperature=0, eos_id=-1, compile=m))
+            if i > 0:  # the first call of each warms up (and compiles)
+                times[m].append(t / n_tokens)
+    torch.set_num_threads(threads)
+    row = {"eager_ms_per_token": 1000 * statistics.median(times[False])}
+    text = f"cpu decoding, tiny model, batch 1: {row['eager_ms_per_token']:.2f} ms per token eager"
+    if use_compile:
+        row["compiled_ms_per_token"] = 1000 * statistics.median(times[True])
+        row["compiled_over_eager"] = row["compiled_ms_per_token"] / row["eager_ms_per_token"]
+        text += f", {row['compiled_ms_per_token']:.2f} compiled ({row['compiled_over_eager']:.2f}x)"
+    print(text + f"; median of {repeats} calls of {n_tokens} tokens each, one thread", flush=True)
+    return row
 
-# ---- GPU: LLaMA-7B's shapes, bf16 base, fp32 adapter, Alpaca-like lengths --------------------------------
-if torch.cuda.is_available() or quick:
-    gpu = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = torch.cuda.get_device_name() if gpu.type == "cuda" else "cpu (quick: the GPU code path on tiny shapes)"
-    args = ModelArgs(vocab_size=32000, max_seq_len=512) if not quick else \
-        ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=512, max_seq_len=64, adapter_layer=3)
-    dtype = torch.bfloat16 if gpu.type == "cuda" else torch.float32
-    model, optimizer, n_trainable = make_trainer(args, "adapter", gpu, dtype)
-    n_params = sum(p.numel() for p in model.parameters())
-    # Alpaca-like lengths: log-normal, clipped to [60, max_seq_len]; mean near 180 at max_seq_len 512.
-    rng = torch.Generator().manual_seed(0)
-    lengths = (torch.randn(4096, generator=rng) * 0.45 + 5.1).exp().clamp(60, args.max_seq_len).long()
-    if quick:
-        lengths = lengths * args.max_seq_len // 512
-    # FLOPs per token of an adapter step: forward 2 * (matmul params) + attention 4 * n_layers * seqlen * dim;
-    # backward, for activations only (no weight gradients), through the adapted layers and the output head.
-    layer_params = sum(p.numel() for p in model.layers[0].parameters())
-    mean_len = lengths.float().mean().item()
-    forward = 2 * (args.n_layers * layer_params + args.dim * args.vocab_size) + 4 * args.n_layers * mean_len * args.dim
-    backward = 2 * (args.adapter_layer * layer_params + args.dim * args.vocab_size) + 8 * args.adapter_layer * mean_len * args.dim
-    flops_per_token = forward + backward
-    results["gpu"] = {"device": name, "params": n_params, "trainable": n_trainable, "mean_length": mean_len,
-                      "flops_per_token": flops_per_token, "peak_tflops": gpu_peak_tflops, "micro_batches": []}
-    print(f"gpu: {name}; {n_params / 1e9:.2f}B parameters, {n_trainable:,} trainable; lengths mean {mean_len:.0f}; "
-          f"{flops_per_token / 1e9:.2f} GFLOP per token", flush=True)
-    for mb in map(int, gpu_micro_batches.split(",")):
-        if gpu.type == "cuda":
+
+# ----------------------------------------------------------------------------------------------------------
+# The memory planner: peak GPU memory per process for adapter training, from the model's shapes and this code
+
+# LLaMA's sizes as Meta's params.json give them; vocab_size 32,000 from the tokenizer.
+LLAMA = {
+    "7B": dict(dim=4096, n_layers=32, n_heads=32),
+    "13B": dict(dim=5120, n_layers=40, n_heads=40),
+    "33B": dict(dim=6656, n_layers=60, n_heads=52),
+    "65B": dict(dim=8192, n_layers=80, n_heads=64),
+    "70B (LLaMA-2)": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096),
+}
+
+
+def llama_args(size, max_seq_len=512):
+    # The paper's adapter: K = 10, and 30 of 32 layers at 7B; the same share of the layers at the other sizes.
+    shape = LLAMA[size]
+    return ModelArgs(**shape, vocab_size=32000, max_seq_len=max_seq_len, adapter_len=10,
+                     adapter_layer=round(shape["n_layers"] * 30 / 32))
+
+
+class FusedAttention(torch.autograd.Function):
+    """Stands in for scaled_dot_product_attention on the meta device, where torch would pick the math kernel, which
+    also keeps each head's attention matrix. The fused kernels that train (flash, memory-efficient and cuDNN on a
+    GPU, flash on a CPU) keep their inputs, their output, and one fp32 log-sum-exp per query and head."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out, lse = torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)  # (bsz, heads, seqlen)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+
+class MetaFusedAttention(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            return FusedAttention.apply(*args[:3])
+        return func(*args, **(kwargs or {}))
+
+
+def fields_of(args):
+    return tuple(vars(args).items())  # ModelArgs, hashable, for functools.lru_cache
+
+
+@functools.lru_cache(maxsize=None)
+def meta_forward_saved(fields, micro_batch, length, scored, dtype):
+    # One forward of the whole model on the meta device, counting what autograd saves (see saved_for_backward)
+    args = ModelArgs(**dict(fields))
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to(dtype)  # as load_llama: the base in dtype, the adapter and the rotary table fp32
+    for name, p in model.named_parameters():
+        p.data = p.data.float() if lladapter.is_adapter_key(name) else p.data
+    model.rope = model.rope.float()
+    lladapter.mark_only_adapter_trainable(model)
+    weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in weights:
+            saved[storage._cdata] = (storage.nbytes(), t.dim() > 0 and t.shape[-1] == args.vocab_size)
+        return t
+
+    tokens = torch.zeros(micro_batch, length, dtype=torch.long, device="meta")
+    targets = torch.zeros(micro_batch * scored, dtype=torch.long, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), MetaFusedAttention():
+        logits = model(tokens, logits_at=slice(length - scored, None))  # (micro_batch, scored, vocab_size)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets, reduction="sum")
+    assert loss.requires_grad  # the graph reaches the adapter
+    return sum(n for n, is_logits in saved.values() if not is_logits), micro_batch * scored * args.vocab_size
+
+
+def saved_for_backward(args, micro_batch, length, scored, dtype):
+    """Bytes of activations an adapter training step keeps for backward, read off this code rather than modelled:
+    a forward on the meta device (shapes, no data), adding up the distinct storages autograd saves, weights
+    excluded. Returns (bytes outside the output head's logits, logits elements). `scored` positions per sequence go
+    through the output head (as a slice: train.py gathers them, which keeps the same but for scored x dim elements).
+    Frozen layers below the adapted ones keep nothing, the lowest adapted one keeps less (its input needs no
+    gradient), and every other keeps the same: so a model of 2 and one of 3 adapted layers, extrapolated to L, give
+    the model's figure exactly, in a second at any size."""
+    if args.adapter_layer <= 3:
+        return meta_forward_saved(fields_of(args), micro_batch, length, scored, dtype)
+    two, three = (meta_forward_saved(fields_of(replace(args, n_layers=n, adapter_layer=n)), micro_batch, length, scored,
+                                     dtype) for n in (2, 3))
+    return two[0] + (args.adapter_layer - 2) * (three[0] - two[0]), two[1]
+
+
+@functools.lru_cache(maxsize=None)
+def parameter_shapes(fields):
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(**dict(fields)))
+    return {name: p.shape for name, p in model.named_parameters()}
+
+
+def plan_memory(args, parallel, world, micro_batch, length, scored, dtype, gathered_blocks=3):
+    """Predicted peak memory of one process in adapter training, in bytes, by term.
+
+    parallel: "1 GPU", "DDP" or "FSDP" (train.py --fsdp: fully_shard on each TransformerBlock and on the root; the
+    adapter is left out of the shards, whole and fp32 in every process). The base is in `dtype`; the activations
+    are those of one micro-batch of `micro_batch` sequences of `length` tokens, `scored` of each scored.
+    gathered_blocks: under FSDP, whole blocks held at once besides the shards: the one running, the next one
+    gathered ahead, and the all-gather buffer of one more being copied out.
+    The two peaks, end of forward (logits) and a block's backward (gathered blocks), are added: a slight overestimate.
+    """
+    shapes = parameter_shapes(fields_of(args))
+    base = {name: shape for name, shape in shapes.items() if not lladapter.is_adapter_key(name)}
+    n_adapter = sum(math.prod(shape) for name, shape in shapes.items() if lladapter.is_adapter_key(name))
+    terms = {}
+    if parallel == "FSDP":
+        # fully_shard splits every tensor along dim 0: ceil(rows / world) rows each. The root's tensors (the
+        # embeddings, the final norm, the output head) are gathered at the start of forward and stay so until the
+        # end of backward; a block's are gathered while it runs, in forward and again in backward.
+        shard = sum(math.ceil(shape[0] / world) * math.prod(shape[1:]) for shape in base.values())
+        root = sum(math.prod(shape) for name, shape in base.items() if not name.startswith("layers."))
+        block = sum(math.prod(shape) for name, shape in base.items() if name.startswith("layers.0."))
+        terms["weights"] = dtype.itemsize * (shard + root + gathered_blocks * block)
+    else:
+        terms["weights"] = dtype.itemsize * sum(map(math.prod, base.values()))  # every process holds it all
+    # fp32 prompts and gates, their gradients, AdamW's two moments; DDP also keeps a bucket of gradients
+    terms["adapter"] = n_adapter * (4 + 4 + 8 + (4 if parallel == "DDP" else 0))
+    activations, n_logits = saved_for_backward(args, micro_batch, length, scored, dtype)
+    terms["activations"] = activations
+    # fp32 log-probabilities kept for backward, then at the start of backward their gradient and the logits'
+    # gradient beside them: three (scored positions, vocab_size) fp32 tensors at once (forward holds two at most)
+    terms["logits"] = 3 * 4 * n_logits
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+CARDS_GB = (24, 40, 48, 80)  # common cards' memory; "24 GB" cards report 22.5 (L4, A10G) to 24 GiB (RTX 4090)
+CONTEXT_GIB = 1.5  # kept free on the card: the CUDA context (~0.5 GiB), cuBLAS and NCCL workspaces, allocator slack
+
+
+def fits(total_bytes):
+    return [gb for gb in CARDS_GB if total_bytes / 2**30 + CONTEXT_GIB <= gb]
+
+
+def plan_table(micro_batches=(1, 4), length=512, world=8, log=print):
+    rows = []
+    log(f"memory planner: peak GPU memory per process, GiB, adapter training at max_seq_len {length} (every position "
+        f"scored), bf16 base, fp32 adapter with AdamW; K=10, L = 30/32 of the layers; fits: a card of N GB with "
+        f"{CONTEXT_GIB} GiB kept for the CUDA context and workspaces")
+    log(f"{'model':14} {'L':>3}  {'setup':7} {'mb':>3} {'weights':>8} {'adapter':>8} {'activ.':>8} {'logits':>7} "
+        f"{'total':>7}  fits (GB)")
+    for size in LLAMA:
+        args = llama_args(size, length)
+        for parallel, w in (("1 GPU", 1), ("DDP", world), ("FSDP", world)):
+            for mb in micro_batches:
+                terms = plan_memory(args, parallel, w, mb, length, length, torch.bfloat16)
+                setup = parallel if parallel == "1 GPU" else f"{parallel} {w}"
+                row = {"model": size, "adapter_layer": args.adapter_layer, "setup": setup, "micro_batch": mb,
+                       **{k: v / 2**30 for k, v in terms.items()}, "fits_gb": fits(terms["total"])}
+                rows.append(row)
+                log(f"{size:14} {args.adapter_layer:3}  {setup:7} {mb:3} {row['weights']:8.2f} {row['adapter']:8.3f} "
+                    f"{row['activations']:8.2f} {row['logits']:7.2f} {row['total']:7.2f}  "
+                    f"{' '.join(map(str, row['fits_gb'])) or 'none'}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU: the 7B-shaped adapter step and decoding, against the card's peak compute and memory bandwidth
+
+# Dense (no sparsity) 16-bit tensor peak in TFLOPS (bf16; fp16 for V100 and T4, which have no bf16) and memory
+# bandwidth in TB/s, from the vendors' data sheets. Matched against torch.cuda.get_device_name() as whole words,
+# in this order: the first whose every word is in the name wins.
+GPU_SPECS = [
+    (("H100", "PCIe"), 756, 2.0),
+    (("H100",), 989, 3.35),  # SXM: "NVIDIA H100 80GB HBM3"
+    (("H200",), 989, 4.8),
+    (("A100", "80GB"), 312, 2.0),
+    (("A100",), 312, 1.55),
+    (("L40S",), 362, 0.864),
+    (("L4",), 121, 0.3),
+    (("A10G",), 125, 0.6),
+    (("4090",), 165, 1.0),
+    (("V100",), 125, 0.9),
+    (("T4",), 65, 0.32),
+]
+
+
+def gpu_specs(name, peak_tflops=0.0, bandwidth_tbs=0.0):
+    """(peak TFLOPS, bandwidth TB/s, note) for a card's name; a nonzero argument overrides the table."""
+    found = next(((p, b) for words, p, b in GPU_SPECS if all(re.search(rf"\b{w}\b", name) for w in words)), None)
+    note = "" if found else f"{name!r} is not in bench.py's GPU_SPECS: give --gpu_peak_tflops and --gpu_bandwidth_tbs"
+    found = found or (float("nan"), float("nan"))
+    return peak_tflops or found[0], bandwidth_tbs or found[1], note if not (peak_tflops and bandwidth_tbs) else ""
+
+
+def adapter_step_flops(args, length, scored):
+    """FLOPs of one adapter training step on one sequence of `length` tokens, `scored` of them scored.
+
+    Counted as the work needed, not as the kernels run: 2 per multiply-add; causal word attention over (length + 1) / 2
+    keys on average per query; no recomputation. Forward: every layer, the output head at the scored positions.
+    Backward: input gradients only (the base is frozen), through the output head and the adapted layers; in the
+    lowest adapted layer only the prompt branch, wo and the feed-forward get one (its input needs no gradient).
+    Left out: the prompts' own projections by wk and wv, 0.2% at 7B.
+    """
+    with torch.device("meta"):
+        block = lladapter.TransformerBlock(args, adapted=True)
+    c, kv = args.dim, (args.n_kv_heads or args.n_heads) * (args.dim // args.n_heads)
+    linear = 2 * sum(p.numel() for p in block.parameters() if p.dim() == 2)  # the matrices, per token
+    qkv = 2 * (c * c + 2 * c * kv)  # wq, wk, wv per token
+    attention = 4 * c * (length + 1) / 2  # q k^T and (probabilities) v per token, causal
+    prompt = 4 * c * args.adapter_len  # the prompt branch per token
+    head = 2 * c * args.vocab_size  # per scored token
+    forward = length * (args.n_layers * (linear + attention) + args.adapter_layer * prompt) + scored * head
+    backward = length * ((args.adapter_layer - 1) * (linear + 2 * attention + 2 * prompt)
+                         + (linear - qkv + 2 * prompt)) + scored * head
+    return forward + backward
+
+
+def sdpa_kernels(trainer, tokens, labels):
+    """Which scaled_dot_product_attention implementation ran, read off the profiler's operator names for one
+    training step: {"word attention": ..., "prompt branch": ...}. The prompt branch is the call whose keys are
+    adapter_len long."""
+    from torch.profiler import ProfilerActivity, profile
+    names = {"_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
+             "_scaled_dot_product_flash_attention": "flash",
+             "_scaled_dot_product_efficient_attention": "memory-efficient",
+             "_scaled_dot_product_cudnn_attention": "cuDNN", "_scaled_dot_product_attention_math": "math",
+             "_scaled_dot_product_fused_attention_overrideable": "fused"}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if tokens.is_cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        trainer.step(tokens, labels)
+    found = {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        op = event.key.removeprefix("aten::")
+        if op in names and event.input_shapes and len(event.input_shapes[1]) == 4:
+            key_len = event.input_shapes[1][2]  # key: (bsz, heads, keys, head_dim)
+            part = "prompt branch" if key_len == trainer.model.args.adapter_len else "word attention"
+            found.setdefault(part, set()).add(names[op])
+    return {part: ", ".join(sorted(kinds)) for part, kinds in sorted(found.items(), reverse=True)}
+
+
+ALPACA_EXAMPLES = 52002  # Stanford Alpaca's records
+ALPACA_MEAN_TOKENS = 180  # assumed mean length of an example in LLaMA tokens (template ~40 + response): not measured
+
+
+def size_text(gib):
+    return f"{gib:.1f} GiB" if gib >= 1 else f"{gib * 1024:.0f} MiB"
+
+
+def adapter_step(args, device, dtype, micro_batches, n_steps, peak_tflops, log=print):
+    """train.py's adapter step on `args`' shapes at full length (max_seq_len tokens, no padding) for each micro-batch
+    size: tokens/s, MFU, peak memory, the planner's prediction; then which SDPA kernels ran."""
+    trainer = Trainer(args, "adapter", device, dtype)
+    length = args.max_seq_len
+    flops = adapter_step_flops(args, length, scored_per_sequence(length)) / length  # per token
+    rows = []
+    for mb in micro_batches:
+        if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        tokens, labels = random_batch(mb, length, args.vocab_size, device)
         try:
-            n_tokens, elapsed = 0, 0.0
-            for step in range(gpu_steps + 1):
-                batch_lengths = lengths[step * mb:(step + 1) * mb]
-                width = int(batch_lengths.max())  # padded to the longest in the batch, as train.py does
-                tokens, labels = random_batch(mb, width, args.vocab_size, gpu)
-                t = timed(lambda: training_step(model, optimizer, tokens, labels))
-                if step > 0:
-                    n_tokens, elapsed = n_tokens + int(batch_lengths.sum()), elapsed + t
+            times = [timed(lambda: trainer.step(tokens, labels)) for _ in range(n_steps + 1)][1:]  # after a warm-up
         except torch.cuda.OutOfMemoryError:
-            print(f"gpu micro-batch {mb}: out of memory", flush=True)
+            rows.append({"micro_batch": mb, "out_of_memory": True})
+            log(f"gpu adapter step, micro-batch {mb} x {length}: out of memory")
             break
-        tps = n_tokens / elapsed
-        mfu = tps * flops_per_token / (gpu_peak_tflops * 1e12)
-        peak_gib = torch.cuda.max_memory_allocated() / 2**30 if gpu.type == "cuda" else float("nan")
-        epoch_tokens = 52002 * mean_len  # the paper's run: Alpaca's 52,002 examples, 5 epochs
-        hours = 5 * epoch_tokens / tps / 3600
-        row = {"micro_batch": mb, "tokens_per_s": tps, "mfu": mfu, "peak_gib": peak_gib,
-               "projected_hours_1gpu": hours, "projected_hours_8gpu": hours / 8}
-        results["gpu"]["micro_batches"].append(row)
-        print(f"gpu adapter step, micro-batch {mb}: {tps:8.0f} tok/s, MFU {100 * mfu:.1f}%, peak {peak_gib:.1f} GiB; "
-              f"5 Alpaca epochs projected at {hours:.2f} h on one, {hours / 8:.2f} h on 8 (ideal scaling)", flush=True)
-    del optimizer
-    with torch.no_grad():
-        for layer in model.layers[model.first_adapted:]:
-            layer.attention.gate.fill_(0.1)
-    results["gpu"]["generation"] = [generation_speed(model, gpu, bsz, "gpu") for bsz in (1, 8)]
+        tps = mb * length / statistics.median(times)
+        predicted = plan_memory(args, "1 GPU", 1, mb, length, scored_per_sequence(length), dtype)["total"] / 2**30
+        row = {"micro_batch": mb, "length": length, "tokens_per_s": tps, "mfu": tps * flops / (peak_tflops * 1e12),
+               "predicted_gib": predicted}
+        if device.type == "cuda":
+            row["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+            row["allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        hours = 5 * ALPACA_EXAMPLES * ALPACA_MEAN_TOKENS / tps / 3600
+        row.update(projected_hours_1gpu=hours, projected_hours_8gpu=hours / 8)
+        rows.append(row)
+        memory = (f"peak {row['reserved_gib']:.1f} GiB reserved ({row['allocated_gib']:.1f} allocated)"
+                  if "reserved_gib" in row else "peak memory: not measured on a CPU")
+        log(f"gpu adapter step, micro-batch {mb} x {length}: {tps:8.0f} tok/s, MFU {100 * row['mfu']:.1f}%, {memory}, "
+            f"planner {size_text(predicted)}; 5 Alpaca epochs projected at {hours:.2f} h on one, {hours / 8:.2f} on 8")
+    tokens, labels = random_batch(1, length, args.vocab_size, device)
+    kernels = sdpa_kernels(trainer, tokens, labels)
+    log("gpu scaled_dot_product_attention kernels: " + "; ".join(f"{k}: {v}" for k, v in kernels.items()))
+    return {"params": sum(p.numel() for p in trainer.model.parameters()), "trainable": trainer.n_trainable,
+            "flops_per_token": flops, "micro_batches": rows, "sdpa": kernels}, trainer.model
 
-# ---- the table ---------------------------------------------------------------------------------------------
-rows = [("cpu adapter / full step time", f"{results['cpu_time_ratio']:.2f}x", "<= 0.70x", results["cpu_time_ratio"] <= 0.7),
-        ("cpu adapter / full peak memory (above torch)", f"{results['cpu_memory_ratio_above_import']:.2f}x", "<= 0.60x",
-         results["cpu_memory_ratio_above_import"] <= 0.6),
-        ("cpu adapter / full peak memory (above the model)", f"{results['cpu_memory_ratio_above_model']:.2f}x", "", True)]
-for row in results["cpu_generation"]:
-    rows.append((f"cpu generation speedup from the cache, batch {row['batch']}", f"{row['speedup']:.1f}x", ">= 5x",
-                 row["speedup"] >= 5))
-if "gpu" in results and results["gpu"]["micro_batches"]:
-    best = max(results["gpu"]["micro_batches"], key=lambda r: r["tokens_per_s"])
-    small = results["gpu"]["micro_batches"][0]
-    rows += [(f"gpu MFU, 7B adapter step (micro-batch {best['micro_batch']})", f"{100 * best['mfu']:.1f}%", ">= 45%", best["mfu"] >= 0.45),
-             ("gpu 5 Alpaca epochs, one GPU (projected)", f"{best['projected_hours_1gpu']:.2f} h", "< 1 h", best["projected_hours_1gpu"] < 1),
-             (f"gpu peak memory, micro-batch {small['micro_batch']}", f"{small['peak_gib']:.1f} GiB", "<= 24 GiB", small["peak_gib"] <= 24)]
-print(f"\n{'measure':54} {'value':>10}  {'target':>9}  met")
-for label, value, target, met in rows:
-    print(f"{label:54} {value:>10}  {target:>9}  {('yes' if met else 'NO') if target else ''}")
-if "gpu" not in results:
-    print("gpu: no CUDA device here; the GPU section did not run")
-results["targets"] = [{"measure": r[0], "value": r[1], "target": r[2], "met": bool(r[3])} for r in rows if r[2]]
-if json:
-    with open(json, "w") as f:
-        f.write(jsonlib.dumps(results, indent=2))
+
+def decode_bound(model, bsz, cache_len, bandwidth_tbs):
+    """Tokens/s if each step only read memory at full bandwidth: every weight but the embedding table (of which it
+    reads bsz rows), the prompts' keys and values, and the whole KV cache as this code reads it (all cache_len
+    positions, masked, in every step)."""
+    a = model.args
+    weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                  if not name.startswith(("tok_embeddings", "adapter_")))
+    itemsize = model.tok_embeddings.weight.element_size()
+    kv_dim = (a.n_kv_heads or a.n_heads) * (a.dim // a.n_heads)
+    kv = 2 * bsz * kv_dim * itemsize * (a.n_layers * cache_len + a.adapter_layer * a.adapter_len)
+    return bsz * bandwidth_tbs * 1e12 / (weights + kv)
+
+
+def decoding(model, device, batches, compile_modes, n_new, n_prompt, bandwidth_tbs, log=print):
+    """lladapter.generate's tokens/s at each batch size, eager and compiled, beside the bandwidth bound."""
+    rows = []
+    for use_compile in compile_modes:
+        for bsz in batches:
+            prompts = torch.randint(3, model.args.vocab_size, (bsz, n_prompt)).tolist()
+            lladapter.generate(model, prompts, 4, temperature=0, eos_id=-1, compile=use_compile)  # warm-up, compiles
+            t = timed(lambda: lladapter.generate(model, prompts, n_new, temperature=0, eos_id=-1, compile=use_compile))
+            cache_len = model.args.max_seq_len if use_compile else n_prompt + n_new  # the cache generate() allocates
+            bound = decode_bound(model, bsz, cache_len, bandwidth_tbs)
+            row = {"batch": bsz, "compiled": use_compile, "tokens_per_s": bsz * n_new / t, "bound_tokens_per_s": bound}
+            rows.append(row)
+            kind = "compiled" if use_compile else "eager"
+            log(f"gpu decoding, batch {bsz}, {kind}: {row['tokens_per_s']:8.1f} tok/s, "
+                f"{100 * row['tokens_per_s'] / bound:.0f}% of the bandwidth bound {bound:.0f} tok/s "
+                f"({n_new} new tokens after {n_prompt})")
+    return rows
+
+
+def gpu_section(results):
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    name = torch.cuda.get_device_name() if on_gpu else "cpu (quick: the GPU code path on tiny shapes)"
+    peak, bandwidth, note = gpu_specs(name, gpu_peak_tflops, gpu_bandwidth_tbs)
+    base_dtype = cli.dtype_of(dtype, device)
+    args = ModelArgs(vocab_size=32000, max_seq_len=512) if not quick else \
+        ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=512, max_seq_len=64, adapter_layer=3)
+    print(f"gpu: {name}; dense 16-bit peak {peak} TFLOPS, {bandwidth} TB/s; base in {base_dtype}, adapter fp32"
+          + (f"; {note}" if note else ""), flush=True)
+    micro_batches = [int(m) for m in gpu_micro_batches.split(",")]
+    log = functools.partial(print, flush=True)
+    step, model = adapter_step(args, device, base_dtype, micro_batches, gpu_steps, peak, log)
+    results["gpu"] = {"device": name, "dtype": str(base_dtype), "peak_tflops": peak, "bandwidth_tbs": bandwidth, **step}
+    open_gates(model)
+    modes = [False, True] if compile_decode else [False]
+    results["gpu"]["decoding"] = decoding(model, device, [1, 8], modes, new_tokens, prompt_len, bandwidth, log)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The planner's check: train.py on this CPU, 1 process, DDP over 2 and FSDP over 2
+
+def write_tokenizer(path):
+    """A small BPE SentencePiece model (LLaMA's ids: unk 0, BOS 1, EOS 2) in which each lone letter is one piece."""
+    import sentencepiece
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    text = [lladapter.PROMPT_WITH_INPUT, lladapter.PROMPT_NO_INPUT] * 20 + [" ".join(letters)] * 200
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(path.with_suffix("")),
+                                             model_type="bpe", vocab_size=200, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                             minloglevel=2)
+    return lladapter.Tokenizer(path)
+
+
+def fixed_length_records(tokenizer, n, length, seed=0):
+    """n Alpaca records of exactly `length` tokens each ([BOS] + prompt + response + [EOS]), about a third prompt."""
+    rng = random.Random(seed)
+
+    def words(k):  # k lone letters: k tokens
+        return " ".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(k))
+
+    template = len(tokenizer.encode(lladapter.format_prompt(""), bos=True, eos=False))
+    records = []
+    for _ in range(n):
+        instruction = words(max(1, length // 3 - template))
+        prompt = lladapter.format_prompt(instruction)
+        k = length - len(tokenizer.encode(prompt, bos=True, eos=True))  # one token per lone letter
+        output = " " + words(k)
+        got = len(tokenizer.encode(prompt + output, bos=True, eos=True))
+        if got != length:
+            raise RuntimeError(f"a record of {got} tokens, not {length}: the tokenizer split a letter")
+        records.append({"instruction": instruction, "input": "", "output": output})
+    return records
+
+
+def write_checkpoint(args, ckpt_dir, n_shards):
+    """A random base in Meta's layout (fp16, as Meta's files are), split into model-parallel shards as Meta's are."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**{**vars(args), "adapter_layer": 0}))
+    ckpt_dir.mkdir(parents=True)
+    state = {k: v.half() for k, v in model.state_dict().items()}
+    for rank in range(n_shards):
+        shard = {}
+        for key, tensor in state.items():
+            split = checkpoint.MODEL_PARALLEL_DIM.get(key.split(".")[-2])
+            shard[key] = tensor.clone() if split is None else tensor.chunk(n_shards, dim=split)[rank].clone()
+        torch.save(shard, ckpt_dir / f"consolidated.{rank:02d}.pth")
+    params = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps", "vocab_size")}
+    (ckpt_dir / "params.json").write_text(jsonlib.dumps(params))
+
+
+def parse_train_output(text):
+    """The figures train.py prints: peak memory at the end and after loading (MiB above python and torch), and
+    the seconds of each optimizer step after the first (from the cumulative tok/s of the step lines)."""
+    peak = re.search(r"peak memory: ([\d,]+) MiB resident \(([-\d,]+) MiB above python and torch\)", text)
+    if not peak:
+        raise RuntimeError(f"train.py printed no peak memory line:\n{text[-3000:]}")
+    total, above = (float(g.replace(",", "")) for g in peak.groups())
+    load = float(re.search(r"peak memory so far ([\d,]+) MiB", text).group(1).replace(",", ""))
+    steps = [(int(s), float(r.replace(",", ""))) for s, r in re.findall(r"step (\d+)/\d+ .*?\| ([\d,]+) tok/s", text)]
+    return {"peak_above_mib": above, "load_above_mib": load - (total - above), "tok_per_s": steps}
+
+
+def run_train(tmp, args, world, fsdp, ckpt, mb, length, n_steps, out):
+    """train.py as a user runs it (torchrun with gloo for 2 processes), 1 thread per process; its printed figures."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] if world > 1 else []
+    cmd = [sys.executable, *launcher, "train.py", f"--ckpt_dir={ckpt}", f"--tokenizer_path={tmp / 'tokenizer.model'}",
+           f"--data_path={tmp / 'data.json'}", f"--out_dir={tmp / out}", f"--adapter_layer={args.adapter_layer}",
+           f"--adapter_len={args.adapter_len}", f"--max_seq_len={length + 1}", f"--batch_size={2 * mb}",
+           f"--micro_batch_size={mb}", "--epochs=1", "--val_fraction=0", "--log_interval=1", f"--stop_after={n_steps}",
+           *(["--fsdp"] if fsdp else [])]
+    env = {**os.environ, **FIXED_MALLOC, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    measured = parse_train_output(done.stdout)
+    (s1, r1), (sn, rn) = measured["tok_per_s"][0], measured["tok_per_s"][-1]  # tok/s since the start, at 2 steps
+    tokens_per_step = 2 * mb * (length + 1)
+    measured["step_s"] = (sn * tokens_per_step / rn - s1 * tokens_per_step / r1) / (sn - s1)  # after the first step
+    return measured
+
+
+def check_plan(small, log=print):
+    """The planner against the real train.py on this CPU (fp32, the base's dtype here): peak memory above python
+    and torch, as train.py reports it, in 1 process, DDP over 2 and FSDP over 2 (gloo).
+
+    The planner counts tensors. A process also holds what torch loads on first use (its Python modules for
+    meta-device building, kernels' code), the tokenizer and the data: that floor is measured by the same run on a
+    negligible model (dim 64, 1 layer, vocabulary 512), less the planner's figure for that model, and added."""
+    if small:  # tiny layers, LLaMA's vocabulary: the output head and the logits carry the memory
+        args = ModelArgs(dim=128, n_layers=2, n_heads=4, vocab_size=32000, adapter_layer=2, adapter_len=10)
+        mb, length, n_steps = 2, 128, 3
+    else:  # the CPU section's mid-size model
+        args = ModelArgs(dim=512, n_layers=8, n_heads=8, vocab_size=32000, adapter_layer=7, adapter_len=10)
+        mb, length, n_steps = 4, 256, 5
+    args.max_seq_len = length + 1
+    negligible = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=512, adapter_layer=1, adapter_len=10,
+                           max_seq_len=length + 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tokenizer = write_tokenizer(tmp / "tokenizer.model")
+        records = fixed_length_records(tokenizer, 2 * mb * (n_steps + 1), length + 1)
+        (tmp / "data.json").write_text(jsonlib.dumps(records))
+        scored = sum(label != lladapter.IGNORE_INDEX for label in lladapter.encode_example(
+            tokenizer, records[0]["instruction"], "", records[0]["output"], length + 1)[1])
+        write_checkpoint(negligible, tmp / "negligible", 1)
+        write_checkpoint(args, tmp / "ckpt1", 1)
+        write_checkpoint(args, tmp / "ckpt2", 2)  # FSDP loads 2 model-parallel shards, as 13B's are
+        floor_run = run_train(tmp, negligible, 1, False, tmp / "negligible", mb, length, n_steps, "floor")
+        floor = floor_run["peak_above_mib"] - plan_memory(negligible, "1 GPU", 1, mb, length, scored,
+                                                          torch.float32)["total"] / 2**20
+        log(f"planner check: train.py on this CPU ({cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}); "
+            f"dim {args.dim}, {args.n_layers} layers, vocab {args.vocab_size}, adapter on the top {args.adapter_layer} "
+            f"(K=10), fp32; micro-batch {mb} x {length} tokens ({scored} scored each), {n_steps} steps")
+        log(f"MiB above python and torch; floor (torch's lazily loaded modules and code, tokenizer, data) "
+            f"{floor:.0f} MiB, measured on a negligible model")
+        log(f"{'run':10} {'planner':>8} {'+ floor':>8} {'measured':>9} {'error':>7}   {'load peak':>9}  {'s/step':>6}")
+        rows = []
+        for label, world, fsdp in (("1 process", 1, False), ("DDP 2", 2, False), ("FSDP 2", 2, True)):
+            measured = run_train(tmp, args, world, fsdp, tmp / ("ckpt2" if fsdp else "ckpt1"), mb, length, n_steps,
+                                 label.replace(" ", "_"))
+            parallel = "FSDP" if fsdp else "DDP" if world > 1 else "1 GPU"
+            terms = {k: v / 2**20 for k, v in plan_memory(args, parallel, world, mb, length, scored,
+                                                          torch.float32).items()}
+            predicted = terms["total"] + floor
+            row = {"run": label, "planner_mib": terms["total"], "predicted_mib": predicted,
+                   "measured_mib": measured["peak_above_mib"], "error": predicted / measured["peak_above_mib"] - 1,
+                   "load_peak_mib": measured["load_above_mib"], "step_s": measured["step_s"], "terms_mib": terms}
+            rows.append(row)
+            log(f"{label:10} {terms['total']:8.0f} {predicted:8.0f} {row['measured_mib']:9.0f} "
+                f"{100 * row['error']:+6.1f}%   {row['load_peak_mib']:9.0f}  {row['step_s']:6.2f}")
+    by = {r["run"]: r for r in rows}
+    summary = {"floor_mib": floor, "rows": rows, "within_15_percent": all(abs(r["error"]) <= 0.15 for r in rows),
+               "fsdp_over_ddp_step_time": by["FSDP 2"]["step_s"] / by["DDP 2"]["step_s"],
+               "fsdp_over_one_load_peak": by["FSDP 2"]["load_peak_mib"] / by["1 process"]["load_peak_mib"]}
+    log(f"prediction within 15% of the measurement in every run: {'yes' if summary['within_15_percent'] else 'NO'}; "
+        f"step time FSDP 2 / DDP 2: {summary['fsdp_over_ddp_step_time']:.2f}x (one run after the other, on a shared "
+        f"machine); loading peak FSDP 2 / 1 process: {summary['fsdp_over_one_load_peak']:.2f}x")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The table of targets, and the command line
+
+def table(results):
+    rows = []
+    if "cpu_time_ratio" in results:
+        rows += [("cpu adapter / full step time", f"{results['cpu_time_ratio']:.2f}x", "<= 0.70x",
+                  results["cpu_time_ratio"] <= 0.7),
+                 ("cpu adapter / full peak memory (above torch)", f"{results['cpu_memory_ratio_above_import']:.2f}x",
+                  "<= 0.60x", results["cpu_memory_ratio_above_import"] <= 0.6),
+                 ("cpu adapter / full peak memory (above the model)", f"{results['cpu_memory_ratio_above_model']:.2f}x",
+                  "", True)]
+        for row in results["cpu_generation"]:
+            rows.append((f"cpu generation speedup from the cache, batch {row['batch']}", f"{row['speedup']:.1f}x",
+                         ">= 5x", row["speedup"] >= 5))
+        if "compiled_over_eager" in results["cpu_decoding"]:
+            rows.append(("cpu decoding per token, tiny model: compiled / eager",
+                         f"{results['cpu_decoding']['compiled_over_eager']:.2f}x", "", True))
+    measured = [r for r in results.get("gpu", {}).get("micro_batches", []) if "tokens_per_s" in r]
+    if measured:
+        best = max(measured, key=lambda r: r["tokens_per_s"])
+        rows += [(f"gpu MFU, 7B adapter step (micro-batch {best['micro_batch']} x {best['length']})",
+                  f"{100 * best['mfu']:.1f}%", ">= 45%", best["mfu"] >= 0.45),
+                 ("gpu 5 Alpaca epochs, one GPU (projected)", f"{best['projected_hours_1gpu']:.2f} h", "< 1 h",
+                  best["projected_hours_1gpu"] < 1)]
+        if "reserved_gib" in measured[0]:
+            rows.append((f"gpu peak reserved, micro-batch {measured[0]['micro_batch']} x {measured[0]['length']}",
+                         f"{measured[0]['reserved_gib']:.1f} GiB", f"<= {24 - CONTEXT_GIB:g} GiB",
+                         measured[0]["reserved_gib"] <= 24 - CONTEXT_GIB))
+    return rows
+
+
+def print_table(rows):
+    print(f"\n{'measure':56} {'value':>10}  {'target':>11}  met")
+    for label, value, target, met in rows:
+        print(f"{label:56} {value:>10}  {target:>11}  {('yes' if met else 'NO') if target else ''}")
+
+
+def main(argv):
+    cli.exit_on_input_error()
+    overrides = cli.parse_overrides(settings, argv, __doc__, __file__)
+    globals().update({**settings, **(QUICK if overrides.get("quick") else {}), **overrides})
+    if memory_probe:  # a fresh process: one mode only, so its peak resident memory is its own
+        probe_memory(memory_probe)
+        return
+    results = {"torch": torch.__version__, "cpu": f"{cpu_name()}, {os.cpu_count()} cores", "quick": quick}
+    print(f"torch {torch.__version__} | {results['cpu']} | {torch.get_num_threads()} threads"
+          + (" | QUICK: tiny shapes" + ("" if plan else ", not a measurement") if quick else ""), flush=True)
+    if plan:
+        results["plan"] = plan_table()
+        if plan_check:
+            print()
+            results["plan_check"] = check_plan(small=quick)
+    else:
+        cpu_training(argv, results)
+        model = random_model(mid_args(), torch.device("cpu"), torch.float32)
+        open_gates(model)
+        results["cpu_generation"] = [cache_against_recompute(model, bsz) for bsz in (1, 8)]
+        del model
+        results["cpu_decoding"] = decode_overhead(decode_tokens, compile_decode)
+        if torch.cuda.is_available() or quick:
+            gpu_section(results)
+        rows = table(results)
+        print_table(rows)
+        if "gpu" not in results:
+            print("gpu: no CUDA device here; the GPU section did not run")
+        results["targets"] = [{"measure": r[0], "value": r[1], "target": r[2], "met": bool(r[3])} for r in rows if r[2]]
+    if json:
+        Path(json).write_text(jsonlib.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
