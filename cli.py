@@ -1,13 +1,15 @@
 """
-The scripts' command line. Each script keeps its settings as module globals, one per line with a comment; this
-module turns them into overrides (--key=value or --key value, type-checked against the default), --help (each
-setting with its default and its comment, read from the script itself), and one-line errors.
+The scripts' command line and the user files they read. Each script keeps its settings as module globals, one per
+line with a comment; this module turns them into overrides (--key=value or --key value, type-checked against the
+default), --help (each setting with its default and its comment, read from the script itself) and one-line errors,
+and reads the text, JSON records and image features a user points the scripts at.
 """
 import json
 import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lladapter import InputError
@@ -123,6 +125,18 @@ def read_records(path) -> list:
         if not isinstance(r, dict):
             raise InputError(f"{path}: record {i} is not an object")
     return records
+
+
+def load_image_feature(image, base_dir, image_dim, where):
+    """A record's "image": a .npy file of one feature vector (a path relative to base_dir), or the vector inline."""
+    try:
+        vector = np.load(Path(base_dir) / image) if isinstance(image, str) else np.asarray(image, np.float32)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{where}: image feature {image!r}: {e}") from None
+    if vector.shape != (image_dim,):
+        raise InputError(f"{where}: image feature {str(image)[:60]!r} has shape {list(vector.shape)}, expected [{image_dim}]")
+    return torch.from_numpy(vector.astype(np.float32))
+
 
 
 def exit_on_input_error():

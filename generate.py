@@ -129,7 +129,7 @@ def encode(jobs):
     if any(feature is None for _, _, feature in jobs):
         raise InputError("either every prompt has an image or none does")
     base_dir = Path(prompts_file).parent if prompts_file else Path(".")
-    images = [lladapter.load_image_feature(f, base_dir, model.args.image_dim, f"prompt {i}") for i, (_, _, f) in enumerate(jobs)]
+    images = [cli.load_image_feature(f, base_dir, model.args.image_dim, f"prompt {i}") for i, (_, _, f) in enumerate(jobs)]
     return prompts, torch.stack(images).to(model_device)
 
 

@@ -15,8 +15,10 @@ Where we follow the paper, and where we chose differently:
 - tanh is applied at inference too (the original inference code used the raw gate, which training never saw).
 - Word attention uses torch's scaled_dot_product_attention; the prompt branch is a second, small, unmasked
   scaled_dot_product_attention beside it. Both softmaxes run in fp32 (SDPA accumulates in fp32).
-- Precision lives in one place: frozen base weights in bf16 on a GPU (fp32 on CPU), adapter tensors always fp32,
-  local fp32 upcasts in RMSNorm and softmax, logits returned in fp32.
+- Precision lives in one place: frozen base weights in bf16 on a GPU (fp16 on one without bf16, fp32 on CPU; the
+  scripts' --dtype), adapter tensors always fp32, local fp32 upcasts in RMSNorm and softmax, logits in fp32.
+- Generation keeps a static KV cache and never waits on the device per token; its one-token step can be compiled
+  (compiled_step, with CUDA graphs on a GPU) and gives the same tokens.
 - Optional image conditioning (paper Sec. 3.3): with image_dim > 0, a projected image feature is added to every
   prompt token of every adapted layer.
 """
@@ -25,7 +27,6 @@ import itertools
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -388,18 +389,6 @@ def pad_batch(examples, device=None):
     return tokens.to(device), labels.to(device)
 
 
-def load_image_feature(image, base_dir, image_dim, where):
-    """A record's "image": a .npy file of one feature vector (a path relative to base_dir), or the vector inline."""
-    import numpy as np
-    try:
-        vector = np.load(Path(base_dir) / image) if isinstance(image, str) else np.asarray(image, np.float32)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{where}: image feature {image!r}: {e}") from None
-    if vector.shape != (image_dim,):
-        raise InputError(f"{where}: image feature {str(image)[:60]!r} has shape {list(vector.shape)}, expected [{image_dim}]")
-    return torch.from_numpy(vector.astype(np.float32))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Sampling
 
@@ -478,7 +467,8 @@ def compiled_step(model):
 # Checkpoint I/O lives in checkpoint.py and the scripts' command line in cli.py; these names still import from here.
 
 MOVED = {"load_llama": "checkpoint", "load_adapter": "checkpoint", "save_adapter": "checkpoint",
-         "torch_load": "checkpoint", "atomic_save": "checkpoint", "parse_overrides": "cli", "exit_on_input_error": "cli"}
+         "torch_load": "checkpoint", "atomic_save": "checkpoint", "parse_overrides": "cli", "exit_on_input_error": "cli",
+         "load_image_feature": "cli"}
 
 
 def __getattr__(name):

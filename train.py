@@ -193,7 +193,7 @@ for i, r in enumerate(records):
     examples.append(encoded[:2])
     n_truncated += encoded[2]
     if image_dim:
-        features.append(lladapter.load_image_feature(r["image"], Path(data_path).parent, image_dim, f"{data_path}: record {i}"))
+        features.append(cli.load_image_feature(r["image"], Path(data_path).parent, image_dim, f"{data_path}: record {i}"))
 if not examples:
     raise InputError(f"{data_path}: no record fits in max_seq_len={max_seq_len}")
 features = torch.stack(features) if image_dim else None
