@@ -1,0 +1,411 @@
+"""
+The paper's ablations in miniature, on the walkthrough's world and base model (data/walkthrough.py).
+
+    python -m data.ablations            # every variant, for a short and a full budget: 11 min on 2 quiet CPU cores
+    python -m data.ablations --quick    # CI: the smoke walkthrough's base and world, every variant for 2 epochs: 1 min
+
+Each run is the walkthrough's own adapter training (train.py with the walkthrough's SETTINGS, on its base and its
+instructions) with exactly one thing changed:
+- how the prompts enter attention, the paper's zero-initialized attention against the alternatives (VARIANTS
+  below, applied by train.py --variant): zero_init (the paper), random_init, no_gate and prefix;
+- how many of the base's top layers get prompts, L = 1, 2, 3, 4 (train.py --adapter_layer; the paper's
+  insertion-layer ablation);
+- how many prompts each adapted layer gets, K = 2, 5, 10, 20 (train.py --adapter_len).
+The walkthrough itself is K=20, L=4: that run is zero_init's, trained once and shown in every group.
+
+Each configuration trains twice, for a short and for the full budget (see SHORT_BUDGET), two train.py processes
+at a time on one thread each (so the same command gives the same numbers). Each trained adapter then answers the
+walkthrough's held-out instructions (greedy, exact match). Prints one table and two text charts, and writes
+out_dir/ablations.md, ablations.json and ablations.svg (training loss per gate variant; how far zero-init's gates
+open, per layer). Every run keeps its adapter.pth, log.jsonl and train.log in out_dir/<configuration>/<budget>.
+"""
+import functools
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import torch
+import torch.nn.functional as F
+
+import cli
+
+# ----------------------------------------------------------------------------------------------------------
+# settings
+out_dir = ""  # empty: <walkthrough_dir>/ablations; each run in a folder of its own inside
+walkthrough_dir = ""  # the walkthrough's base model and data, built once and reused; empty: the walkthrough's own
+quick = False  # CI: the smoke walkthrough's barely pretrained base and world, 2 epochs; the numbers mean nothing
+short_epochs = 5  # the short budget (see SHORT_BUDGET); 0: the full budget only
+short_warmup_epochs = 2.0  # its linear warmup, as the paper's
+jobs = 2  # train.py processes at a time, each on one CPU thread
+settings = cli.settings_of(globals())
+# SHORT_BUDGET. Zero-init's advantage is about the start of training, so every configuration also trains for a
+# short budget, chosen here once, before any run: the paper trains 5 epochs (2 of warmup) on its 52K instructions;
+# the walkthrough needs 40 epochs at its scale; the short budget is the paper's own 5 epochs (warmup 2), 1/8 of the
+# walkthrough's steps. Both budgets warm up over the same 2 epochs, so their first 2 epochs are the same steps.
+QUICK_SETTINGS = dict(short_epochs=0)  # CI: the smoke walkthrough's 2 epochs only (a process costs seconds)
+LAYERS = (1, 2, 3, 4)  # L: adapted top layers of the walkthrough base's 4
+LENGTHS = (2, 5, 10, 20)  # K: prompts per adapted layer
+ROOT = Path(__file__).resolve().parent.parent  # where train.py is
+
+# ----------------------------------------------------------------------------------------------------------
+# The variants: each a small change to a model just built by checkpoint.load_llama. train.py --variant applies it
+# before marking the adapter trainable; the evaluation here applies it before loading the trained adapter.
+
+
+def zero_init(model):
+    # The paper (Sec. 3.2, Eq. 7): nothing to change, the gates start at 0 in Transformer.reset_adapter.
+    pass
+
+
+def random_init(model):
+    # The paper's random-init ablation (ScienceQA: 40.77% against zero-init's 84.04%): the same gated branch, its
+    # gates drawn at random instead of 0. N(0, 1) per head, the prompts' own init: |tanh| of it averages 0.56, so
+    # from step 0 the still random prompts enter most heads at about the weight a trained gate ends up with. From
+    # a generator of its own with a fixed seed: the same gates in every run, and torch's global draws untouched.
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.layers[model.first_adapted:]:
+            gate = layer.attention.gate
+            gate.copy_(torch.randn(gate.shape, generator=generator))
+
+
+def remove_gate(attention):
+    # The gate Parameter goes: it no longer trains, counts or is saved. In its place a plain tensor whose tanh is
+    # exactly 1, which the unchanged Eq. 7 code (and train.py's log of the gates) still reads.
+    n_heads = attention.gate.shape[1]
+    del attention.gate
+    attention.gate = torch.full((1, n_heads, 1, 1), float("inf"), device=attention.wq.weight.device)
+
+
+def no_gate(model):
+    # Zero-init attention without its gate: the prompts, softmaxed apart from the words as in Eq. 7, are added at
+    # full weight from step 0: out + tanh(inf) * prompt_out = out + prompt_out. Trainable: the prompts alone.
+    for layer in model.layers[model.first_adapted:]:
+        remove_gate(layer.attention)
+
+
+def prefix_attention(attention, x, positions, rope, mask=None, prompt=None):
+    # Plain prefix tuning, what the paper's zero-init attention departs from: the K prompt keys and values join
+    # the words' and ONE softmax runs over [prompt; words], so the prompts take attention from the words from step
+    # 0 on, with no gate. Every position sees all K prompts, and the words causally.
+    bsz, seqlen, _ = x.shape
+    q, k, v = attention.qkv(x, positions, rope)  # q: (bsz, n_heads, seqlen, head_dim); k, v: the words (or cache)
+    if attention.cache_k is None:  # training: rebuilt every forward, so the prompts keep receiving gradients
+        pk, pv = attention.prompt_keys_values(prompt, x.dtype, bsz)
+    else:  # generation: projected once per call, as in Attention.forward
+        if attention.prompt_kv is None:
+            attention.prompt_kv = attention.prompt_keys_values(prompt, x.dtype, bsz)
+        pk, pv = attention.prompt_kv
+    keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (bsz, n_kv_heads, K + words, head_dim)
+    if mask is None:  # training: causal over the words; in generation, mask (0 or -inf) hides the cache's future
+        mask = torch.full((seqlen, seqlen), float("-inf"), dtype=q.dtype, device=x.device).triu(1)
+    mask = torch.cat([mask.new_zeros(seqlen, pk.shape[2]), mask], dim=1)  # (seqlen, K + words): prompts all seen
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                         enable_gqa=attention.n_kv_heads != attention.n_heads)
+    return attention.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))  # (bsz, seqlen, dim)
+
+
+def prefix(model):
+    for layer in model.layers[model.first_adapted:]:
+        remove_gate(layer.attention)  # no gate; the plain tensor left is only read by train.py's log
+        layer.attention.forward = functools.partial(prefix_attention, layer.attention)
+
+
+VARIANTS = {"zero_init": zero_init, "random_init": random_init, "no_gate": no_gate, "prefix": prefix}
+
+# ----------------------------------------------------------------------------------------------------------
+# One run, in a worker process: train with train.py, then evaluate the adapter on the held-out instructions
+
+
+def run_one(job):
+    """train.py for one configuration and budget, then its adapter's greedy exact match on the held-out
+    instructions. Returns the numbers of its table row and its curves, or an error."""
+    import checkpoint
+    import lladapter
+    from data import walkthrough as wt
+    run_dir, found, s = Path(job["run_dir"]), job["found"], job["train_settings"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "train.py", f"--ckpt_dir={found['ckpt_dir']}", f"--data_path={found['data_path']}",
+               f"--out_dir={run_dir}", *(f"--{k}={v}" for k, v in s.items())]
+    start = time.time()
+    with open(run_dir / "train.log", "w") as log:
+        log.write(" ".join(command) + "\n")
+        log.flush()
+        code = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}).returncode
+    if code != 0:
+        tail = (run_dir / "train.log").read_text().splitlines()[-5:]
+        return {**job, "error": f"train.py exited with status {code}; {run_dir / 'train.log'} ends:\n  " +
+                "\n  ".join(tail)}
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    steps_per_epoch = round(1 / records[0]["epoch"])
+    after_epoch = [r["loss"] for r in records if r["step"] == steps_per_epoch + 1]  # after one epoch of updates
+    # The same model as in training, then the trained adapter
+    torch.set_num_threads(1)
+    model, tokenizer = checkpoint.load_llama(found["ckpt_dir"], device="cpu", max_seq_len=s["max_seq_len"],
+                                             adapter_len=s["adapter_len"], adapter_layer=s["adapter_layer"])
+    if s.get("variant"):
+        VARIANTS[s["variant"]](model)
+    if s["adapter_layer"]:  # not the base alone
+        checkpoint.load_adapter(model, run_dir / "adapter.pth")
+    lladapter.mark_only_adapter_trainable(model)
+    exact, named = wt.evaluate(model, tokenizer, found["heldout_path"])
+    return {**job, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "loss_at_0": records[0]["loss"], "loss_after_epoch_1": after_epoch[0] if after_epoch else None,
+            "val_loss": next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None),
+            "exact_match": exact, "names_value": named, "seconds": time.time() - start,
+            "steps_per_epoch": steps_per_epoch, "loss": [r["loss"] for r in records],
+            "gates": [r["gates"] for r in records]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reporting: the table, text charts and the SVG figure
+
+COLORS = {"zero_init": "#1f77b4", "random_init": "#d62728", "no_gate": "#ff7f0e", "prefix": "#2ca02c"}
+LAYER_COLORS = ["#9ecae1", "#4292c6", "#2171b5", "#08306b"]  # lower to higher layers, light to dark
+
+
+def fmt(value, kind):
+    if value is None:
+        return ""
+    return {"loss": f"{value:.4f}", "percent": f"{100 * value:.1f}%", "count": f"{value:,}"}[kind]
+
+
+def table(rows, budgets):
+    """Markdown: one line per configuration, the short and full budget side by side."""
+    head = (["group", "variant", "trainable", "loss at step 0", "loss after epoch 1"] +
+            [f"{what}, {label}" for label in budgets.values() for what in ("val loss", "exact match")])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    for row in rows:
+        full = row["full"]
+        cells = [row["group"], row["label"], fmt(full["trainable"], "count"), fmt(full["loss_at_0"], "loss"),
+                 fmt(full["loss_after_epoch_1"], "loss")]
+        for budget in budgets:
+            cells += [fmt(row[budget].get("val_loss"), "loss"), fmt(row[budget]["exact_match"], "percent")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def text_chart(series, x_max, lo, hi, log=False, width=64, height=12):
+    """series: {marker: (xs, ys)}. Each column is the mean of the points that fall in it; '#' marks a cell that
+    two series share. A log scale for losses, whose differences late in training are small in absolute terms."""
+    scale = math.log10 if log else (lambda y: y)
+    grid = [[" "] * width for _ in range(height)]
+    for marker, (xs, ys) in series.items():
+        for c in range(width):
+            bucket = [scale(y) for x, y in zip(xs, ys) if c <= x / x_max * width < c + 1]
+            if not bucket:
+                continue
+            r = round((scale(hi) - sum(bucket) / len(bucket)) / (scale(hi) - scale(lo)) * (height - 1))
+            r = min(max(r, 0), height - 1)
+            grid[r][c] = marker if grid[r][c] in (" ", marker) else "#"
+    label = {0: hi, height // 2: (10 ** ((scale(hi) + scale(lo)) / 2) if log else (hi + lo) / 2), height - 1: lo}
+    lines = [f"{label[r]:7.3f} |" if r in label else "        |" for r in range(height)]
+    lines = [axis + "".join(cells) for axis, cells in zip(lines, grid)]
+    lines.append("        +" + "-" * width)
+    lines.append("         0" + f"{x_max} steps".rjust(width - 1))
+    return lines
+
+
+def nice_ticks(lo, hi, log=False):
+    # Round values between lo and hi to label an axis: 1, 2, 5 times a power of ten (and 1.5, 3, 7 on a log axis
+    # that spans less than a decade), or lo and hi themselves when none fall between.
+    if log:
+        mantissas = (1, 2, 5) if hi / lo > 10 else (1, 1.5, 2, 3, 5, 7)
+        powers = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+        ticks = [m * 10.0 ** p for p in powers for m in mantissas if lo <= m * 10.0 ** p <= hi]
+    else:
+        step = min(m * 10.0 ** p for p in range(-3, 6) for m in (1, 2, 5) if m * 10.0 ** p >= (hi - lo) / 5)
+        ticks = [i * step for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+    return ticks if len(ticks) >= 2 else [float(f"{lo:.3g}"), float(f"{hi:.3g}")]
+
+
+def svg_figure(losses, gates, first_layer, x_max, short_steps, lo, hi, title):
+    """One self-contained SVG: left, the training loss of each gate variant (log scale); right, zero-init's mean
+    |tanh(gate)| per adapted layer. Curves are polylines of class "loss-curve" (one per gate variant) and
+    "gate-curve" (one per layer)."""
+    width, height, top, panel_w, panel_h = 960, 400, 60, 380, 260
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<text x="{width / 2}" y="24" text-anchor="middle" font-size="15">{escape(title)}</text>']
+
+    def panel(left, y_of, y_ticks, heading, y_label):
+        # Axes, ticks and labels; returns the function from (step, value) to the panel's pixels.
+        def xy(x, y):
+            return left + x / x_max * panel_w, top + (1 - y_of(y)) * panel_h
+        parts.append(f'<text x="{left + panel_w / 2}" y="{top - 12}" text-anchor="middle">{escape(heading)}</text>')
+        parts.append(f'<rect x="{left}" y="{top}" width="{panel_w}" height="{panel_h}" fill="none" stroke="#444"/>')
+        for y in y_ticks:
+            _, py = xy(0, y)
+            parts.append(f'<line x1="{left}" y1="{py:.1f}" x2="{left + panel_w}" y2="{py:.1f}" stroke="#ddd"/>')
+            parts.append(f'<text x="{left - 6}" y="{py + 4:.1f}" text-anchor="end">{y:g}</text>')
+        for x in nice_ticks(0, x_max):
+            px, _ = xy(x, y_ticks[0])
+            parts.append(f'<text x="{px:.1f}" y="{top + panel_h + 16}" text-anchor="middle">{x:g}</text>')
+        parts.append(f'<text x="{left + panel_w / 2}" y="{top + panel_h + 34}" text-anchor="middle">'
+                     f'optimizer step</text>')
+        parts.append(f'<text transform="translate({left - 44},{top + panel_h / 2}) rotate(-90)" '
+                     f'text-anchor="middle">{escape(y_label)}</text>')
+        return xy
+
+    def polyline(xy, points, color, css, ident):
+        coords = " ".join("{:.1f},{:.1f}".format(*xy(x, y)) for x, y in points)
+        parts.append(f'<polyline class="{css}" id="{ident}" points="{coords}" fill="none" stroke="{color}" '
+                     f'stroke-width="1.3"/>')
+
+    def legend(left, entries):  # one row under the panel: a colored line, then its name
+        x, y = left, top + panel_h + 52
+        for text, color in entries:
+            parts.append(f'<line x1="{x}" y1="{y}" x2="{x + 18}" y2="{y}" stroke="{color}" stroke-width="3"/>')
+            parts.append(f'<text x="{x + 22}" y="{y + 4}">{escape(text)}</text>')
+            x += 36 + 7 * len(text)
+
+    log_lo, log_hi = math.log10(lo), math.log10(hi)
+    xy = panel(70, lambda y: (math.log10(y) - log_lo) / (log_hi - log_lo), nice_ticks(lo, hi, log=True),
+               "training loss (log scale)",
+               "loss on the step's batch, before its update")
+    if short_steps:  # where the short budget's run ends
+        short_x, _ = xy(short_steps, lo)
+        parts.append(f'<line x1="{short_x:.1f}" y1="{top}" x2="{short_x:.1f}" y2="{top + panel_h}" stroke="#888" '
+                     f'stroke-dasharray="4 3"/>')
+        parts.append(f'<text x="{short_x + 4:.1f}" y="{top + 14}" fill="#666">short budget ends</text>')
+    for name, ys in losses.items():  # record k's loss is computed after k - 1 updates
+        polyline(xy, [(k, y) for k, y in enumerate(ys)], COLORS[name], "loss-curve", f"loss-{name}")
+    legend(70, [(name, COLORS[name]) for name in losses])
+
+    xy = panel(560, lambda y: y, [0, 0.25, 0.5, 0.75, 1], "zero_init: how far the gates open",
+               "mean |tanh(gate)| over the heads")
+    for l, per_step in enumerate(zip(*gates)):  # record k's gates are after k updates; all 0 before the first
+        polyline(xy, [(0, 0.0)] + [(k + 1, g) for k, g in enumerate(per_step)], LAYER_COLORS[-len(per_step):][l],
+                 "gate-curve", f"gate-layer-{first_layer + l}")
+    legend(560, [(f"layer {first_layer + l}", LAYER_COLORS[-len(gates[0]):][l]) for l in range(len(gates[0]))])
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def main():
+    from data import walkthrough as wt
+    cli.exit_on_input_error()
+    overrides = cli.parse_overrides(settings, sys.argv[1:], __doc__, __file__)
+    s = {**settings, **(QUICK_SETTINGS if overrides.get("quick") else {}), **overrides}
+    cli.require(s["jobs"] > 0 and s["short_epochs"] >= 0, "--jobs must be positive, --short_epochs not negative")
+    t_start = time.time()
+    walk_settings = {**wt.SETTINGS, **(wt.SMOKE_SETTINGS if s["quick"] else {})}  # what train.py would run
+    walk = Path(s["walkthrough_dir"] or walk_settings["out_dir"]).resolve()
+    out = Path(s["out_dir"] or walk / "ablations").resolve()
+    walk_settings = {k: v for k, v in walk_settings.items() if k != "out_dir"}
+    # The world and base, built once (then reused) on one thread like every run: OpenMP's threads stall badly when
+    # another job takes a core (the smoke base: 13 s on one thread, 104 s on two, on a busy 2-core machine).
+    torch.set_num_threads(1)
+    found = {k: str(Path(v).resolve()) for k, v in wt.prepare(walk, s["quick"]).items()}
+    t_ready = time.time()
+
+    # The configurations: (name, group, label, what differs from the walkthrough's settings). The walkthrough's
+    # own K and L are zero_init's run (change None: trained once) shown in each group.
+    K, L = walk_settings["adapter_len"], walk_settings["adapter_layer"]
+    configs = [(name, "gate", name + " (the paper)" * (name == "zero_init"), {"variant": name}) for name in VARIANTS]
+    configs += [(f"L{n}", "layers", f"L={n}", {"adapter_layer": n}) if n != L else
+                ("zero_init", "layers", f"L={n} (zero_init)", None) for n in LAYERS]
+    configs += [(f"K{n}", "prompts", f"K={n}", {"adapter_len": n}) if n != K else
+                ("zero_init", "prompts", f"K={n} (zero_init)", None) for n in LENGTHS]
+    budgets = {"full": dict(epochs=walk_settings["epochs"], warmup_epochs=walk_settings["warmup_epochs"])}
+    if s["short_epochs"]:
+        budgets = {"short": dict(epochs=s["short_epochs"], warmup_epochs=s["short_warmup_epochs"]), **budgets}
+    jobs = [dict(name=name, budget=budget, run_dir=str(out / name / budget), found=found,
+                 train_settings={**walk_settings, **budgets[budget], **change, "device": "cpu"})
+            for budget in budgets for name, _, _, change in configs if change is not None]
+    # The base alone: train.py in full mode (every weight, no adapter) for one step logs the base model's loss at
+    # step 0 on the very batch the adapter runs start with; its exact match is the walkthrough's gates_closed one.
+    jobs.append(dict(name="base", budget="full", run_dir=str(out / "base"), found=found, train_settings={
+        **walk_settings, "mode": "full", "adapter_layer": 0, "stop_after": 1, "device": "cpu"}))
+    jobs.sort(key=lambda j: -j["train_settings"]["epochs"] * (j["train_settings"]["adapter_layer"] + 2))  # long first
+
+    print(f"ablations: {len(jobs)} train.py runs, {s['jobs']} at a time on one thread each, in {out}")
+    results = {}
+    with ProcessPoolExecutor(s["jobs"], mp_context=get_context("spawn")) as pool:
+        for done, future in enumerate(as_completed([pool.submit(run_one, job) for job in jobs]), 1):
+            r = future.result()
+            if "error" in r:
+                pool.shutdown(cancel_futures=True)
+                sys.exit(f"error: {r['name']} ({r['budget']}): {r['error']}")
+            results[r["name"], r["budget"]] = r
+            print(f"  [{done:2}/{len(jobs)}] {r['name']:>11} {r['budget']:>5}: loss at step 0 {r['loss_at_0']:.4f}, "
+                  f"val loss {fmt(r['val_loss'], 'loss') or '-':>6}, exact match {fmt(r['exact_match'], 'percent'):>6}"
+                  f"  ({r['seconds']:.0f} s)", flush=True)
+    results.update({("base", b): results["base", "full"] for b in budgets})  # the base alone has no budget
+    cpu = sum(getattr(resource.getrusage(resource.RUSAGE_CHILDREN), f) for f in ("ru_utime", "ru_stime"))
+    report(results, configs, budgets, s, walk_settings, found, out)
+    print(f"wall time: {time.time() - t_start:.0f} s ({t_ready - t_start:.0f} s to build or find the base, "
+          f"{time.time() - t_ready:.0f} s of runs); the runs used {cpu:.0f} s of CPU time, about "
+          f"{cpu / s['jobs']:.0f} s of wall time on {s['jobs']} otherwise idle cores")
+
+
+def report(results, configs, budgets, s, walk_settings, found, out):
+    """The table with its notes, the text charts and the SVG figure; printed, and written to out_dir."""
+    base, zero = results["base", "full"], results["zero_init", "full"]
+    rows = [dict(group="base", label="base model alone", **{b: results["base", b] for b in budgets})]
+    rows += [dict(group=group, label=label, **{b: results[name, b] for b in budgets})
+             for name, group, label, _ in configs]
+    labels = {b: f"{budget['epochs']} epochs" for b, budget in budgets.items()}
+    # Claims checked on the numbers themselves
+    notes = [
+        f"Loss at step 0: record 1 of each run's log.jsonl, computed before any update. zero_init's ("
+        f"{zero['loss_at_0']!r}) {'equals' if zero['loss_at_0'] == base['loss_at_0'] else 'DIFFERS FROM'} the base "
+        f"model's ({base['loss_at_0']!r}) exactly: with its gates at 0 the adapted model is the base.",
+        "Loss after epoch 1: the training loss after one epoch of updates (on the first batch of epoch 2), in the "
+        "full run."]
+    if "short" in budgets:
+        def shared(name):  # how many leading losses the short and the full run have in common
+            short, full = results[name, "short"]["loss"], results[name, "full"]["loss"]
+            return next((i for i, (a, b) in enumerate(zip(short, full)) if a != b), min(len(short), len(full)))
+        n_shared = min(shared(name) for name, *_ in configs)
+        notes[-1] += (f" The two budgets warm up alike, and every short run's first {n_shared} losses equal its full "
+                      f"run's" + (": the short runs share these two columns." if n_shared > zero["steps_per_epoch"]
+                                  else "."))
+    notes.append(f"Exact match: greedy answers to the {len(json.loads(Path(found['heldout_path']).read_text()))} "
+                 f"held-out instructions, about creatures the adapter never saw. The base alone's is the "
+                 f"walkthrough's gates_closed figure.")
+    markdown = table(rows, labels)
+    print("\n" + "\n".join(markdown) + "\n\n" + "\n".join(notes))
+
+    # Curves over the full budget: the gate variants' training loss, and how far zero_init's gates open
+    losses = {name: results[name, "full"]["loss"] for name in VARIANTS}
+    gates = zero["gates"]  # per record, the mean |tanh(gate)| of each adapted layer
+    lo, hi = min(min(ys) for ys in losses.values()), max(max(ys) for ys in losses.values())
+    n_layers = json.loads((Path(found["ckpt_dir"]) / "params.json").read_text())["n_layers"]
+    x_max, first_layer = len(gates), n_layers - zero["train_settings"]["adapter_layer"]
+    print("\ntraining loss over the full budget (log scale; z zero_init, r random_init, n no_gate, p prefix):")
+    print("\n".join(text_chart({name[0]: (range(len(ys)), ys) for name, ys in losses.items()}, x_max, lo, hi,
+                               log=True)))
+    print("\nzero_init: mean |tanh(gate)| per layer over training (digit = layer):")
+    print("\n".join(text_chart({str(first_layer + l)[-1]: (range(1, x_max + 1), g) for l, g in enumerate(zip(*gates))},
+                               x_max, 0.0, 1.0)))
+    short_steps = len(results["zero_init", "short"]["loss"]) if "short" in budgets else None
+    title = "LLaMA-Adapter ablations in miniature: " + (
+        "--quick, on the smoke base (numbers meaningless)" if s["quick"] else
+        f"the walkthrough, {walk_settings['epochs']} epochs")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablations.svg").write_text(svg_figure(losses, gates, first_layer, x_max, short_steps, lo, hi, title))
+    (out / "ablations.md").write_text("\n".join(markdown) + "\n\n" + "\n\n".join(notes) + "\n")
+    keep = ("trainable", "loss_at_0", "loss_after_epoch_1", "val_loss", "exact_match", "names_value", "seconds")
+    (out / "ablations.json").write_text(json.dumps({
+        "settings": s, "walkthrough_settings": walk_settings, "budgets": budgets,
+        "rows": [{"group": r["group"], "variant": r["label"], **{b: {k: r[b].get(k) for k in keep} for b in budgets}}
+                 for r in rows],
+        "curves": {"loss": losses, "zero_init_gates": gates}}, indent=1))
+    print(f"\nwrote {out / 'ablations.md'}, {out / 'ablations.json'} and {out / 'ablations.svg'}")
+
+
+if __name__ == "__main__":
+    main()
