@@ -167,6 +167,7 @@ def test_only_the_adapter_trains_and_its_size_matches_the_formula():
     total = sum(p.numel() for p in model.parameters())
     assert trainable == 30 * 10 * 4096 + 30 * 32 == 1_229_760, "the paper's 1.2M trainable parameters at 7B"
     assert total - trainable == 6_738_415_616, "LLaMA-7B as published"
+    print(f"LLaMA-7B's shapes, K=10, L=30: {trainable:,} trainable of {total:,} parameters")  # shown with -s
 
 
 def test_a_7b_adapter_file_is_about_4_7_mib(tmp_path):
@@ -176,10 +177,11 @@ def test_a_7b_adapter_file_is_about_4_7_mib(tmp_path):
     for layer in model.layers[model.first_adapted:]:
         layer.attention.gate = torch.nn.Parameter(torch.empty_like(layer.attention.gate, device="cpu"))
     model.reset_adapter()
-    checkpoint.atomic_save(lladapter.adapter_state_dict(model), tmp_path / "adapter.pth")
+    checkpoint.save_adapter(model, tmp_path / "adapter.pth")  # what train.py writes
     size = (tmp_path / "adapter.pth").stat().st_size
     assert 1_229_760 * 4 < size < 1_229_760 * 4 + 64 * 1024  # the fp32 values and a little pickle
     assert 4.69 < size / 2**20 < 4.76, "the paper's 4.7 MB adapter file at 7B"
+    print(f"LLaMA-7B's adapter file: {size:,} bytes ({size / 2**20:.2f} MiB)")  # shown with -s
 
 
 def test_bottom_layers_build_no_graph_in_adapter_training():
@@ -1441,6 +1443,26 @@ def test_hugging_face_checkpoint_loads_to_the_logits_of_the_same_weights_in_meta
     # and the test can tell: the same weights without Hugging Face's row order load to other logits
     write_hf_checkpoint(model, tmp_path / "unpermuted", spm_tokenizer, dtype=dtype, permute=False)
     assert not torch.allclose(base_logits(tmp_path / "unpermuted", x), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_a_llama_saved_by_transformers_loads_to_its_logits_and_greedy_tokens(tmp_path, spm_tokenizer):
+    # The other tests write Hugging Face's layout themselves; this one takes it from the library that defines it.
+    # transformers is not a dependency: `pip install transformers` to run it.
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    reference = transformers.LlamaForCausalLM(config).eval()
+    reference.save_pretrained(tmp_path, safe_serialization=True)
+    shutil.copy(spm_tokenizer, tmp_path / "tokenizer.model")
+    model, _ = checkpoint.load_llama(tmp_path, device="cpu", adapter_layer=0, max_seq_len=64)
+    x = tokens().cpu()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x).logits.float(), rtol=1e-4, atol=1e-4)
+        theirs = reference.generate(x, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
+    ours = lladapter.generate(model, x.tolist(), max_gen_len=16, temperature=0.0)
+    assert ours == theirs[:, x.shape[1]:].tolist(), "greedy continuations differ from transformers' own"
 
 
 def test_safetensors_data_need_not_be_aligned_to_the_element_size(tmp_path, spm_tokenizer):
