@@ -432,6 +432,10 @@ def plan_table(micro_batches=(1, 4), length=512, world=8, log=print):
                 log(f"{size:14} {args.adapter_layer:3}  {setup:7} {mb:3} {row['weights']:8.2f} {row['adapter']:8.3f} "
                     f"{row['activations']:8.2f} {row['logits']:7.2f} {row['total']:7.2f}  "
                     f"{' '.join(map(str, row['fits_gb'])) or 'none'}")
+    totals = {mb: plan_memory(llama_args("7B", length), "1 GPU", 1, mb, length, length, torch.bfloat16)["total"]
+              for mb in (1, 2, 4, 8)}  # the README's micro-batch advice for 7B
+    log("7B on one GPU or DDP, by micro-batch: " + ", ".join(
+        f"{mb}: {t / 2**30:.2f} GiB (fits {' '.join(map(str, fits(t))) or 'none'})" for mb, t in totals.items()))
     return rows
 
 
