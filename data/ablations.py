@@ -1,7 +1,7 @@
 """
 The paper's ablations in miniature, on the walkthrough's world and base model (data/walkthrough.py).
 
-    python -m data.ablations            # every variant, for a short and a full budget: 11 min on 2 quiet CPU cores
+    python -m data.ablations            # every variant, for a short and a full budget: 11-15 min on 2 CPU cores
     python -m data.ablations --quick    # CI: the smoke walkthrough's base and world, every variant for 2 epochs: 1 min
 
 Each run is the walkthrough's own adapter training (train.py with the walkthrough's SETTINGS, on its base and its
