@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import cli
+import checkpoint
 import lladapter
-from checkpoint import load_llama
-from lladapter import InputError
+from checkpoint import InputError, load_llama
 
 ckpt_dir = ""  # base model, Meta's layout or Hugging Face's; empty: the walkthrough's (see train.py)
 tokenizer_path = ""  # empty: tokenizer.model in ckpt_dir or beside it
@@ -49,13 +48,13 @@ device = ""  # empty: cuda if available, else cpu
 dtype = "auto"  # the base's weights: auto is bf16 on a GPU that has it, else fp16; fp32 on a CPU
 compile = False  # decode with a compiled one-token step (CUDA graphs on a GPU): the same tokens, less overhead
 show_gates = False  # print the adapter's tanh(gate) as a layers x heads heat map
-settings = cli.settings_of(globals())
+settings = checkpoint.settings_of(globals())
 
-cli.exit_on_input_error()
-overrides = cli.parse_overrides(settings, sys.argv[1:], __doc__, __file__)
+checkpoint.exit_on_input_error()
+overrides = checkpoint.parse_overrides(settings, sys.argv[1:], __doc__, __file__)
 walkthrough = not overrides.get("ckpt_dir", ckpt_dir)
 if walkthrough:  # the walkthrough's model and adapter, on some of the instructions it never trained on
-    from data import walkthrough as wt
+    from walkthrough import world as wt
     found = wt.paths(wt.SETTINGS["out_dir"])
     if not Path(found["adapter_path"]).is_file():
         raise InputError(f"no walkthrough adapter at {found['adapter_path']}: run `python train.py` first")
@@ -65,12 +64,12 @@ if walkthrough:  # the walkthrough's model and adapter, on some of the instructi
 settings.update(overrides)
 globals().update(settings)
 for key in ("max_gen_len", "max_batch_size", "max_seq_len"):
-    cli.require(settings[key] > 0, f"--{key}={settings[key]}: must be positive")
-cli.require(temperature >= 0 and 0 < top_p <= 1, f"--temperature={temperature} --top_p={top_p}: need temperature "
+    checkpoint.require(settings[key] > 0, f"--{key}={settings[key]}: must be positive")
+checkpoint.require(temperature >= 0 and 0 < top_p <= 1, f"--temperature={temperature} --top_p={top_p}: need temperature "
             f">= 0 and 0 < top_p <= 1")
-cli.require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}: no CUDA device here")
+checkpoint.require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}: no CUDA device here")
 device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-base_dtype = cli.dtype_of(dtype, device)
+base_dtype = checkpoint.dtype_of(dtype, device)
 
 
 def heatmap(gates):
@@ -92,16 +91,16 @@ if walkthrough and not jobs and not prompts_file and not interactive:
 if prompts_file:
     path = Path(prompts_file)
     if path.suffix in (".json", ".jsonl"):
-        for i, r in enumerate(cli.read_records(path)):
+        for i, r in enumerate(checkpoint.read_records(path)):
             if not isinstance(r.get("instruction"), str) or not isinstance(r.get("input", ""), str):
                 raise InputError(f"{path}: record {i}: expected a string 'instruction' (and optional 'input')")
             jobs.append((r["instruction"], r.get("input", ""), r.get("image", image or None)))
     else:
-        jobs += [(line, "", image or None) for line in cli.read_text(path).splitlines() if line.strip()]
+        jobs += [(line, "", image or None) for line in checkpoint.read_text(path).splitlines() if line.strip()]
 if not jobs and not show_gates and not interactive:
     raise InputError("nothing to answer: give --prompt=..., --prompts_file=... or --interactive")
 out_path = Path(out) if out else None
-cli.require(out_path is None or out_path.parent.is_dir(), f"--out={out}: no folder {out_path and out_path.parent}")
+checkpoint.require(out_path is None or out_path.parent.is_dir(), f"--out={out}: no folder {out_path and out_path.parent}")
 
 given = {"adapter_len": adapter_len, "adapter_layer": adapter_layer, "image_dim": image_dim}
 model, tokenizer = load_llama(ckpt_dir, tokenizer_path or None, adapter or None, device=device, dtype=base_dtype,
@@ -129,7 +128,7 @@ def encode(jobs):
     if any(feature is None for _, _, feature in jobs):
         raise InputError("either every prompt has an image or none does")
     base_dir = Path(prompts_file).parent if prompts_file else Path(".")
-    images = [cli.load_image_feature(f, base_dir, model.args.image_dim, f"prompt {i}") for i, (_, _, f) in enumerate(jobs)]
+    images = [checkpoint.load_image_feature(f, base_dir, model.args.image_dim, f"prompt {i}") for i, (_, _, f) in enumerate(jobs)]
     return prompts, torch.stack(images).to(model_device)
 
 

@@ -24,7 +24,6 @@ Where we follow the paper, and where we chose differently:
 """
 import functools
 import itertools
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
@@ -32,10 +31,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-class InputError(ValueError):
-    """A problem with the user's files or settings. The scripts print it as one line, with no traceback."""
 
 
 @dataclass
@@ -185,11 +180,11 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         if args.vocab_size <= 0:
-            raise InputError(f"vocab_size={args.vocab_size}: set it, or load with load_llama to take it from the tokenizer")
+            raise ValueError(f"vocab_size={args.vocab_size}: set it, or load with load_llama to take it from the tokenizer")
         if not 0 <= args.adapter_layer <= args.n_layers:
-            raise InputError(f"adapter_layer={args.adapter_layer} must be between 0 and n_layers={args.n_layers}")
+            raise ValueError(f"adapter_layer={args.adapter_layer} must be between 0 and n_layers={args.n_layers}")
         if args.dim % args.n_heads or args.n_heads % (args.n_kv_heads or args.n_heads):
-            raise InputError(f"dim={args.dim}, n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads} don't divide")
+            raise ValueError(f"dim={args.dim}, n_heads={args.n_heads}, n_kv_heads={args.n_kv_heads} don't divide")
         self.args = args
         self.first_adapted = args.n_layers - args.adapter_layer  # layers below this one run as plain LLaMA
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
@@ -226,7 +221,7 @@ class Transformer(nn.Module):
         prompts = self.adapter_query.weight.view(1, L, K, dim)
         if image is not None:
             if not self.args.image_dim:
-                raise InputError("an image was given to a text-only model (image_dim=0)")
+                raise ValueError("an image was given to a text-only model (image_dim=0)")
             image_prompt = self.adapter_image_proj(image.float())  # (bsz, image_dim) -> (bsz, dim): I_p
             prompts = prompts + image_prompt[:, None, None, :]  # P_l + repeat(I_p, K), for every adapted layer
         return prompts
@@ -237,7 +232,7 @@ class Transformer(nn.Module):
         # (training scores only the response; logits (positions, vocab_size)), or a slice of the sequence.
         bsz, seqlen = tokens.shape
         if isinstance(start_pos, int) and start_pos + seqlen > self.args.max_seq_len:
-            raise InputError(f"{start_pos + seqlen} positions exceed max_seq_len={self.args.max_seq_len}")
+            raise ValueError(f"{start_pos + seqlen} positions exceed max_seq_len={self.args.max_seq_len}")
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
         positions = torch.arange(seqlen, device=tokens.device) + start_pos
         rope = self.rope[positions]  # (seqlen, head_dim/2, 2)
@@ -278,8 +273,6 @@ class Tokenizer:
 
     def __init__(self, model_path):
         import sentencepiece
-        if not os.path.isfile(model_path):
-            raise InputError(f"{model_path}: no such tokenizer file")
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
         self.n_words, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()
 
@@ -417,7 +410,7 @@ def generate(model, prompts, max_gen_len, temperature=0.1, top_p=0.75, eos_id=No
     bsz, lengths = len(prompts), [len(p) for p in prompts]
     max_seq_len = model.args.max_seq_len
     if max(lengths) >= max_seq_len:
-        raise InputError(f"a prompt of {max(lengths)} tokens leaves no room in max_seq_len={max_seq_len}")
+        raise ValueError(f"a prompt of {max(lengths)} tokens leaves no room in max_seq_len={max_seq_len}")
     device = model.tok_embeddings.weight.device
     start, end = min(lengths), min(max_seq_len, max(lengths) + max_gen_len)
     tokens = torch.full((bsz, end), -1, dtype=torch.long)
@@ -461,18 +454,3 @@ def compiled_step(model):
     (about 1,700 per token at 7B, which would leave batch-1 decoding bound by launch overhead, not memory)."""
     mode = "reduce-overhead" if model.tok_embeddings.weight.is_cuda else "default"
     return torch.compile(model, mode=mode, dynamic=False, fullgraph=True)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoint I/O lives in checkpoint.py and the scripts' command line in cli.py; these names still import from here.
-
-MOVED = {"load_llama": "checkpoint", "load_adapter": "checkpoint", "save_adapter": "checkpoint",
-         "torch_load": "checkpoint", "atomic_save": "checkpoint", "parse_overrides": "cli", "exit_on_input_error": "cli",
-         "load_image_feature": "cli"}
-
-
-def __getattr__(name):
-    if name in MOVED:
-        import importlib
-        return getattr(importlib.import_module(MOVED[name]), name)
-    raise AttributeError(f"module 'lladapter' has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """
-Fine-tune LLaMA-Adapter on Alpaca-format instructions, with the paper's recipe (SPEC.md section 3).
+Fine-tune LLaMA-Adapter on Alpaca-format instructions, with the paper's recipe (arXiv 2303.16199, Sec. 4.1).
 
-    python train.py                      # no arguments: the built-in walkthrough, ~3 minutes on a laptop CPU
+    python train.py                      # no arguments: the built-in walkthrough, a few minutes on a laptop CPU
     python train.py --ckpt_dir=llama/7B --data_path=alpaca_data.json              # one GPU, or the CPU
     torchrun --nproc_per_node 8 train.py --ckpt_dir=llama/7B --data_path=alpaca_data.json
     torchrun --nproc_per_node 8 train.py --ckpt_dir=llama/65B --data_path=alpaca_data.json --fsdp   # sharded base
@@ -15,6 +15,7 @@ needs) and out_dir/log.jsonl (one line per optimizer step).
 """
 import contextlib
 import functools
+import importlib
 import io
 import json
 import math
@@ -29,9 +30,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
-import cli
 import lladapter
-from lladapter import InputError
+from checkpoint import InputError
 
 # ----------------------------------------------------------------------------------------------------------
 # settings
@@ -63,44 +63,47 @@ device = ""  # empty: cuda if available, else cpu
 dtype = "auto"  # the frozen base: auto is bf16 on a GPU that has it, fp16 on one that doesn't, fp32 on a CPU
 loss_scale = 65536.0  # fp16 only: the starting loss scale, halved at each overflow (that step skipped)
 fsdp = False  # under torchrun: shard the frozen base over the processes (FSDP2) instead of a copy in each
-compile = False  # torch.compile the model
+compile = False  # torch.compile each transformer block (the same losses; pays off on a GPU)
 smoke = False  # the walkthrough only: its one-minute version
-variant = ""  # an ablation from data/ablations.py, applied to the built model (python -m data.ablations runs them)
-settings = cli.settings_of(globals())
+variant = ""  # "module:function", called on the built model before it is frozen: an experiment's change to it
+settings = checkpoint.settings_of(globals())
 # Settings that must not change between a run and its --resume.
 RUN_IDENTITY = ["ckpt_dir", "data_path", "mode", "variant", "adapter_len", "adapter_layer", "image_dim", "max_seq_len",
                 "val_fraction", "batch_size", "epochs", "warmup_epochs", "base_lr", "weight_decay", "beta1", "beta2", "seed"]
 # ----------------------------------------------------------------------------------------------------------
 
-cli.exit_on_input_error()
-overrides = cli.parse_overrides(settings, sys.argv[1:], __doc__, __file__)
+checkpoint.exit_on_input_error()
+overrides = checkpoint.parse_overrides(settings, sys.argv[1:], __doc__, __file__)
 walkthrough = not overrides.get("ckpt_dir", ckpt_dir)
 if walkthrough:  # the miniature run has its own recipe; command-line overrides still apply on top
-    from data import walkthrough as wt
+    from walkthrough import world as wt
     stray = [k for k in ("data_path", "tokenizer_path") if k in overrides]
-    cli.require(not stray, f"--{stray[0] if stray else ''} needs --ckpt_dir: without one, train.py runs the "
+    checkpoint.require(not stray, f"--{stray[0] if stray else ''} needs --ckpt_dir: without one, train.py runs the "
                            f"walkthrough on its own data and model")
     settings.update(wt.SETTINGS, **(wt.SMOKE_SETTINGS if overrides.get("smoke") else {}))
 settings.update(overrides)
 globals().update(settings)
 # Settings a user can get wrong, refused before anything is built or written
-cli.require(mode in ("adapter", "full"), f"--mode={mode}: expected adapter or full")
+checkpoint.require(mode in ("adapter", "full"), f"--mode={mode}: expected adapter or full")
 for key in ("batch_size", "micro_batch_size", "epochs", "max_seq_len", "log_interval", "eval_interval", "save_interval"):
-    cli.require(settings[key] > 0, f"--{key}={settings[key]}: must be positive")
+    checkpoint.require(settings[key] > 0, f"--{key}={settings[key]}: must be positive")
 for key in ("stop_after", "adapter_len", "adapter_layer", "image_dim", "warmup_epochs", "weight_decay"):
-    cli.require(settings[key] >= 0, f"--{key}={settings[key]}: must not be negative")
-cli.require(mode == "full" or adapter_len > 0 and adapter_layer > 0, f"--adapter_len={adapter_len} "
+    checkpoint.require(settings[key] >= 0, f"--{key}={settings[key]}: must not be negative")
+checkpoint.require(mode == "full" or adapter_len > 0 and adapter_layer > 0, f"--adapter_len={adapter_len} "
             f"--adapter_layer={adapter_layer}: an adapter needs at least one prompt in one layer (or --mode=full)")
-cli.require(0 <= val_fraction < 1 and base_lr > 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1,
+checkpoint.require(0 <= val_fraction < 1 and base_lr > 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1,
             "--val_fraction, --beta1 and --beta2 must lie in [0, 1), --base_lr must be positive")
-cli.require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}: no CUDA device here")
-cli.require(loss_scale > 0, f"--loss_scale={loss_scale}: must be positive")
-cli.require(not fsdp or "RANK" in os.environ and mode == "adapter" and not compile,
+checkpoint.require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}: no CUDA device here")
+checkpoint.require(loss_scale > 0, f"--loss_scale={loss_scale}: must be positive")
+checkpoint.require(not fsdp or "RANK" in os.environ and mode == "adapter" and not compile,
             "--fsdp: runs under torchrun (one process per GPU), in adapter mode, without --compile")
-if variant:
-    from data.ablations import VARIANTS
-    cli.require(variant in VARIANTS, f"--variant={variant}: expected one of {', '.join(VARIANTS)}")
-cli.require(not resume or (Path(out_dir) / "train_state.pth").is_file(),
+if variant:  # e.g. walkthrough.ablations:no_gate (python -m walkthrough.ablations runs them)
+    module_name, _, function_name = variant.partition(":")
+    try:
+        apply_variant = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise InputError(f"--variant={variant}: expected module:function ({e})") from None
+checkpoint.require(not resume or (Path(out_dir) / "train_state.pth").is_file(),
             f"--resume: nothing to resume, {Path(out_dir) / 'train_state.pth'} does not exist")
 
 # Several processes when launched by torchrun (it sets RANK), one otherwise; NCCL on GPUs, gloo on CPUs. Each
@@ -122,7 +125,7 @@ master = rank == 0  # only it prints and writes files
 # One precision story: the frozen base in compute_dtype, every computation on it under one autocast, the adapter
 # fp32. Full fine-tuning keeps fp32 master weights. fp16 (GPUs without bf16) scales the loss so that small
 # gradients don't underflow; a step whose gradients overflow is skipped and the scale halved.
-compute_dtype = cli.dtype_of(dtype, device)
+compute_dtype = checkpoint.dtype_of(dtype, device)
 autocast = torch.autocast(device_type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
 scaler = torch.amp.GradScaler(device_type, init_scale=loss_scale, enabled=compute_dtype == torch.float16)
 out = Path(out_dir)
@@ -135,11 +138,27 @@ def say(*args):
 
 def peak_memory_mib():
     # The most this process needed: on a GPU, the caching allocator's peak reservation (nvidia-smi also counts the
-    # CUDA context, a few hundred MiB); on a CPU, the peak resident memory.
+    # CUDA context, a few hundred MiB); on a CPU, the peak resident set where the platform tells it (not on Windows).
     if device_type == "cuda":
         return torch.cuda.max_memory_reserved() / 2**20
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024  # KiB
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def mib(value):
+    return f"{value:,.0f} MiB" if math.isfinite(value) else "not measured here"
+
+
+def finish():
+    # An orderly end for every process: all leave their last collective together, then the process group goes
+    # (a process that exits while a peer still talks to it can abort in the group's threads).
+    if distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 resident_at_start = peak_memory_mib() if device_type == "cpu" else 0.0
@@ -158,7 +177,7 @@ if walkthrough:
 
 
 def load_records(path):
-    records = cli.read_records(path)
+    records = checkpoint.read_records(path)
     for i, r in enumerate(records):
         missing = [key for key in ("instruction", "output") if key not in r]
         if missing:
@@ -183,8 +202,8 @@ model, tokenizer = checkpoint.load_llama(
     ckpt_dir, tokenizer_path or None, device=device, dtype=torch.float32 if mode == "full" else compute_dtype,
     shard=checkpoint.fully_shard_base if fsdp else None,  # --fsdp: each process reads and keeps only its shard
     max_seq_len=max_seq_len, adapter_len=adapter_len, adapter_layer=adapter_layer, image_dim=image_dim)
-if variant:  # one of the paper's ablations: a small, visible change to the built model (data/ablations.py)
-    VARIANTS[variant](model)
+if variant:  # an experiment's small, visible change to the built model
+    apply_variant(model)
 examples, features, n_truncated = [], [], 0
 for i, r in enumerate(records):
     encoded = lladapter.encode_example(tokenizer, r["instruction"], r.get("input", ""), r["output"], max_seq_len)
@@ -193,14 +212,15 @@ for i, r in enumerate(records):
     examples.append(encoded[:2])
     n_truncated += encoded[2]
     if image_dim:
-        features.append(cli.load_image_feature(r["image"], Path(data_path).parent, image_dim, f"{data_path}: record {i}"))
+        features.append(checkpoint.load_image_feature(r["image"], Path(data_path).parent, image_dim, f"{data_path}: record {i}"))
 if not examples:
     raise InputError(f"{data_path}: no record fits in max_seq_len={max_seq_len}")
 features = torch.stack(features) if image_dim else None
 n_scored = [sum(label != lladapter.IGNORE_INDEX for label in labels) for _, labels in examples]
 say(f"data: {len(records)} records in {data_path}; {len(records) - len(examples)} skipped (prompt alone longer than "
     f"max_seq_len={max_seq_len}), {n_truncated} truncated; loaded in {time.time() - t_load:.0f}s, peak memory so far "
-    f"{peak_memory_mib():,.0f} MiB")
+    f"{mib(peak_memory_mib())}")
+load_peak_mib = peak_memory_mib()
 
 # A fixed held-out split, the same in every process and on every resume.
 perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -323,8 +343,9 @@ def save_checkpoint(step):
                            "rng": {"cpu": torch.get_rng_state()}}, out / "train_state.pth")
 
 
-if compile:
-    model = torch.compile(model)
+if compile:  # in place, block by block: parameter names, DDP and the saved files stay as they are
+    for layer in raw_model.layers:
+        layer.compile()
 if ddp:
     model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
 
@@ -332,8 +353,9 @@ if ddp:
 # the loop: one optimizer step per global batch
 
 last_step = min(total_steps, stop_after or total_steps)
-t_start, tokens_seen = time.time(), 0
+t_start, tokens_seen, step_seconds = time.time(), 0, []
 for step in range(start_step, last_step):
+    t_step = time.time()
     batch = global_batch(step)
     targets = sum(n_scored[j] for j in batch)  # scored tokens in the whole global batch
     lr = lr_at(step)
@@ -367,9 +389,11 @@ for step in range(start_step, last_step):
     if broken:
         say(f"error: {broken} at step {done}: stopping. The last good checkpoint is in {out} "
             f"(written every {save_interval} steps); try a lower --base_lr")
+        finish()  # every process saw the same loss and stops here
         sys.exit(1)
 
     tokens_seen += sum(len(examples[j][0]) for j in batch)
+    step_seconds.append(time.time() - t_step)
     per_layer = torch.stack([torch.tanh(g).abs().mean() for g in gates]).tolist() if gates else []  # per layer
     gate = sum(per_layer) / len(per_layer) if per_layer else 0.0
     record = {"step": done, "epoch": done / steps_per_epoch, "loss": step_loss, "lr": lr, "gate": gate,
@@ -398,9 +422,11 @@ for step in range(start_step, last_step):
 peak = torch.tensor(peak_memory_mib(), device=device)
 if distributed:
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-say(f"peak memory: {peak.item():,.0f} MiB " + ("reserved by torch on the GPU" if device_type == "cuda" else
-    f"resident ({peak.item() - resident_at_start:,.0f} MiB above python and torch)") +
+peak = peak.item()
+say(f"peak memory: {mib(peak)} " + ("reserved by torch on the GPU" if device_type == "cuda" else
+    f"resident ({mib(peak - resident_at_start)} above python and torch)" if math.isfinite(peak) else "") +
     (f", the most of {world} processes" if distributed else ""))
+walkthrough_result = None
 if last_step < total_steps:
     say(f"stopped after step {last_step} of {total_steps} (--stop_after); continue with --resume")
 elif mode == "adapter":
@@ -408,6 +434,15 @@ elif mode == "adapter":
         say(f"adapter: {out / 'adapter.pth'} ({os.path.getsize(out / 'adapter.pth') / 2**20:.2f} MiB)")
     if walkthrough and (master or fsdp):  # a sharded model generates only with every process taking part
         with contextlib.redirect_stdout(io.StringIO()) if not master else nullcontext():
-            wt.report(raw_model, tokenizer, walkthrough_paths, smoke)
-if distributed:
-    dist.destroy_process_group()
+            walkthrough_result = wt.report(raw_model, tokenizer, walkthrough_paths, smoke)
+if master:  # what tools read (tools/bench.py, tools/gpu_check.py): this run's figures, never its printed lines
+    summary = {"steps": last_step, "total_steps": total_steps, "world": world, "device": device,
+               "peak_memory_mib": peak if math.isfinite(peak) else None,
+               "above_start_mib": peak - resident_at_start if device_type == "cpu" and math.isfinite(peak) else None,
+               "load_peak_mib": load_peak_mib if math.isfinite(load_peak_mib) else None,
+               "step_seconds": step_seconds, "tokens_per_s": tokens_seen / max(sum(step_seconds), 1e-9),
+               "walkthrough": walkthrough_result}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json.tmp").write_text(json.dumps(summary, indent=1))
+    os.replace(out / "summary.json.tmp", out / "summary.json")
+finish()

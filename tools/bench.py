@@ -1,11 +1,11 @@
 """
 Measure what the paper and the README claim about cost, on random weights: nothing to download.
 
-    python bench.py                      # CPU section, then the GPU section when CUDA is present; a table at the end
-    python bench.py --json=bench.json    # also write every figure as JSON
-    python bench.py --quick              # tiny shapes, seconds: checks that every section runs, measures nothing
-    python bench.py --plan               # memory planner for LLaMA 7B-70B, then its check against train.py here
-    python bench.py --plan --quick       # the planner, checked at tiny shapes (CI)
+    python -m tools.bench                      # CPU section, then the GPU section when CUDA is present; a table at the end
+    python -m tools.bench --json=bench.json    # also write every figure as JSON
+    python -m tools.bench --quick              # tiny shapes, seconds: checks that every section runs, measures nothing
+    python -m tools.bench --plan               # memory planner for LLaMA 7B-70B, then its check against train.py here
+    python -m tools.bench --plan --quick       # the planner, checked at tiny shapes (CI)
 
 CPU: one adapter step against one full fine-tuning step (time, peak memory); cached generation against
 recomputation; per-token decoding on a tiny model, where it is all overhead, eager against compile=True.
@@ -39,7 +39,6 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
-import cli
 import lladapter
 from lladapter import ModelArgs, Transformer
 
@@ -72,7 +71,7 @@ memory_probe = ""  # internal: "adapter" or "full", run in a fresh process to me
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 QUICK = dict(dim=64, n_layers=2, n_heads=4, vocab_size=512, seq_len=32, batch=2, adapter_layer=1, steps=2,
              new_tokens=16, prompt_len=8, decode_tokens=16, compile_decode=False, gpu_steps=2, gpu_micro_batches="1,2")
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # where train.py is
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -598,7 +597,7 @@ def gpu_section(results):
     device = torch.device("cuda" if on_gpu else "cpu")
     name = torch.cuda.get_device_name() if on_gpu else "cpu (quick: the GPU code path on tiny shapes)"
     peak, bandwidth, note = gpu_specs(name, gpu_peak_tflops, gpu_bandwidth_tbs)
-    base_dtype = cli.dtype_of(dtype, device)
+    base_dtype = checkpoint.dtype_of(dtype, device)
     args = ModelArgs(vocab_size=32000, max_seq_len=512) if not quick else \
         ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=512, max_seq_len=64, adapter_layer=3)
     print(f"gpu: {name}; dense 16-bit peak {peak} TFLOPS, {bandwidth} TB/s; base in {base_dtype}, adapter fp32"
@@ -663,16 +662,13 @@ def write_checkpoint(args, ckpt_dir, n_shards):
     (ckpt_dir / "params.json").write_text(jsonlib.dumps(params))
 
 
-def parse_train_output(text):
-    """The figures train.py prints: peak memory at the end and after loading (MiB above python and torch), and
-    the seconds of each optimizer step after the first (from the cumulative tok/s of the step lines)."""
-    peak = re.search(r"peak memory: ([\d,]+) MiB resident \(([-\d,]+) MiB above python and torch\)", text)
-    if not peak:
-        raise RuntimeError(f"train.py printed no peak memory line:\n{text[-3000:]}")
-    total, above = (float(g.replace(",", "")) for g in peak.groups())
-    load = float(re.search(r"peak memory so far ([\d,]+) MiB", text).group(1).replace(",", ""))
-    steps = [(int(s), float(r.replace(",", ""))) for s, r in re.findall(r"step (\d+)/\d+ .*?\| ([\d,]+) tok/s", text)]
-    return {"peak_above_mib": above, "load_above_mib": load - (total - above), "tok_per_s": steps}
+def train_figures(out):
+    """The figures a train.py run wrote to out/summary.json: peak memory at the end and after loading (MiB above
+    python and torch), and the seconds of each optimizer step."""
+    summary = jsonlib.loads((out / "summary.json").read_text())
+    start = summary["peak_memory_mib"] - summary["above_start_mib"]
+    return {"peak_above_mib": summary["above_start_mib"], "load_above_mib": summary["load_peak_mib"] - start,
+            "step_seconds": summary["step_seconds"]}
 
 
 def run_train(tmp, args, world, fsdp, ckpt, mb, length, n_steps, out):
@@ -687,10 +683,8 @@ def run_train(tmp, args, world, fsdp, ckpt, mb, length, n_steps, out):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    measured = parse_train_output(done.stdout)
-    (s1, r1), (sn, rn) = measured["tok_per_s"][0], measured["tok_per_s"][-1]  # tok/s since the start, at 2 steps
-    tokens_per_step = 2 * mb * (length + 1)
-    measured["step_s"] = (sn * tokens_per_step / rn - s1 * tokens_per_step / r1) / (sn - s1)  # after the first step
+    measured = train_figures(tmp / out)
+    measured["step_s"] = statistics.mean(measured["step_seconds"][1:])  # after the first step
     return measured
 
 
@@ -792,8 +786,8 @@ def print_table(rows):
 
 
 def main(argv):
-    cli.exit_on_input_error()
-    overrides = cli.parse_overrides(settings, argv, __doc__, __file__)
+    checkpoint.exit_on_input_error()
+    overrides = checkpoint.parse_overrides(settings, argv, __doc__, __file__)
     globals().update({**settings, **(QUICK if overrides.get("quick") else {}), **overrides})
     if memory_probe:  # a fresh process: one mode only, so its peak resident memory is its own
         probe_memory(memory_probe)

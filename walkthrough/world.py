@@ -231,3 +231,8 @@ def report(model, tokenizer, found, smoke):
           f"({base_mib / adapter_mib:.0f}x smaller)")
     if not smoke:
         print("next: python generate.py  (some held-out answers with and without the adapter; add --show_gates)")
+    return {"heldout": n_heldout, "base_exact_match": base_alone[0], "base_names_value": base_alone[1],
+            "adapter_exact_match": with_adapter[0], "adapter_names_value": with_adapter[1], "trainable": n_adapter,
+            "parameters": n_total, "targets_met": {"base": base_alone[0] <= TARGETS["base_at_most"],
+                                                   "adapter": with_adapter[0] >= TARGETS["adapter_at_least"],
+                                                   "share": n_adapter / n_total < TARGETS["adapter_share_below"]}}

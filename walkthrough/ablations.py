@@ -1,8 +1,8 @@
 """
-The paper's ablations in miniature, on the walkthrough's world and base model (data/walkthrough.py).
+The paper's ablations in miniature, on the walkthrough's world and base model (walkthrough/world.py).
 
-    python -m data.ablations            # every variant, for a short and a full budget: 11-15 min on 2 CPU cores
-    python -m data.ablations --quick    # CI: the smoke walkthrough's base and world, every variant for 2 epochs: 1 min
+    python -m walkthrough.ablations            # every variant, for a short and a full budget: 11-15 min on 2 CPU cores
+    python -m walkthrough.ablations --quick    # CI: the smoke walkthrough's base and world, every variant for 2 epochs: 1 min
 
 Each run is the walkthrough's own adapter training (train.py with the walkthrough's SETTINGS, on its base and its
 instructions) with exactly one thing changed:
@@ -35,7 +35,8 @@ from xml.sax.saxutils import escape
 import torch
 import torch.nn.functional as F
 
-import cli
+import checkpoint
+
 
 # ----------------------------------------------------------------------------------------------------------
 # settings
@@ -45,7 +46,7 @@ quick = False  # CI: the smoke walkthrough's barely pretrained base and world, 2
 short_epochs = 5  # the short budget (see SHORT_BUDGET); 0: the full budget only
 short_warmup_epochs = 2.0  # its linear warmup, as the paper's
 jobs = 2  # train.py processes at a time, each on one CPU thread
-settings = cli.settings_of(globals())
+settings = checkpoint.settings_of(globals())
 # SHORT_BUDGET. Zero-init's advantage is about the start of training, so every configuration also trains for a
 # short budget, chosen here once, before any run: the paper trains 5 epochs (2 of warmup) on its 52K instructions;
 # the walkthrough needs 40 epochs at its scale; the short budget is the paper's own 5 epochs (warmup 2), 1/8 of the
@@ -130,7 +131,7 @@ def run_one(job):
     instructions. Returns the numbers of its table row and its curves, or an error."""
     import checkpoint
     import lladapter
-    from data import walkthrough as wt
+    from walkthrough import world as wt
     run_dir, found, s = Path(job["run_dir"]), job["found"], job["train_settings"]
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "train.py", f"--ckpt_dir={found['ckpt_dir']}", f"--data_path={found['data_path']}",
@@ -153,7 +154,7 @@ def run_one(job):
     model, tokenizer = checkpoint.load_llama(found["ckpt_dir"], device="cpu", max_seq_len=s["max_seq_len"],
                                              adapter_len=s["adapter_len"], adapter_layer=s["adapter_layer"])
     if s.get("variant"):
-        VARIANTS[s["variant"]](model)
+        VARIANTS[s["variant"].split(":")[1]](model)
     if s["adapter_layer"]:  # not the base alone
         checkpoint.load_adapter(model, run_dir / "adapter.pth")
     lladapter.mark_only_adapter_trainable(model)
@@ -295,11 +296,11 @@ def svg_figure(losses, gates, first_layer, x_max, short_steps, lo, hi, title):
 # ----------------------------------------------------------------------------------------------------------
 
 def main():
-    from data import walkthrough as wt
-    cli.exit_on_input_error()
-    overrides = cli.parse_overrides(settings, sys.argv[1:], __doc__, __file__)
+    from walkthrough import world as wt
+    checkpoint.exit_on_input_error()
+    overrides = checkpoint.parse_overrides(settings, sys.argv[1:], __doc__, __file__)
     s = {**settings, **(QUICK_SETTINGS if overrides.get("quick") else {}), **overrides}
-    cli.require(s["jobs"] > 0 and s["short_epochs"] >= 0, "--jobs must be positive, --short_epochs not negative")
+    checkpoint.require(s["jobs"] > 0 and s["short_epochs"] >= 0, "--jobs must be positive, --short_epochs not negative")
     t_start = time.time()
     walk_settings = {**wt.SETTINGS, **(wt.SMOKE_SETTINGS if s["quick"] else {})}  # what train.py would run
     walk = Path(s["walkthrough_dir"] or walk_settings["out_dir"]).resolve()
@@ -314,7 +315,7 @@ def main():
     # The configurations: (name, group, label, what differs from the walkthrough's settings). The walkthrough's
     # own K and L are zero_init's run (change None: trained once) shown in each group.
     K, L = walk_settings["adapter_len"], walk_settings["adapter_layer"]
-    configs = [(name, "gate", name + " (the paper)" * (name == "zero_init"), {"variant": name}) for name in VARIANTS]
+    configs = [(name, "gate", name + " (the paper)" * (name == "zero_init"), {"variant": f"walkthrough.ablations:{name}"}) for name in VARIANTS]
     configs += [(f"L{n}", "layers", f"L={n}", {"adapter_layer": n}) if n != L else
                 ("zero_init", "layers", f"L={n} (zero_init)", None) for n in LAYERS]
     configs += [(f"K{n}", "prompts", f"K={n}", {"adapter_len": n}) if n != K else

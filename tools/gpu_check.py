@@ -2,9 +2,9 @@
 Check a CUDA machine end to end with one command: correctness on the GPU first, then the 7B-shaped training step
 and decoding, then the end-to-end runs and the test suite; one table at the end.
 
-    python gpu_check.py                      # on a CUDA machine: about 5 minutes on one H100, 6 at most
-    python gpu_check.py --json=check.json    # also write the results as JSON, rewritten after every check
-    python gpu_check.py --quick              # the same code on this CPU at tiny shapes (CI): checks that it runs
+    python -m tools.gpu_check                      # on a CUDA machine: about 5 minutes on one H100, 6 at most
+    python -m tools.gpu_check --json=check.json    # also write the results as JSON, rewritten after every check
+    python -m tools.gpu_check --quick              # the same code on this CPU at tiny shapes (CI): checks that it runs
 
 In the order they run, each in its own process with its own time limit, all within --budget_s:
   zero gates       a model whose gates are all zero gives exactly the logits of the same weights with
@@ -14,43 +14,43 @@ In the order they run, each in its own process with its own time limit, all with
   adapter step     LLaMA-7B's shapes, train.py's step at length 512, micro-batch 1, 2, 4, 8 (bench.py's code):
                    tokens/s, MFU, peak memory reserved, the planner's prediction, the attention kernels that ran
   decoding         lladapter.generate at batch 1 and 8, eager, beside the memory-bandwidth bound
-  resume           torchrun --nproc_per_node=1 train.py --smoke --stop_after=5, then --resume, on NCCL: the log
-                   must be the uninterrupted run's
-  walkthrough      python train.py --dtype=bf16: the walkthrough's targets must be met
-  tests            python -m pytest -q test_lladapter.py with LLADAPTER_TEST_DEVICE=cuda
+  walkthrough      python train.py --dtype=bf16: the walkthrough's targets must be met (read from its summary.json)
+  tests            the fast tier, python -m pytest -q test_lladapter.py, with LLADAPTER_TEST_DEVICE=cuda
+--quick leaves out the last two: on a CPU they would repeat what the test suite itself runs.
   compiled decode  the decoding above with generate(compile=True): CUDA graphs, compiled once per batch size
 """
 import contextlib
 import json as jsonlib  # `json` is the --json setting below
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import bench
-import cli
+from tools import bench
+import checkpoint
 import lladapter
 from lladapter import ModelArgs
 
 budget_s = 330  # the whole check's time; a check that would start after it is reported as not run
 json = ""  # --json=FILE: the results as JSON, rewritten after every check
 quick = False  # tiny shapes on the CPU: checks that every check runs (CI), measures nothing
-step = ""  # internal: run this one check in this process and print its rows as JSON
+step = ""  # internal: run this one check in this process and write its rows as JSON to --rows_file
+rows_file = ""  # internal: where --step writes its rows
 deadline = 0.0  # internal: the time.time() by which the check must be done
 work = ""  # internal: a folder the checks share (the smoke walkthrough's base model, made once)
-settings = cli.settings_of(globals())
-ROOT = Path(__file__).resolve().parent
-RESULT = "gpu_check result: "  # marks the line on which a check's process hands back its rows
+settings = checkpoint.settings_of(globals())
+ROOT = Path(__file__).resolve().parent.parent  # where train.py is
+# Checks that --quick leaves out: on a CPU they would only repeat what the test suite itself runs
+GPU_ONLY = ("walkthrough", "tests")
 
 
 class Context:
@@ -61,7 +61,7 @@ class Context:
         self.device = torch.device("cpu" if quick else "cuda")
         self.dtype = torch.bfloat16  # the correctness checks' dtype, on the CPU too
         # The timed checks': bf16 on a GPU; fp32 on a CPU (--quick), where bf16 matmuls run ~4x slower than fp32
-        self.fast_dtype = cli.dtype_of("auto", self.device)
+        self.fast_dtype = checkpoint.dtype_of("auto", self.device)
         self.name = bench.cpu_name() if quick else torch.cuda.get_device_name()
         self.args7b = ModelArgs(vocab_size=32000, max_seq_len=512) if not quick else \
             ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=512, max_seq_len=64, adapter_layer=3)
@@ -211,82 +211,38 @@ def decoding_compiled(ctx):
     return decoding(ctx, compiled=True)
 
 
-def copy_walkthrough_base(source, destination):
-    destination.mkdir(parents=True, exist_ok=True)
-    for name in ("base", "alpaca_train.json", "heldout.json"):
-        (shutil.copytree if (source / name).is_dir() else shutil.copy)(source / name, destination / name)
-
-
-def resume(ctx):
-    """Stopped after 5 of the smoke run's 10 steps and resumed: the log must be the uninterrupted run's."""
-    label = "stop + --resume under torchrun = uninterrupted run"
-    backend = "gloo" if ctx.quick else "NCCL"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
-                "--smoke"]
-    env = {"OMP_NUM_THREADS": "1"}
-    with tempfile.TemporaryDirectory() as tmp:
-        straight, stopped = Path(tmp) / "straight", Path(tmp) / "stopped"
-        for args in ([f"--out_dir={straight}"], [f"--out_dir={stopped}", "--stop_after=5"],
-                     [f"--out_dir={stopped}", "--resume"]):
-            code, output = run_command(torchrun + args, ctx.left() - 5, env)
-            if code != 0:
-                why = "ran out of time" if code is None else f"exited {code}: {output.strip().splitlines()[-1:]}"
-                return [row(label, f"{' '.join(args)} {why}", False)]
-            if not stopped.exists():  # the stopped run, and --quick's walkthrough, reuse its base model and data
-                copy_walkthrough_base(straight, stopped)
-                copy_walkthrough_base(straight, ctx.work / "smoke")
-        logs = [[jsonlib.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
-                for d in (straight, stopped)]
-    same_steps = [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]]
-    same_lr = same_steps and all(a["lr"] == b["lr"] for a, b in zip(*logs))
-    diff = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(*logs)) if same_steps else float("inf")
-    exact = same_steps and all(a == b for a, b in zip(*logs))
-    text = (f"{len(logs[1])} steps, resumed at 5, {backend}: " +
-            ("identical logs" if exact else f"steps {'equal' if same_steps else 'DIFFER'}, learning rates "
-             f"{'equal' if same_lr else 'DIFFER'}, losses within {diff:.1e} (relative)"))
-    return [row(label, text, same_lr and diff <= 1e-3)]
-
-
 def walkthrough(ctx):
+    """python train.py in bf16 on the GPU: the walkthrough's three targets, read from the summary.json it writes."""
     label = "walkthrough in bf16: its targets"
-    dtype = "bf16" if ctx.fast_dtype == torch.bfloat16 else "auto"  # --quick: fp32 and the one-minute version
     with tempfile.TemporaryDirectory() as tmp:
-        if ctx.quick and (ctx.work / "smoke" / "base").is_dir():  # the smoke base the resume check made
-            copy_walkthrough_base(ctx.work / "smoke", Path(tmp) / "walk")
         start = time.time()
-        code, output = run_command([sys.executable, "train.py", f"--dtype={dtype}", f"--out_dir={tmp}/walk"] +
-                                   (["--smoke"] if ctx.quick else []), ctx.left() - 5)
-    if code != 0:
-        why = "ran out of time" if code is None else f"exited {code}: {output.strip().splitlines()[-1:]}"
-        return [row(label, why, False)]
-    # "  base + adapter:   98.9% exact match (...)  target >= 80%: met"
-    found = re.findall(r"^\s*([^:\n]+):\s+(?:[\d,]+ of [\d,]+ parameters \()?([\d.]+%).*target (\S+ [\d.]+%): (.+)$",
-                       output, re.M)
-    verdicts = [v.strip() for *_, v in found]
-    text = "; ".join(f"{what} {value} ({target}: {verdict})" for what, value, target, verdict in found)
-    ok = None if ctx.quick else len(found) == 3 and all(v == "met" for v in verdicts)
-    return [row(label, f"{text or 'no target lines printed'}; --dtype={dtype}{' --smoke' if ctx.quick else ''}, "
-                       f"{time.time() - start:.0f} s", ok if found else False)]
+        code, output = run_command([sys.executable, "train.py", "--dtype=bf16", f"--out_dir={tmp}/walk"], ctx.left() - 5)
+        if code != 0:
+            why = "ran out of time" if code is None else f"exited {code}: {output.strip().splitlines()[-1:]}"
+            return [row(label, why, False)]
+        result = jsonlib.loads((Path(tmp) / "walk" / "summary.json").read_text())["walkthrough"]
+    text = (f"held-out exact match: base alone {100 * result['base_exact_match']:.1f}%, base + adapter "
+            f"{100 * result['adapter_exact_match']:.1f}%; trainable {result['trainable']:,} of {result['parameters']:,}; "
+            f"{time.time() - start:.0f} s")
+    return [row(label, text, all(result["targets_met"].values()))]
 
 
 def tests(ctx):
-    label = "test suite, LLADAPTER_TEST_DEVICE=" + ctx.device.type
-    # --quick: only the zero-gate tests, a few seconds
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_lladapter.py"] + \
-        (["-k", "zero_gates"] if ctx.quick else [])
-    start = time.time()
-    code, output = run_command(cmd, ctx.left() - 5, {"LLADAPTER_TEST_DEVICE": ctx.device.type})
-    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", output)}
-    if code is None:  # out of time: count the progress marks printed so far (". passed, F failed, s skipped")
-        marks = "".join(re.findall(r"^([.FsEx]+)(?: +\[ *\d+%\])?$", output, re.M))
-        counts = {"passed": marks.count("."), "failed": marks.count("F") + marks.count("E"),
-                  "skipped": marks.count("s")}
-    failed = counts.get("failed", 0) + counts.get("error", 0) + counts.get("errors", 0)
-    names = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
-    text = (f"{counts.get('passed', 0)} passed, {failed} failed, {counts.get('skipped', 0)} skipped in "
-            f"{time.time() - start:.0f} s" + (" (ran out of time)" if code is None else "") +
-            (f": {', '.join(n.split('::')[-1] for n in names[:4])}" if names else ""))
-    return [row(label, text, code == 0 and failed == 0)]
+    """The fast tier once, with the GPU as the test device; counts read from pytest's JUnit XML report."""
+    label = "fast tier (test_lladapter.py), LLADAPTER_TEST_DEVICE=" + ctx.device.type
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_lladapter.py", f"--junitxml={report}"]
+        start = time.time()
+        code, output = run_command(cmd, ctx.left() - 5, {"LLADAPTER_TEST_DEVICE": ctx.device.type})
+        if not report.is_file():
+            return [row(label, "ran out of time" if code is None else f"exited {code} with no report", False)]
+        cases = list(ET.parse(report).getroot().iter("testcase"))
+        failed = [c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None]
+        skipped = sum(c.find("skipped") is not None for c in cases)
+    text = (f"{len(cases) - len(failed) - skipped} passed, {len(failed)} failed, {skipped} skipped in "
+            f"{time.time() - start:.0f} s" + (f": {', '.join(failed[:4])}" if failed else ""))
+    return [row(label, text, code == 0 and not failed)]
 
 
 # name, what the table calls it, seconds allowed, function; in the order they run
@@ -295,7 +251,6 @@ CHECKS = [
     ("sdpa_math", "prompt branch vs math SDPA", 60, prompt_branch_against_math),
     ("adapter_step", "7B-shaped adapter step", 120, adapter_step),
     ("decoding", "decoding, eager", 60, decoding_eager),
-    ("resume", "stop + --resume under torchrun", 120, resume),
     ("walkthrough", "walkthrough in bf16", 150, walkthrough),
     ("tests", "test suite", 240, tests),
     ("compiled_decoding", "decoding, compiled", 180, decoding_compiled),
@@ -307,11 +262,13 @@ def run_check(name, limit):
     CUDA error that ends it ends no other check); its rows. --quick runs it in this process, to save the imports."""
     if quick:
         return run_step(name, Context(quick, time.time() + limit, work)), ""
-    cmd = [sys.executable, __file__, f"--step={name}", f"--deadline={time.time() + limit}", f"--work={work}"]
-    code, output = run_command(cmd, limit + 10)
-    found = [line[len(RESULT):] for line in output.splitlines() if line.startswith(RESULT)]
-    if found:
-        return jsonlib.loads(found[-1]), output
+    with tempfile.TemporaryDirectory() as tmp:
+        rows_path = Path(tmp) / "rows.json"
+        cmd = [sys.executable, "-m", "tools.gpu_check", f"--step={name}", f"--deadline={time.time() + limit}",
+               f"--work={work}", f"--rows_file={rows_path}"]
+        code, output = run_command(cmd, limit + 10)
+        if rows_path.is_file():
+            return jsonlib.loads(rows_path.read_text()), output
     label = next(c[1] for c in CHECKS if c[0] == name)
     why = f"ran out of time ({limit:.0f} s)" if code is None else f"failed: {output.strip().splitlines()[-1:]}"
     return [row(label, why, False)], output
@@ -336,13 +293,13 @@ def header():
 
 
 def main(argv):
-    cli.exit_on_input_error()
-    globals().update({**settings, **cli.parse_overrides(settings, argv, __doc__, __file__)})
+    checkpoint.exit_on_input_error()
+    globals().update({**settings, **checkpoint.parse_overrides(settings, argv, __doc__, __file__)})
     if step:  # one check, in this process
         rows = run_step(step, Context(quick, deadline, work or tempfile.gettempdir()))
-        print(RESULT + jsonlib.dumps(rows), flush=True)
+        Path(rows_file).write_text(jsonlib.dumps(rows))
         return
-    cli.require(quick or torch.cuda.is_available(), "no CUDA device here: gpu_check.py checks a GPU machine "
+    checkpoint.require(quick or torch.cuda.is_available(), "no CUDA device here: gpu_check.py checks a GPU machine "
                                                     "(--quick runs its code on this CPU at tiny shapes)")
     start = time.time()
     if quick:
@@ -357,6 +314,8 @@ def run_all(start):
     print(f"gpu_check: {results['device']} | torch {results['torch']} | CUDA {results['cuda']}"
           + (f" | cuDNN {results['cudnn']} | {results['gpus']} GPU(s)" if not quick else ""), flush=True)
     for name, label, limit, _ in CHECKS:
+        if quick and name in GPU_ONLY:
+            continue
         left = budget_s - (time.time() - start)
         if left < 10:
             rows, status = [row(label, f"not run: the {budget_s} s budget is spent", False)], "not run"
