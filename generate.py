@@ -65,8 +65,8 @@ settings.update(overrides)
 globals().update(settings)
 for key in ("max_gen_len", "max_batch_size", "max_seq_len"):
     checkpoint.require(settings[key] > 0, f"--{key}={settings[key]}: must be positive")
-checkpoint.require(temperature >= 0 and 0 < top_p <= 1, f"--temperature={temperature} --top_p={top_p}: need temperature "
-            f">= 0 and 0 < top_p <= 1")
+checkpoint.require(temperature >= 0 and 0 < top_p <= 1,
+                   f"--temperature={temperature} --top_p={top_p}: need temperature >= 0 and 0 < top_p <= 1")
 checkpoint.require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}: no CUDA device here")
 device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 base_dtype = checkpoint.dtype_of(dtype, device)

@@ -5,8 +5,9 @@ zero-initialized, tanh-gated attention.
 Paper: Zhang et al., "LLaMA-Adapter: Efficient Fine-tuning of Language Models with Zero-initialized
 Attention", arXiv 2303.16199. The base model is LLaMA as Meta published it (same module and tensor names, so
 Meta's consolidated.NN.pth files load with no converter). The adapter is a fenced delta on it, marked
-"LLaMA-Adapter" below: two ModelArgs fields, the prompt tensor `adapter_query`, one gate per head per adapted
-layer, and one branch in Attention.forward (the paper's Eq. 7). With adapter_layer=0 this is plain LLaMA.
+"LLaMA-Adapter" below: three ModelArgs fields (K, L, an optional image width), the prompt tensor `adapter_query`,
+one gate per head per adapted layer, and one branch in Attention.forward (the paper's Eq. 7). With adapter_layer=0
+this is plain LLaMA.
 
 Where we follow the paper, and where we chose differently:
 - The top `adapter_layer` (L) layers each get `adapter_len` (K) prompt vectors, projected by that layer's own
@@ -22,7 +23,6 @@ Where we follow the paper, and where we chose differently:
 - Optional image conditioning (paper Sec. 3.3): with image_dim > 0, a projected image feature is added to every
   prompt token of every adapted layer.
 """
-import functools
 import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -447,10 +447,12 @@ def generate(model, prompts, max_gen_len, temperature=0.1, top_p=0.75, eos_id=No
     return out
 
 
-@functools.lru_cache(maxsize=4)
 def compiled_step(model):
     """The model compiled for one-token steps over a static cache: same shapes every step, so it compiles once. On a
     GPU with CUDA graphs ("reduce-overhead"): each step replays as one graph instead of launching every kernel
-    (about 1,700 per token at 7B, which would leave batch-1 decoding bound by launch overhead, not memory)."""
-    mode = "reduce-overhead" if model.tok_embeddings.weight.is_cuda else "default"
-    return torch.compile(model, mode=mode, dynamic=False, fullgraph=True)
+    (about 1,700 per token at 7B, which would leave batch-1 decoding bound by launch overhead, not memory).
+    Kept in the model's __dict__ (not as a submodule, so not in its state_dict): it goes when the model goes."""
+    if "compiled_step" not in model.__dict__:
+        mode = "reduce-overhead" if model.tok_embeddings.weight.is_cuda else "default"
+        model.__dict__["compiled_step"] = torch.compile(model, mode=mode, dynamic=False, fullgraph=True)
+    return model.__dict__["compiled_step"]

@@ -79,7 +79,7 @@ if walkthrough:  # the miniature run has its own recipe; command-line overrides 
     from walkthrough import world as wt
     stray = [k for k in ("data_path", "tokenizer_path") if k in overrides]
     checkpoint.require(not stray, f"--{stray[0] if stray else ''} needs --ckpt_dir: without one, train.py runs the "
-                           f"walkthrough on its own data and model")
+                              f"walkthrough on its own data and model")
     settings.update(wt.SETTINGS, **(wt.SMOKE_SETTINGS if overrides.get("smoke") else {}))
 settings.update(overrides)
 globals().update(settings)
@@ -90,13 +90,16 @@ for key in ("batch_size", "micro_batch_size", "epochs", "max_seq_len", "log_inte
 for key in ("stop_after", "adapter_len", "adapter_layer", "image_dim", "warmup_epochs", "weight_decay"):
     checkpoint.require(settings[key] >= 0, f"--{key}={settings[key]}: must not be negative")
 checkpoint.require(mode == "full" or adapter_len > 0 and adapter_layer > 0, f"--adapter_len={adapter_len} "
-            f"--adapter_layer={adapter_layer}: an adapter needs at least one prompt in one layer (or --mode=full)")
+                   f"--adapter_layer={adapter_layer}: an adapter needs at least one prompt in one layer (or --mode=full)")
 checkpoint.require(0 <= val_fraction < 1 and base_lr > 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1,
-            "--val_fraction, --beta1 and --beta2 must lie in [0, 1), --base_lr must be positive")
+                   "--val_fraction, --beta1 and --beta2 must lie in [0, 1), --base_lr must be positive")
 checkpoint.require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}: no CUDA device here")
 checkpoint.require(loss_scale > 0, f"--loss_scale={loss_scale}: must be positive")
 checkpoint.require(not fsdp or "RANK" in os.environ and mode == "adapter" and not compile,
-            "--fsdp: runs under torchrun (one process per GPU), in adapter mode, without --compile")
+                   "--fsdp: runs under torchrun (one process per GPU), in adapter mode, without --compile")
+checkpoint.require(not fsdp or tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 7),
+                   f"--fsdp needs torch >= 2.7 (fully_shard's ignored_params, which keeps the adapter whole); "
+                   f"this is {torch.__version__}")
 if variant:  # e.g. walkthrough.ablations:no_gate (python -m walkthrough.ablations runs them)
     module_name, _, function_name = variant.partition(":")
     try:
@@ -104,7 +107,7 @@ if variant:  # e.g. walkthrough.ablations:no_gate (python -m walkthrough.ablatio
     except (ImportError, AttributeError, ValueError) as e:
         raise InputError(f"--variant={variant}: expected module:function ({e})") from None
 checkpoint.require(not resume or (Path(out_dir) / "train_state.pth").is_file(),
-            f"--resume: nothing to resume, {Path(out_dir) / 'train_state.pth'} does not exist")
+                   f"--resume: nothing to resume, {Path(out_dir) / 'train_state.pth'} does not exist")
 
 # Several processes when launched by torchrun (it sets RANK), one otherwise; NCCL on GPUs, gloo on CPUs. Each
 # process holds the whole base and DDP averages the adapter's gradients, or (--fsdp) each holds a shard of it.

@@ -299,8 +299,8 @@ def main(argv):
         rows = run_step(step, Context(quick, deadline, work or tempfile.gettempdir()))
         Path(rows_file).write_text(jsonlib.dumps(rows))
         return
-    checkpoint.require(quick or torch.cuda.is_available(), "no CUDA device here: gpu_check.py checks a GPU machine "
-                                                    "(--quick runs its code on this CPU at tiny shapes)")
+    checkpoint.require(quick or torch.cuda.is_available(), "no CUDA device here: tools/gpu_check.py checks a GPU "
+                                                           "machine (--quick runs its code on this CPU at tiny shapes)")
     start = time.time()
     if quick:
         torch.set_num_threads(1)  # as run_command's processes
