@@ -84,8 +84,10 @@ def heatmap(gates):
     return "\n".join(lines)
 
 
-# prompts: (instruction, input, image feature or None)
-jobs = [(p, input, image or None) for p in prompt]
+# prompts: (instruction, input, image feature or None). A feature named on the command line is a path from here; one
+# named in a prompts file, a path from that file's folder.
+image = str(Path(image).resolve()) if image else None
+jobs = [(p, input, image) for p in prompt]
 if walkthrough and not jobs and not prompts_file and not interactive:
     jobs = [(r["instruction"], r["input"], None) for r in heldout]
 if prompts_file:
@@ -94,9 +96,11 @@ if prompts_file:
         for i, r in enumerate(checkpoint.read_records(path)):
             if not isinstance(r.get("instruction"), str) or not isinstance(r.get("input", ""), str):
                 raise InputError(f"{path}: record {i}: expected a string 'instruction' (and optional 'input')")
-            jobs.append((r["instruction"], r.get("input", ""), r.get("image", image or None)))
+            feature = r.get("image", image)
+            jobs.append((r["instruction"], r.get("input", ""),
+                         str(path.parent / feature) if isinstance(feature, str) and "image" in r else feature))
     else:
-        jobs += [(line, "", image or None) for line in checkpoint.read_text(path).splitlines() if line.strip()]
+        jobs += [(line, "", image) for line in checkpoint.read_text(path).splitlines() if line.strip()]
 if not jobs and not show_gates and not interactive:
     raise InputError("nothing to answer: give --prompt=..., --prompts_file=... or --interactive")
 out_path = Path(out) if out else None
@@ -127,8 +131,7 @@ def encode(jobs):
         raise InputError("an image was given, but the adapter is text-only")
     if any(feature is None for _, _, feature in jobs):
         raise InputError("either every prompt has an image or none does")
-    base_dir = Path(prompts_file).parent if prompts_file else Path(".")
-    images = [checkpoint.load_image_feature(f, base_dir, model.args.image_dim, f"prompt {i}") for i, (_, _, f) in enumerate(jobs)]
+    images = [checkpoint.load_image_feature(f, ".", model.args.image_dim, f"prompt {i}") for i, (_, _, f) in enumerate(jobs)]
     return prompts, torch.stack(images).to(model_device)
 
 
@@ -144,15 +147,20 @@ def answer(jobs, stream=False):
         print(text[len(shown):], end="", flush=True)
         shown = text
 
-    answers = []
+    prompts, images = encode(jobs)  # every prompt checked before any is answered
+    # Batches of similar lengths, so that no batch feeds one long prompt token by token; answers in the jobs' order.
+    order = sorted(range(len(jobs)), key=lambda j: len(prompts[j]))
+    answers = [None] * len(jobs)
     for i in range(0, len(jobs), max_batch_size):
-        prompts, images = encode(jobs[i:i + max_batch_size])
-        new = lladapter.generate(model, prompts, max_gen_len, temperature, top_p, tokenizer.eos_id, images, generator,
+        batch = order[i:i + max_batch_size]
+        new = lladapter.generate(model, [prompts[j] for j in batch], max_gen_len, temperature, top_p, tokenizer.eos_id,
+                                 images[batch] if images is not None else None, generator,
                                  on_token=print_growing_text if stream else None, compile=compile)
-        answers += [tokenizer.decode(tokens).strip() for tokens in new]
+        for j, tokens in zip(batch, new):
+            answers[j] = tokenizer.decode(tokens).strip()
         n_tokens += sum(map(len, new))
         if len(jobs) > max_batch_size:
-            print(f"[{len(answers)}/{len(jobs)} answered]", file=sys.stderr, flush=True)
+            print(f"[{i + len(batch)}/{len(jobs)} answered]", file=sys.stderr, flush=True)
     if stream:
         print()
     return answers, n_tokens
@@ -165,7 +173,7 @@ if interactive:
         if not line.strip():
             break
         print("### Response: ", end="", flush=True)
-        answer([(line.strip(), input, image or None)], stream=True)
+        answer([(line.strip(), input, image)], stream=True)
 if not jobs:
     sys.exit(0)
 

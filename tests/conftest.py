@@ -43,11 +43,10 @@ def task(tmp_path_factory):
     return d
 
 
-def train(task, out, *args, nproc=1, check=True):
-    """Run train.py as a user would; returns (returncode, stdout + stderr)."""
-    import sys
+def train(task, out, *args, nproc=1, check=True, script="train.py"):
+    """Run train.py (or a script that runs it) as a user would; returns (returncode, stdout + stderr)."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-    cmd = [sys.executable, *launcher, "train.py", f"--ckpt_dir={task / 'ckpt'}", f"--data_path={task / 'data.json'}",
+    cmd = [sys.executable, *launcher, script, f"--ckpt_dir={task / 'ckpt'}", f"--data_path={task / 'data.json'}",
            f"--out_dir={out}", "--adapter_layer=2", "--adapter_len=3", "--batch_size=8", "--micro_batch_size=2",
            "--epochs=2", "--warmup_epochs=0.5", "--val_fraction=0.05", "--log_interval=5", "--dtype=fp32",
            f"--device={DEVICE if nproc == 1 else 'cpu'}", *args]  # several processes: gloo on the CPU
@@ -116,7 +115,6 @@ def bad_inputs(task, d):
 # ---- generate.py ------------------------------------------------------------------------------------------
 
 def run_generate(task, *args, adapter=None):
-    import sys
     cmd = [sys.executable, "generate.py", f"--ckpt_dir={task / 'ckpt'}", f"--device={DEVICE}", "--dtype=fp32",
            *([f"--adapter={adapter}"] if adapter else []), *args]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,

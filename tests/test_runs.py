@@ -289,6 +289,46 @@ def test_image_input_errors_name_the_record(task, tmp_path):
         assert code != 0 and message in output and "Traceback" not in output, (message, output)
 
 
+WITHOUT_PROC_OR_RESOURCE = """
+import builtins, runpy, sys
+sys.modules["resource"] = None  # as on Windows: `import resource` raises ImportError
+real_open = builtins.open
+def guarded_open(file, *args, **kwargs):  # as on macOS and Windows: no /proc
+    if str(file).startswith("/proc"):
+        raise OSError(f"{file}: no /proc here")
+    return real_open(file, *args, **kwargs)
+builtins.open = guarded_open
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_training_runs_and_reports_without_proc_or_the_resource_module(task, tmp_path):
+    (tmp_path / "run_train.py").write_text(WITHOUT_PROC_OR_RESOURCE)
+    code, output = train(task, tmp_path / "out", "--stop_after=2", script=str(tmp_path / "run_train.py"))
+    assert "peak memory: not measured here" in output, output[-2000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["peak_memory_mib"] is None and summary["steps"] == 2 and len(summary["step_seconds"]) == 2
+
+
+def test_a_command_line_image_is_a_path_from_here_and_a_records_image_a_path_from_its_file(task, tmp_path):
+    import numpy as np
+    (tmp_path / "images.json").write_text(json.dumps(image_task(tmp_path, 40, seed=0)))
+    train(task, tmp_path / "run", f"--data_path={tmp_path / 'images.json'}", "--image_dim=16", "--stop_after=1")
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    np.save(tmp_path / "here.npy", np.ones(16, np.float32))  # beside the working folder, not the prompts file
+    np.save(prompts / "there.npy", np.ones(16, np.float32))  # beside the prompts file
+    (prompts / "questions.txt").write_text("Which colour is the picture?\n")
+    (prompts / "records.json").write_text(json.dumps([{"instruction": "Which colour is the picture?",
+                                                        "image": "there.npy"}]))
+    for args in (["--prompts_file=prompts/questions.txt", "--image=here.npy"], ["--prompts_file=prompts/records.json"]):
+        result = subprocess.run([sys.executable, str(ROOT / "generate.py"), f"--ckpt_dir={task / 'ckpt'}",
+                                 f"--adapter={tmp_path / 'run' / 'adapter.pth'}", "--device=cpu", "--max_gen_len=2",
+                                 *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (args, result.stderr[-2000:])
+
+
 def test_adapter_trained_with_other_K_and_L_generates_without_being_told_them(task, tmp_path):
     train(task, tmp_path, "--adapter_layer=3", "--adapter_len=2", "--stop_after=3", "--base_lr=1.0")
     adapter = tmp_path / "adapter.pth"

@@ -207,8 +207,8 @@ def cpu_training(argv, results):
                 times[mode].append(t)
     for mode in ("adapter", "full"):
         median = statistics.median(times[mode])
-        probe = subprocess.run([sys.executable, __file__, f"--memory_probe={mode}", *argv], capture_output=True,
-                               text=True, check=True, env={**os.environ, **FIXED_MALLOC})
+        probe = subprocess.run([sys.executable, "-m", "tools.bench", f"--memory_probe={mode}", *argv], cwd=ROOT,
+                               capture_output=True, text=True, check=True, env={**os.environ, **FIXED_MALLOC})
         memory = jsonlib.loads(probe.stdout)
         # Peak memory above the interpreter and torch (weights included), and above the loaded model (what the
         # training step itself adds: activations, logits, gradients, optimizer state).
