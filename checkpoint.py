@@ -14,6 +14,8 @@ Reading and writing weights, without running code from any file.
 
 Every problem a user can cause is an InputError naming the file, and the tensor where there is one.
 """
+import base64
+import binascii
 import json
 import math
 import os
@@ -29,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lladapter import (ModelArgs, Tokenizer, Transformer, adapter_state_dict, adapter_tensors, is_adapter_key,
-                       precompute_rope)
+from lladapter import (BPETokenizer, ModelArgs, Tokenizer, Transformer, adapter_state_dict, adapter_tensors,
+                       is_adapter_key, rope_of)
 
 
 class InputError(ValueError):
@@ -219,6 +221,14 @@ def joined(parts, dim, where, key) -> Stored:
 def meta_checkpoint(ckpt_dir):
     """Meta's layout: (params.json as a dict, {name: Stored}), the model-parallel shards memory-mapped."""
     params = read_json(ckpt_dir / "params.json")
+    if not isinstance(params, dict):
+        raise InputError(f"{ckpt_dir / 'params.json'}: not a JSON object")
+    if params.pop("use_scaled_rope", False):
+        # Llama 3.1, 3.2, 3.3: params.json says only that the frequencies are scaled. The factor is 8, but 32 for 3.2
+        # 1B and 3B (Hugging Face's configs state it; Meta's reference hard-codes 8): known by their shapes.
+        # load_llama(rope_scaling_factor=...) overrides it.
+        llama_3_2 = (params.get("dim"), params.get("n_layers")) in ((2048, 16), (3072, 28))
+        params["rope_scaling_factor"] = 32.0 if llama_3_2 else 8.0
     files = sorted(ckpt_dir.glob("consolidated.*.pth"))
     if not files:
         raise InputError(f"{ckpt_dir}: no consolidated.*.pth checkpoint files")
@@ -235,6 +245,8 @@ def meta_checkpoint(ckpt_dir):
     for key in keys:
         parts = [shard[key] for shard in shards]
         dim = MODEL_PARALLEL_DIM.get(key.split(".")[-2])  # "layers.3.attention.wq.weight" -> "wq"
+        if key == "tok_embeddings.weight" and parts[0].shape[-1] == params.get("dim"):
+            dim = 0  # Llama 3 splits the embeddings by vocabulary (whole rows), LLaMA-1 and 2 by width
         if len(parts) == 1 or dim is None:  # one file, or a norm (every shard holds a copy)
             stored[key] = Stored(parts[0].shape, parts[0].__getitem__, where)
         else:
@@ -263,13 +275,26 @@ def meta_name(hf_name):
 def hf_params(config, path) -> dict:
     """config.json as params.json fields."""
     problems = [f"model_type is {config.get('model_type')!r}, not 'llama'"] if config.get("model_type") != "llama" else []
-    problems += [f"{k} is {config[k]!r}" for k in ("rope_scaling", "attention_bias", "mlp_bias") if config.get(k)]
+    problems += [f"{k} is {config[k]!r}" for k in ("attention_bias", "mlp_bias") if config.get(k)]
     problems += [f"hidden_act is {config['hidden_act']!r}"] if config.get("hidden_act", "silu") != "silu" else []
+    # The rotary settings: transformers 4 writes rope_theta and rope_scaling (null, or Llama 3.1's "llama3" numbers),
+    # transformers 5 both inside rope_parameters.
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise InputError(f"{path}: rope_parameters or rope_scaling is {rope!r}, not an object")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    problems += [f"its rope scaling is {rope_type!r}"] if rope_type not in ("default", "llama3") else []
     try:
         dim, n_heads, hidden = config["hidden_size"], config["num_attention_heads"], config["intermediate_size"]
         params = dict(dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
                       n_kv_heads=config.get("num_key_value_heads"), vocab_size=config["vocab_size"],
-                      norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=config.get("rope_theta", 10000.0))
+                      norm_eps=config.get("rms_norm_eps", 1e-6),
+                      rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
+                      tie_word_embeddings=bool(config.get("tie_word_embeddings", False)))
+        if rope_type == "llama3":
+            params.update(rope_scaling_factor=rope["factor"], rope_low_freq_factor=rope["low_freq_factor"],
+                          rope_high_freq_factor=rope["high_freq_factor"],
+                          rope_original_max_position=rope["original_max_position_embeddings"])
     except KeyError as e:
         raise InputError(f"{path}: no {e.args[0]!r}") from None
     if config.get("head_dim", dim // n_heads) != dim // n_heads:
@@ -348,6 +373,107 @@ def read_json(path):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Tokenizers, told apart by their content: SentencePiece (LLaMA-1 and 2), Llama 3's BPE as Meta's tokenizer.model
+# (a "base64(bytes) rank" line per rank) or as Hugging Face's tokenizer.json
+
+# Llama 3's 256 special tokens follow the ranks; those with a role, by their offset from the first:
+LLAMA3_SPECIAL = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>", 5: "<|step_id|>",
+                  6: "<|start_header_id|>", 7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>",
+                  10: "<|python_tag|>"}
+
+
+def llama3_special(first_id) -> dict:
+    # The others are <|reserved_special_token_0|>, _1, ..., numbered in id order.
+    reserved = (i for i in range(256) if i not in LLAMA3_SPECIAL)
+    names = {**LLAMA3_SPECIAL, **{i: f"<|reserved_special_token_{n}|>" for n, i in enumerate(reserved)}}
+    return {names[i]: first_id + i for i in range(256)}
+
+
+def gpt2_bytes_to_unicode() -> dict:
+    """GPT-2's table from bytes to the characters tokenizer.json spells them with: the printable ones stand for
+    themselves, the others (space, control bytes, ...) for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def read_rank_file(path, text) -> tuple:
+    """Meta's tokenizer.model for Llama 3: (ranks {bytes: rank}, special tokens {text: id})."""
+    ranks = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise InputError(f"{path}: line {n}: expected 'base64-bytes rank', found {line[:60]!r}") from None
+    return ranks, llama3_special(len(ranks))
+
+
+def read_tokenizer_json(path, text) -> tuple:
+    """Hugging Face's tokenizer.json of a byte-level BPE: (ranks {bytes: id}, special tokens {text: id}). The rank
+    of a token is its id; its bytes are spelled in GPT-2's characters."""
+    data = parse_json(text, path)
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise InputError(f"{path}: not a BPE tokenizer (no model of type 'BPE' with a 'vocab')")
+    to_byte = {c: b for b, c in gpt2_bytes_to_unicode().items()}
+    try:
+        ranks = {bytes(to_byte[c] for c in token): int(i) for token, i in model["vocab"].items()}
+        special = {t["content"]: int(t["id"]) for t in data.get("added_tokens", []) if t["id"] not in ranks.values()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{path}: not a byte-level BPE tokenizer ({first_line(e)!r} is not in GPT-2's byte "
+                         f"characters, or an added token is malformed)") from None
+    return ranks, special
+
+
+def read_tokenizer(path, stop_ids=None):
+    """The tokenizer in the file at `path`, whichever of the three kinds it is. stop_ids: where generation ends,
+    when the checkpoint says (generation_config.json)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.lstrip()[:1] == b"{" or re.match(rb"[A-Za-z0-9+/]+=* \d+\r?\n", head):  # BPE: JSON, or rank lines
+        text = read_text(path)
+        ranks, special = read_tokenizer_json(path, text) if head.lstrip()[:1] == b"{" else read_rank_file(path, text)
+        missing = [t for t in ("<|begin_of_text|>", "<|end_of_text|>") if t not in special]
+        if missing or len(set(ranks.values())) != len(ranks) or len(set(special.values())) != len(special):
+            raise InputError(f"{path}: not a Llama 3 tokenizer (no {missing[0]})" if missing else
+                             f"{path}: two tokens share an id")
+        lost = [b for b in range(256) if bytes([b]) not in ranks]
+        if lost:
+            raise InputError(f"{path}: not a byte-level BPE: byte {lost[0]:#04x} has no token")
+        try:
+            tokenizer = BPETokenizer(ranks, special, stop_ids)
+            tokenizer.path = path  # where it came from: train.py --mode=full copies it beside the model
+            return tokenizer
+        except ImportError:
+            raise InputError(f"{path}: a Llama 3 tokenizer, which needs tiktoken: pip install tiktoken") from None
+        except ValueError as e:
+            raise InputError(f"{path}: {first_line(e)}") from None
+    try:
+        tokenizer = Tokenizer(path)
+    except (RuntimeError, OSError) as e:
+        raise InputError(f"{path}: neither a SentencePiece model nor a Llama 3 tokenizer ({first_line(e)})") from None
+    if stop_ids is not None:
+        tokenizer.stop_ids = set(stop_ids)
+    return tokenizer
+
+
+def stop_ids_of(ckpt_dir):
+    """The ids that end a generation, from generation_config.json (in ckpt_dir, or beside it as for Meta's files in
+    a Hugging Face download's original/): eos_token_id, an int or a list; None where no such file says."""
+    for path in (ckpt_dir / "generation_config.json", ckpt_dir.parent / "generation_config.json"):
+        if path.is_file():
+            config = read_json(path)
+            ids = config.get("eos_token_id") if isinstance(config, dict) else None
+            ids = [ids] if isinstance(ids, int) else ids
+            if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+                raise InputError(f"{path}: eos_token_id is {ids!r}, not an id or a list of ids")
+            return set(ids)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Building the model from a checkpoint
 
 def local_rows(param, n_rows) -> slice:
@@ -377,8 +503,9 @@ def fully_shard_base(model):
 def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dtype=None, shard=None, **model_args):
     """Build a Transformer from a base checkpoint in Meta's or Hugging Face's layout; returns (model, tokenizer).
 
-    tokenizer.model is looked for in ckpt_dir, then beside it. model_args override the checkpoint's own (max_seq_len,
-    adapter_len, adapter_layer, image_dim); with adapter_path, K, L and the image width come from the adapter file.
+    The tokenizer is tokenizer.model or tokenizer.json in ckpt_dir, or tokenizer.model beside it (any kind that
+    read_tokenizer reads). model_args override the checkpoint's own (max_seq_len, adapter_len, adapter_layer,
+    image_dim, rope_scaling_factor); with adapter_path, K, L and the image width come from the adapter file.
     The base weights go to `dtype` (default bf16 on a GPU, fp32 on CPU), the adapter stays fp32; without adapter_path
     the adapter is new. shard: a function applied to the model before any weight is read (FSDP's fully_shard, in
     train.py --fsdp); a parameter it splits is read only for this process's rows.
@@ -396,11 +523,11 @@ def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dt
         raise InputError(f"{ckpt_dir}: neither Meta's layout (params.json, consolidated.00.pth) nor Hugging Face's "
                          f"(config.json, *.safetensors)")
     if tokenizer_path is None:
-        candidates = [ckpt_dir / "tokenizer.model", ckpt_dir.parent / "tokenizer.model"]
+        candidates = [ckpt_dir / "tokenizer.model", ckpt_dir / "tokenizer.json", ckpt_dir.parent / "tokenizer.model"]
         tokenizer_path = next((p for p in candidates if p.is_file()), candidates[0])
     if not Path(tokenizer_path).is_file():
         raise InputError(f"{tokenizer_path}: no such tokenizer file")
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = read_tokenizer(tokenizer_path, stop_ids_of(ckpt_dir))
     params, stored = read_checkpoint(ckpt_dir)
     unknown = params.keys() - {f for f in ModelArgs.__dataclass_fields__}
     if unknown:
@@ -435,12 +562,14 @@ def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dt
     if shard is not None:
         shard(model)
     model.to_empty(device=device)
+    if args.tie_word_embeddings:  # to_empty gave each module a tensor of its own: share the one matrix again
+        model.output.weight = model.tok_embeddings.weight
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name in stored:  # one tensor at a time, only the rows this process holds
                 local = p.to_local() if hasattr(p, "to_local") else p
                 local.copy_(stored[name].read(local_rows(p, expected[name][0])))
-    model.rope = precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta, device)
+    model.rope = rope_of(args, device)
     if any(is_adapter_key(k) and k not in stored for k in expected):
         model.reset_adapter()
     if adapter_path is not None:

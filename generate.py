@@ -27,8 +27,9 @@ import lladapter
 from checkpoint import InputError, load_llama
 
 ckpt_dir = ""  # base model, Meta's layout or Hugging Face's; empty: the walkthrough's (see train.py)
-tokenizer_path = ""  # empty: tokenizer.model in ckpt_dir or beside it
+tokenizer_path = ""  # empty: tokenizer.model or tokenizer.json in ckpt_dir, or tokenizer.model beside it
 adapter = ""  # adapter file from train.py; empty: the base model alone
+template = "alpaca"  # the prompt, as in training: "alpaca", or "llama3" (the chat format of Llama 3's instruct models)
 prompt = []  # an instruction; repeat --prompt for several
 input = ""  # context for the with-input template, for every --prompt
 prompts_file = ""  # one instruction per line, or Alpaca-format records (.json list or .jsonl)
@@ -68,6 +69,7 @@ for key in ("max_gen_len", "max_batch_size", "max_seq_len"):
 checkpoint.require(temperature >= 0 and 0 < top_p <= 1,
                    f"--temperature={temperature} --top_p={top_p}: need temperature >= 0 and 0 < top_p <= 1")
 checkpoint.require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}: no CUDA device here")
+checkpoint.require(template in lladapter.TEMPLATES, f"--template={template}: expected one of {lladapter.TEMPLATES}")
 device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 base_dtype = checkpoint.dtype_of(dtype, device)
 
@@ -111,6 +113,10 @@ model, tokenizer = load_llama(ckpt_dir, tokenizer_path or None, adapter or None,
                               max_seq_len=max_seq_len, **({k: v for k, v in given.items() if v} if adapter else
                                                           {"adapter_layer": 0}))
 model_device = model.tok_embeddings.weight.device
+checkpoint.require(template == "alpaca" or hasattr(tokenizer, "special"),
+                   f"--template={template}: needs a Llama 3 tokenizer, and {ckpt_dir}'s is SentencePiece")
+# A response ends at any of the model's stop ids (Llama 3 instruct: 128001, 128008, 128009), or at its template's end
+stop_ids = tokenizer.stop_ids | {lladapter.response_end_id(tokenizer, template)}
 if show_gates:
     if not adapter:
         raise InputError("--show_gates needs an --adapter")
@@ -120,8 +126,7 @@ if show_gates:
 
 def encode(jobs):
     """Token lists and image features (or None) of (instruction, input, image) jobs, checked against the model."""
-    prompts = [tokenizer.encode(lladapter.format_prompt(instruction, context), bos=True, eos=False)
-               for instruction, context, _ in jobs]
+    prompts = [lladapter.encode_prompt(tokenizer, instruction, context, template) for instruction, context, _ in jobs]
     for (instruction, _, _), tokens in zip(jobs, prompts):
         if len(tokens) >= max_seq_len:
             raise InputError(f"the prompt {instruction[:40]!r}... is {len(tokens)} tokens, over max_seq_len={max_seq_len}")
@@ -143,7 +148,8 @@ def answer(jobs, stream=False):
     def print_growing_text(new_tokens):  # pieces decode differently alone: decode all so far, print what's new
         nonlocal shown
         streamed.append(new_tokens[0].item())
-        text = tokenizer.decode(streamed[:streamed.index(tokenizer.eos_id)] if tokenizer.eos_id in streamed else streamed)
+        end = next((i for i, t in enumerate(streamed) if t in stop_ids), len(streamed))
+        text = tokenizer.decode(streamed[:end])
         print(text[len(shown):], end="", flush=True)
         shown = text
 
@@ -153,7 +159,7 @@ def answer(jobs, stream=False):
     answers = [None] * len(jobs)
     for i in range(0, len(jobs), max_batch_size):
         batch = order[i:i + max_batch_size]
-        new = lladapter.generate(model, [prompts[j] for j in batch], max_gen_len, temperature, top_p, tokenizer.eos_id,
+        new = lladapter.generate(model, [prompts[j] for j in batch], max_gen_len, temperature, top_p, stop_ids,
                                  images[batch] if images is not None else None, generator,
                                  on_token=print_growing_text if stream else None, compile=compile)
         for j, tokens in zip(batch, new):

@@ -24,6 +24,7 @@ Where we follow the paper, and where we chose differently:
   prompt token of every adapted layer.
 """
 import itertools
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
@@ -46,10 +47,20 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 512  # length of the rotary tables; the training recipe's sequence limit
+    # Llama 3.1, 3.2 and 3.3: "llama3" scaling of the rotary frequencies (see precompute_rope); factor 1: none
+    rope_scaling_factor: float = 1.0  # s: 8 for 3.1 and 3.3, 32 for 3.2 1B and 3B
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192  # L0, the context length Llama 3 was pretrained at
+    tie_word_embeddings: bool = False  # Llama 3.2 1B and 3B: the output head is the embedding matrix
     # --- LLaMA-Adapter ---
     adapter_len: int = 10  # K: prompt vectors per adapted layer
-    adapter_layer: int = 30  # L: how many of the top layers get a prompt (0: plain LLaMA)
+    adapter_layer: int = -1  # L: how many of the top layers get a prompt (0: plain LLaMA; -1: all but the bottom two)
     image_dim: int = 0  # width of precomputed image features (e.g. CLIP); 0: text only (paper Sec. 3.3)
+
+    def __post_init__(self):
+        if self.adapter_layer == -1:  # the paper's share: 30 of LLaMA-7B's 32 layers
+            self.adapter_layer = max(1, self.n_layers - 2)
 
 
 class RMSNorm(nn.Module):
@@ -63,12 +74,28 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def precompute_rope(head_dim: int, max_seq_len: int, theta: float, device=None):
+def precompute_rope(head_dim: int, max_seq_len: int, theta: float, device=None, factor=1.0, low_freq_factor=1.0,
+                    high_freq_factor=4.0, original_max_position=8192):
     # Rotation angle of pair i at position t: t * theta^(-2i / head_dim), as its (cos, sin). Real tables rather than
     # Meta's complex freqs_cis: NCCL cannot broadcast a complex buffer, and torch.compile fuses real arithmetic.
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    if factor != 1:
+        # Llama 3.1's "llama3" scaling, for a longer context than the pretraining's L0: a frequency f of wavelength
+        # w = 2 pi / f is kept where w < L0 / high, divided by the factor s where w > L0 / low, and blended between:
+        #   f' = (1 - sigma) f / s + sigma f,  sigma = (L0 / w - low) / (high - low), clamped to [0, 1].
+        # It changes the angles at every position, not only beyond L0.
+        wavelength = 2 * math.pi / freqs  # (head_dim/2,)
+        sigma = (original_max_position / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        sigma = sigma.clamp(0, 1)  # 1: short waves, kept; 0: long waves, divided by s
+        freqs = (1 - sigma) * freqs / factor + sigma * freqs
     angles = torch.outer(torch.arange(max_seq_len, device=device).float(), freqs)  # (max_seq_len, head_dim/2)
     return torch.stack((angles.cos(), angles.sin()), dim=-1)  # (max_seq_len, head_dim/2, 2)
+
+
+def rope_of(args: ModelArgs, device=None):
+    return precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta, device,
+                           args.rope_scaling_factor, args.rope_low_freq_factor, args.rope_high_freq_factor,
+                           args.rope_original_max_position)
 
 
 def apply_rope(x, rope):
@@ -191,9 +218,10 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args, adapted=i >= self.first_adapted) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:  # one matrix, (vocab_size, dim), read as rows in and multiplied out
+            self.output.weight = self.tok_embeddings.weight
         # The rotary table is derived from args, so it is not saved with the weights.
-        self.register_buffer("rope", precompute_rope(args.dim // args.n_heads, args.max_seq_len, args.rope_theta),
-                             persistent=False)
+        self.register_buffer("rope", rope_of(args), persistent=False)
         self.cache_len = None  # set while generating: the length of every layer's KV cache
         # --- LLaMA-Adapter: the adaption prompts, K vectors for each of the top L layers ---
         # Row l*K + j is prompt j of layer first_adapted + l.
@@ -275,12 +303,41 @@ class Tokenizer:
         import sentencepiece
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
         self.n_words, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()
+        self.stop_ids = {self.eos_id}  # the ids that end a generation
 
     def encode(self, text: str, bos: bool, eos: bool) -> list:
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
 
     def decode(self, ids) -> str:
         return self.sp.decode(list(ids))
+
+
+class BPETokenizer:
+    """Llama 3's byte-level BPE, on tiktoken (as Meta's reference): the same interface as Tokenizer.
+
+    ranks: {bytes: id} (Llama 3: 128,000); special: {"<|begin_of_text|>": id, ...}, the ids after the ranks. Text is
+    split by PATTERN, then each piece is merged from bytes, lowest rank first; a piece that is itself in the
+    vocabulary is one token. Special-token text inside the data is encoded as plain text, never as a control id.
+    """
+    PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+    def __init__(self, ranks: dict, special: dict, stop_ids=None):
+        import tiktoken  # optional: only Llama 3 needs it (pip install tiktoken)
+        self.model = tiktoken.Encoding("llama3", pat_str=self.PATTERN, mergeable_ranks=ranks, special_tokens=special)
+        self.special = special
+        self.n_words = self.model.n_vocab  # ranks and special tokens: 128,256
+        self.bos_id, self.eos_id = special["<|begin_of_text|>"], special["<|end_of_text|>"]
+        # Base models end a text with <|end_of_text|>; instruct ones end their turn with <|eot_id|> (or <|eom_id|>)
+        ends = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
+        self.stop_ids = set(stop_ids) if stop_ids is not None else {special[t] for t in ends if t in special}
+
+    def encode(self, text: str, bos: bool, eos: bool) -> list:
+        ids = self.model.encode(text, allowed_special=set(), disallowed_special=())  # "<|eot_id|>" in data: text
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        return self.model.decode(list(ids))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -342,15 +399,42 @@ def format_prompt(instruction: str, input: str = "") -> str:
     return template.format(instruction=instruction, input=input)
 
 
-def encode_example(tokenizer, instruction, input, output, max_seq_len):
+TEMPLATES = ("alpaca", "llama3")  # "llama3": the chat format of Llama 3's instruct models, for adapting those
+
+
+def encode_prompt(tokenizer, instruction: str, input: str = "", template: str = "alpaca") -> list:
+    """The prompt's tokens, BOS first. Llama 3's chat format, with its markers as control ids (so that the same
+    text inside an instruction stays text): <|begin_of_text|> <|start_header_id|>user<|end_header_id|>\\n\\n
+    {instruction}[\\n\\n{input}] <|eot_id|> <|start_header_id|>assistant<|end_header_id|>\\n\\n, and the response
+    follows, ended by <|eot_id|>."""
+    if template == "alpaca":
+        return tokenizer.encode(format_prompt(instruction, input), bos=True, eos=False)
+    if not hasattr(tokenizer, "special"):
+        raise ValueError(f"template {template!r} needs a Llama 3 tokenizer (this one is SentencePiece)")
+    special, text = tokenizer.special, lambda t: tokenizer.encode(t, bos=False, eos=False)
+    header = lambda role: [special["<|start_header_id|>"], *text(role), special["<|end_header_id|>"], *text("\n\n")]
+    user = instruction + (f"\n\n{input}" if input else "")
+    return [tokenizer.bos_id, *header("user"), *text(user), special["<|eot_id|>"], *header("assistant")]
+
+
+def response_end_id(tokenizer, template: str = "alpaca") -> int:
+    """The token a response ends with: EOS in the Alpaca template, <|eot_id|> (end of turn) in Llama 3's."""
+    return tokenizer.eos_id if template == "alpaca" else tokenizer.special["<|eot_id|>"]
+
+
+def encode_example(tokenizer, instruction, input, output, max_seq_len, template="alpaca"):
     """Tokens [BOS] + sp(prompt + response) + [EOS], and labels that score only the response and EOS.
 
     labels[i] is tokens[i] where scored, IGNORE_INDEX elsewhere: the logits at position i - 1, which predict
     token i, are the ones scored against it. Returns (tokens, labels, truncated), or None when the prompt alone
-    leaves no room for a response.
+    leaves no room for a response. In Llama 3's chat format the response is encoded on its own after the
+    assistant's header and ends with <|eot_id|>, as the instruct models saw it.
     """
-    prompt = tokenizer.encode(format_prompt(instruction, input), bos=True, eos=False)
-    tokens = tokenizer.encode(format_prompt(instruction, input) + output, bos=True, eos=True)
+    prompt = encode_prompt(tokenizer, instruction, input, template)
+    if template == "alpaca":
+        tokens = tokenizer.encode(format_prompt(instruction, input) + output, bos=True, eos=True)
+    else:
+        tokens = prompt + tokenizer.encode(output, bos=False, eos=False) + [response_end_id(tokenizer, template)]
     if len(prompt) >= max_seq_len:
         return None
     # The prompt's tokens begin the whole example's, unless SentencePiece merged a piece across the boundary;
@@ -401,6 +485,9 @@ def generate(model, prompts, max_gen_len, temperature=0.1, top_p=0.75, eos_id=No
              generator=None, on_token=None, compile=False):
     """Continue each token list in `prompts`; returns the new tokens of each, up to and excluding EOS.
 
+    eos_id: the id that ends a sequence, or a collection of them (Llama 3's instruct models: any of 128001, 128008
+    and 128009); None: none does.
+
     Prompts of different lengths share one batch: all start at position 0, decoding starts at the shortest
     prompt's end, and a sequence still inside its prompt is fed its own next token instead of a sample, so each
     gets what it would get alone. on_token(step_tokens) sees each step's (bsz,) new tokens as they come.
@@ -412,6 +499,8 @@ def generate(model, prompts, max_gen_len, temperature=0.1, top_p=0.75, eos_id=No
     if max(lengths) >= max_seq_len:
         raise ValueError(f"a prompt of {max(lengths)} tokens leaves no room in max_seq_len={max_seq_len}")
     device = model.tok_embeddings.weight.device
+    stops = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
+    stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=device)
     start, end = min(lengths), min(max_seq_len, max(lengths) + max_gen_len)
     tokens = torch.full((bsz, end), -1, dtype=torch.long)
     for i, p in enumerate(prompts):
@@ -432,7 +521,7 @@ def generate(model, prompts, max_gen_len, temperature=0.1, top_p=0.75, eos_id=No
             tokens[:, cur] = next_token
             if on_token is not None:
                 on_token(next_token)
-            done |= ~in_prompt[:, cur] & ((next_token == eos_id) | (cur + 1 >= ends))
+            done |= ~in_prompt[:, cur] & (torch.isin(next_token, stop_ids) | (cur + 1 >= ends))
             if cur + 1 == end or (cur - start) % 8 == 7 and done.all():  # a host sync every 8 tokens, not each
                 break
             logits = step(tokens[:, cur:cur + 1], position, image)
@@ -443,7 +532,7 @@ def generate(model, prompts, max_gen_len, temperature=0.1, top_p=0.75, eos_id=No
     for i, p in enumerate(tokens.tolist()):
         new = p[lengths[i]:min(lengths[i] + max_gen_len, end)]
         new = new[:new.index(-1)] if -1 in new else new
-        out.append(new[:new.index(eos_id)] if eos_id in new else new)
+        out.append(new[:next((j for j, t in enumerate(new) if t in stops), len(new))])
     return out
 
 

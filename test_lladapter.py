@@ -5,11 +5,15 @@ Tests read the adapter's shapes (gate, K, L) from the model, so a change to one 
 the property it breaks, with a message naming it. LLADAPTER_TEST_DEVICE=cuda runs the in-process model tests on
 a GPU (python -m tools.gpu_check does).
 """
+import base64
+import collections
 import json
 import math
 import os
 import random
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,14 +83,15 @@ def cached_logits(model, toks, chunks):
 META_SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
 
 
-def write_meta_checkpoint(model, ckpt_dir, n_shards=1, vocab_size=None):
-    """Write `model`'s base weights in Meta's layout, split into model-parallel shards as Meta splits them."""
+def write_meta_checkpoint(model, ckpt_dir, n_shards=1, vocab_size=None, embeddings_by_vocab=False, **more_params):
+    """Write `model`'s base weights in Meta's layout, split into model-parallel shards as Meta splits them (Llama 3:
+    embeddings_by_vocab, its rows split). more_params: params.json fields (Llama 3: rope_theta, use_scaled_rope)."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v for k, v in model.state_dict().items() if not lladapter.is_adapter_key(k)}
+    state = {k: v for k, v in model.state_dict().items() if not lladapter.is_adapter_key(k)}  # output.weight even if tied
     for rank in range(n_shards):
         shard = {}
         for key, tensor in state.items():
-            dim = META_SPLIT.get(key.split(".")[-2])
+            dim = 0 if embeddings_by_vocab and key == "tok_embeddings.weight" else META_SPLIT.get(key.split(".")[-2])
             shard[key] = (tensor if dim is None else tensor.chunk(n_shards, dim=dim)[rank]).cpu().clone()
         shard["rope.freqs"] = torch.randn(8)  # Meta's files carry this table; it is not a weight
         torch.save(shard, ckpt_dir / f"consolidated.{rank:02d}.pth")
@@ -95,7 +100,7 @@ def write_meta_checkpoint(model, ckpt_dir, n_shards=1, vocab_size=None):
                   vocab_size=a.vocab_size if vocab_size is None else vocab_size)
     if a.n_kv_heads:
         params["n_kv_heads"] = a.n_kv_heads
-    (ckpt_dir / "params.json").write_text(json.dumps(params))
+    (ckpt_dir / "params.json").write_text(json.dumps({**params, **more_params}))
 
 
 def train_tokenizer(text_path, model_prefix, **options):
@@ -528,8 +533,9 @@ def hf_state_dict(model, permute=True):
             return w
         return w.view(heads, head_dim // 2, 2, a.dim).transpose(1, 2).reshape(heads * head_dim, a.dim)
 
-    state = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
-             "lm_head.weight": model.output.weight}
+    state = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight}
+    if not a.tie_word_embeddings:  # tied (Llama 3.2 1B, 3B): Hugging Face's files have no lm_head
+        state["lm_head.weight"] = model.output.weight
     for i, layer in enumerate(model.layers):
         attn, ffn, p = layer.attention, layer.feed_forward, f"model.layers.{i}."
         state.update({p + "self_attn.q_proj.weight": permuted(attn.wq.weight, a.n_heads),
@@ -542,19 +548,28 @@ def hf_state_dict(model, permute=True):
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def write_hf_checkpoint(model, d, tokenizer, layout="model.safetensors", dtype=torch.float32, permute=True):
-    """`model`'s base weights in Hugging Face's layout: config.json, tokenizer.model and one of the weight layouts
-    "model.safetensors", "two shards" (with model.safetensors.index.json) or "pytorch_model.bin"."""
+def write_hf_checkpoint(model, d, tokenizer, layout="model.safetensors", dtype=torch.float32, permute=True,
+                        transformers_version=4):
+    """`model`'s base weights in Hugging Face's layout: config.json, the tokenizer file and one of the weight layouts
+    "model.safetensors", "two shards" (with model.safetensors.index.json) or "pytorch_model.bin". The rotary
+    settings as transformers 4 writes them (rope_theta, rope_scaling) or as transformers 5 does (rope_parameters)."""
     d.mkdir(parents=True, exist_ok=True)
     a = model.args
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
               "intermediate_size": model.layers[0].feed_forward.w1.weight.shape[0], "num_hidden_layers": a.n_layers,
               "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads or a.n_heads,
               "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta,
-              "max_position_embeddings": 2048, "hidden_act": "silu", "tie_word_embeddings": False,
+              "max_position_embeddings": 2048, "hidden_act": "silu", "tie_word_embeddings": a.tie_word_embeddings,
               "torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": 1, "eos_token_id": 2}
+    scaling = {"rope_type": "llama3", "factor": a.rope_scaling_factor, "low_freq_factor": a.rope_low_freq_factor,
+               "high_freq_factor": a.rope_high_freq_factor,
+               "original_max_position_embeddings": a.rope_original_max_position} if a.rope_scaling_factor != 1 else None
+    if transformers_version == 4:
+        config["rope_scaling"] = scaling
+    else:
+        config["rope_parameters"] = {"rope_type": "default", **(scaling or {}), "rope_theta": config.pop("rope_theta")}
     (d / "config.json").write_text(json.dumps(config, indent=2))
-    shutil.copy(tokenizer, d / "tokenizer.model")
+    shutil.copy(tokenizer, d / Path(tokenizer).name)
     state = {k: v.to(dtype) for k, v in hf_state_dict(model, permute).items()}
     if layout == "pytorch_model.bin":
         torch.save(state, d / layout)
@@ -602,3 +617,216 @@ def test_hugging_face_checkpoint_loads_to_the_logits_of_the_same_weights_in_meta
     # and the test can tell: the same weights without Hugging Face's row order load to other logits
     write_hf_checkpoint(model, tmp_path / "unpermuted", spm_tokenizer, dtype=dtype, permute=False)
     assert not torch.allclose(base_logits(tmp_path / "unpermuted", x), expected, rtol=1e-3, atol=1e-3)
+
+
+# ---- Llama 3: rope scaling, tied embeddings, the BPE tokenizer, Meta's and Hugging Face's layouts -------------
+
+LLAMA3_TOKENIZER = ROOT.parent / "shared" / "llama3" / "tokenizer.model"
+BPE_RANKS = 300  # the tiny BPE's: the 256 bytes and 44 merges; Llama 3 has 128,000
+LLAMA3_VOCAB = BPE_RANKS + 256  # and 256 special tokens after them, as in Llama 3 (128,256)
+BPE_TEXTS = ["The quick brown fox jumps over the lazy dog's back, they'll say.", "Tiếng Việt có dấu; Việt Nam.",
+             "日本語のテキストです。", "Ελληνικά και русский текст", "def f(x):\n    return x ** 2  # 12345\n",
+             "\t\tindented\r\n\n  two  spaces   ", "a llama 🦙🦙, 3.14159 and <|eot_id|> as plain text"]
+
+
+def train_bpe(texts, n_ranks):
+    """A byte-level BPE vocabulary {bytes: rank}: the 256 bytes, then the most frequent adjacent pair, merged."""
+    words = [[bytes([b]) for b in w.encode()] for t in texts for w in re.findall(r" ?\S+|\s+", t)]
+    ranks = {bytes([b]): b for b in range(256)}
+    while len(ranks) < n_ranks:
+        pairs = collections.Counter(pair for w in words for pair in zip(w, w[1:]))
+        (a, b), _ = pairs.most_common(1)[0]
+        ranks.setdefault(a + b, len(ranks))
+        for w in words:
+            i = 0
+            while i < len(w) - 1:
+                if (w[i], w[i + 1]) == (a, b):
+                    w[i:i + 2] = [a + b]
+                i += 1
+    return ranks
+
+
+def write_bpe_tokenizer(ranks, d):
+    """`ranks` as both files Llama 3 ships: Meta's tokenizer.model (a "base64 rank" line per rank) and Hugging Face's
+    tokenizer.json (each token's bytes spelled in GPT-2's printable characters, the specials as added tokens)."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    # GPT-2's table, written here from its definition: printable bytes are themselves, the rest U+0100 on, in order
+    printable = [b for b in range(256) if 0x21 <= b <= 0x7E or 0xA1 <= b <= 0xAC or 0xAE <= b <= 0xFF]
+    spelled = {b: chr(b) for b in printable} | {b: chr(0x100 + n) for n, b in
+                                                enumerate(b for b in range(256) if b not in printable)}
+    vocab = {"".join(spelled[b] for b in t): r for t, r in ranks.items()}
+    added = [{"id": i, "content": text, "special": True} for text, i in checkpoint.llama3_special(len(ranks)).items()]
+    (d / "tokenizer.json").write_text(json.dumps({"version": "1.0", "added_tokens": added,
+                                                 "model": {"type": "BPE", "vocab": vocab, "merges": []}}))
+    return d
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(tmp_path_factory):
+    """A folder with a tiny Llama-3-style BPE tokenizer in both file forms (tokenizer.model, tokenizer.json)."""
+    return write_bpe_tokenizer(train_bpe(BPE_TEXTS, BPE_RANKS), tmp_path_factory.mktemp("bpe"))
+
+
+def llama3_model(**overrides):
+    """A tiny Llama 3.2: GQA, tied embeddings, theta 500,000, "llama3" rope scaling; head_dim 16, so that its 8
+    frequencies fall in all three bands (kept, blended, divided by s)."""
+    return tiny_model(seed=5, vocab_size=LLAMA3_VOCAB, n_kv_heads=2, rope_theta=500000.0, rope_scaling_factor=8.0,
+                      tie_word_embeddings=True, **overrides)
+
+
+def llama3_frequencies(head_dim, theta, s, low=1.0, high=4.0, L0=8192):
+    """The issue's formula, in float64, band by band: (frequencies, the band of each)."""
+    out, bands = [], []
+    for i in range(head_dim // 2):
+        f = theta ** (-2 * i / head_dim)
+        w = 2 * math.pi / f
+        if w < L0 / high:
+            out.append(f), bands.append("kept")
+        elif w > L0 / low:
+            out.append(f / s), bands.append("divided")
+        else:
+            sigma = (L0 / w - low) / (high - low)
+            out.append((1 - sigma) * f / s + sigma * f), bands.append("blended")
+    return torch.tensor(out, dtype=torch.float64), bands
+
+
+@pytest.mark.parametrize("s", [8.0, 32.0])
+def test_llama3_rope_scaling_follows_the_formula(s):
+    expected, bands = llama3_frequencies(16, 500000.0, s)
+    assert set(bands) == {"kept", "blended", "divided"}
+    rope = lladapter.precompute_rope(16, 600, 500000.0, factor=s)  # (positions, 8, 2): cos, sin
+    freqs = torch.atan2(rope[1, :, 1], rope[1, :, 0]).double()  # the angle at position 1 is the frequency
+    torch.testing.assert_close(freqs, expected, rtol=1e-6, atol=0)
+    unscaled = lladapter.precompute_rope(16, 600, 500000.0)
+    assert (rope[511] - unscaled[511]).abs().max() > 0.1, "the scaling changes positions below L0 too"
+
+
+def test_meta_params_use_scaled_rope_means_8_but_32_for_the_llama_3_2_shapes(tmp_path):
+    for (dim, n_layers), factor in {(4096, 32): 8.0, (2048, 16): 32.0, (3072, 28): 32.0, (8192, 80): 8.0}.items():
+        d = tmp_path / f"{dim}"
+        d.mkdir()
+        (d / "params.json").write_text(json.dumps(dict(dim=dim, n_layers=n_layers, n_heads=32, use_scaled_rope=True)))
+        torch.save({"norm.weight": torch.ones(2)}, d / "consolidated.00.pth")
+        params, _ = checkpoint.meta_checkpoint(d)
+        assert params["rope_scaling_factor"] == factor and "use_scaled_rope" not in params
+
+
+def test_llama3_in_every_layout_loads_to_the_same_logits(tmp_path, bpe_tokenizer):
+    model = llama3_model()
+    x = torch.randint(0, LLAMA3_VOCAB, (2, 40), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    with torch.no_grad():
+        expected = base_copy(model)(x)
+    hf4, hf5 = tmp_path / "Llama-3.2-hf4", tmp_path / "Llama-3.2-hf5"
+    write_hf_checkpoint(model, hf4, bpe_tokenizer / "tokenizer.json")  # one file, no lm_head
+    write_hf_checkpoint(model, hf5, bpe_tokenizer / "tokenizer.json", "two shards", transformers_version=5)
+    n = BPE_RANKS
+    (hf4 / "generation_config.json").write_text(json.dumps({"eos_token_id": n + 1}))  # a base model's
+    write_meta_checkpoint(model, hf4 / "original", 2, embeddings_by_vocab=True, rope_theta=500000.0,
+                          use_scaled_rope=True)  # as downloaded: Meta's files in original/, with output.weight
+    shutil.copy(bpe_tokenizer / "tokenizer.model", hf4 / "original")
+    assert "lm_head.weight" not in checkpoint.read_safetensors(hf4 / "model.safetensors")
+    for ckpt in (hf4, hf5, hf4 / "original"):
+        loaded, tokenizer = checkpoint.load_llama(ckpt, device=DEVICE, adapter_layer=0, max_seq_len=64)
+        assert loaded.args.rope_scaling_factor == 8.0 and loaded.args.rope_theta == 500000.0
+        with torch.no_grad():
+            logits = loaded(x)
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        print(f"{ckpt.relative_to(tmp_path)}: max |logit difference| {(logits - expected).abs().max():.2e}")  # -s
+        # generation_config.json says where a generation ends (original/: the one beside it); without one, at any
+        # of <|end_of_text|>, <|eom_id|> and <|eot_id|>
+        assert tokenizer.stop_ids == ({n + 1, n + 8, n + 9} if ckpt == hf5 else {n + 1}), ckpt
+        assert (loaded.output.weight is loaded.tok_embeddings.weight) == (ckpt != hf4 / "original"), \
+            "Hugging Face's tied model shares one matrix; Meta's files hold output.weight apart"
+    unscaled, _ = checkpoint.load_llama(hf4, device=DEVICE, adapter_layer=0, max_seq_len=64, rope_scaling_factor=1.0)
+    with torch.no_grad():
+        assert (unscaled(x) - expected).abs().max() > 1e-3, "without the scaling the logits must differ"
+
+
+def test_a_fresh_adapter_on_a_llama3_base_gives_exactly_its_logits(tmp_path, bpe_tokenizer):
+    model = llama3_model()
+    write_hf_checkpoint(model, tmp_path, bpe_tokenizer / "tokenizer.json")
+    adapted, _ = checkpoint.load_llama(tmp_path, device=DEVICE, max_seq_len=64)  # adapter_layer: the default
+    base, _ = checkpoint.load_llama(tmp_path, device=DEVICE, max_seq_len=64, adapter_layer=0)
+    assert adapted.args.adapter_layer == adapted.args.n_layers - 2, "the default: all but the bottom two layers"
+    x = torch.randint(0, LLAMA3_VOCAB, (2, 12), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with torch.no_grad():
+        assert torch.equal(adapted(x), base(x)), "zero-init attention: a fresh adapter is exactly the base model"
+    state = adapted.state_dict()  # tied: both names in the state dict, one tensor; strict loading takes it back
+    assert state["output.weight"].data_ptr() == state["tok_embeddings.weight"].data_ptr()
+    fresh = Transformer(adapted.args).to(DEVICE)
+    fresh.load_state_dict(state)
+    assert fresh.output.weight is fresh.tok_embeddings.weight
+
+
+def test_bpe_tokenizer_reads_the_same_from_metas_rank_file_and_tokenizer_json(bpe_tokenizer):
+    meta = checkpoint.read_tokenizer(bpe_tokenizer / "tokenizer.model")  # told apart by content, not by name
+    hf = checkpoint.read_tokenizer(bpe_tokenizer / "tokenizer.json")
+    for tok in (meta, hf):
+        assert (tok.n_words, tok.bos_id, tok.eos_id) == (LLAMA3_VOCAB, BPE_RANKS, BPE_RANKS + 1)
+        assert tok.special["<|eot_id|>"] == BPE_RANKS + 9 and tok.special["<|start_header_id|>"] == BPE_RANKS + 6
+    for text in BPE_TEXTS + ["", " ", "\n\n\n", "naïve café ñ", "🦙", "x\u200by", "<|begin_of_text|>"]:
+        ids = meta.encode(text, bos=True, eos=True)
+        assert ids == hf.encode(text, bos=True, eos=True), text
+        assert ids[0] == meta.bos_id and ids[-1] == meta.eos_id and meta.decode(ids[1:-1]) == text
+        assert not set(ids[1:-1]) & set(meta.special.values()), "special-token text in data must stay text"
+    assert len(meta.encode(BPE_TEXTS[0], False, False)) < 0.75 * len(BPE_TEXTS[0].encode()), "merges must apply"
+
+
+def test_a_whole_pretokenized_piece_in_the_vocabulary_is_one_token(tmp_path):
+    ranks = {bytes([b]): b for b in range(256)} | {" xyz".encode(): 256}  # no merge path leads to " xyz"
+    tok = checkpoint.read_tokenizer(write_bpe_tokenizer(ranks, tmp_path) / "tokenizer.model")
+    assert tok.encode(" xyz", False, False) == [256]
+    assert tok.encode(" xy", False, False) == [32, 120, 121] and tok.encode(" xyzx", False, False) == [32, 120, 121, 122, 120]
+
+
+def test_tokenizer_problems_are_one_line_naming_the_file(tmp_path, bpe_tokenizer, monkeypatch):
+    (tmp_path / "bad.model").write_text("QUJD 0\nnot base64! 1\n")
+    with pytest.raises(InputError, match=r"bad.model: line 2: expected 'base64-bytes rank'"):
+        checkpoint.read_tokenizer(tmp_path / "bad.model")
+    (tmp_path / "short.model").write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(200)))
+    with pytest.raises(InputError, match=r"short.model: not a byte-level BPE: byte 0xc8 has no token"):
+        checkpoint.read_tokenizer(tmp_path / "short.model")
+    (tmp_path / "junk.model").write_bytes(b"\x00\x01junk")
+    with pytest.raises(InputError, match="junk.model: neither a SentencePiece model nor a Llama 3 tokenizer"):
+        checkpoint.read_tokenizer(tmp_path / "junk.model")
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # as if not installed
+    with pytest.raises(InputError, match=r"tokenizer.json: a Llama 3 tokenizer, which needs tiktoken: pip install tiktoken"):
+        checkpoint.read_tokenizer(bpe_tokenizer / "tokenizer.json")
+
+
+@pytest.mark.skipif(not LLAMA3_TOKENIZER.is_file(), reason="../shared/llama3/tokenizer.model is not here")
+def test_tokenizer_matches_llama3():
+    tok = checkpoint.read_tokenizer(LLAMA3_TOKENIZER)
+    assert (tok.n_words, tok.bos_id, tok.eos_id) == (128256, 128000, 128001)
+    assert tok.stop_ids == {128001, 128008, 128009}
+    assert tok.encode("This is a test sentence.", bos=False, eos=False) == [2028, 374, 264, 1296, 11914, 13]
+    assert tok.encode(" Việt", bos=False, eos=False) == [101798]
+    assert [tok.special[t] for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>")] == \
+        [128006, 128007, 128008, 128009]
+
+
+def test_llama3_template_scores_the_response_and_eot_and_keeps_markers_as_ids(bpe_tokenizer):
+    tok = checkpoint.read_tokenizer(bpe_tokenizer / "tokenizer.model")
+    s = tok.special
+    tokens, labels, _ = lladapter.encode_example(tok, "Say <|eot_id|> twice", "ctx", "ok ok", 512, template="llama3")
+    prompt = lladapter.encode_prompt(tok, "Say <|eot_id|> twice", "ctx", template="llama3")
+    text = lambda t: tok.encode(t, False, False)  # noqa: E731
+    header = lambda role: [s["<|start_header_id|>"], *text(role), s["<|end_header_id|>"], *text("\n\n")]  # noqa: E731
+    assert prompt == [tok.bos_id, *header("user"), *text("Say <|eot_id|> twice\n\nctx"), s["<|eot_id|>"],
+                      *header("assistant")]
+    assert tokens == prompt + text("ok ok") + [s["<|eot_id|>"]]
+    assert labels == [-100] * len(prompt) + tokens[len(prompt):], "the loss covers the response and <|eot_id|> only"
+    # the Alpaca template on a Llama 3 base: BOS <|begin_of_text|>, the targets end in <|end_of_text|>
+    tokens, labels, _ = lladapter.encode_example(tok, "Say hi", "", "hi", 512)
+    assert tokens[0] == s["<|begin_of_text|>"] and labels[-1] == tokens[-1] == s["<|end_of_text|>"]
+
+
+def test_generation_stops_at_any_of_several_stop_ids():
+    model = tiny_model(open_gates=True)
+    greedy = lladapter.generate(model, [[1, 5, 9]], max_gen_len=8, temperature=0, eos_id=None)[0]
+    a, b = greedy[2], greedy[5]
+    assert lladapter.generate(model, [[1, 5, 9]], max_gen_len=8, temperature=0, eos_id={b, a})[0] == \
+        greedy[:min(greedy.index(a), greedy.index(b))]
+    assert lladapter.generate(model, [[1, 5, 9]], max_gen_len=8, temperature=0, eos_id=[-5, b])[0] == \
+        greedy[:greedy.index(b)]

@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -36,12 +37,13 @@ from checkpoint import InputError
 # ----------------------------------------------------------------------------------------------------------
 # settings
 ckpt_dir = ""  # base model: Meta's layout (params.json, consolidated.*.pth) or Hugging Face's; empty: the walkthrough
-tokenizer_path = ""  # empty: tokenizer.model in ckpt_dir or beside it
+tokenizer_path = ""  # empty: tokenizer.model or tokenizer.json in ckpt_dir, or tokenizer.model beside it
 data_path = "alpaca_data.json"  # a JSON list (or .jsonl, one per line) of {"instruction", "input", "output"}
 out_dir = "out"  # adapter.pth, train_state.pth and log.jsonl go here
 mode = "adapter"  # "adapter": train the prompts and gates only; "full": every weight (the paper's baseline)
+template = "alpaca"  # the prompt: "alpaca" (the paper's), or "llama3", the chat format of Llama 3's instruct models
 adapter_len = 10  # K, prompt vectors per adapted layer
-adapter_layer = 30  # L, adapted top layers
+adapter_layer = -1  # L, adapted top layers; -1: all but the bottom two (the paper's 30 of 32 at 7B)
 image_dim = 0  # width of the image features that records name under "image"; 0: text only
 max_seq_len = 512  # longer examples are truncated; those whose prompt alone doesn't fit are skipped
 val_fraction = 0.01  # held out from training for the validation loss
@@ -69,7 +71,8 @@ variant = ""  # "module:function", called on the built model before it is frozen
 settings = checkpoint.settings_of(globals())
 # Settings that must not change between a run and its --resume.
 RUN_IDENTITY = ["ckpt_dir", "data_path", "mode", "variant", "adapter_len", "adapter_layer", "image_dim", "max_seq_len",
-                "val_fraction", "batch_size", "epochs", "warmup_epochs", "base_lr", "weight_decay", "beta1", "beta2", "seed"]
+                "val_fraction", "batch_size", "epochs", "warmup_epochs", "base_lr", "weight_decay", "beta1", "beta2", "seed",
+                "template"]
 # ----------------------------------------------------------------------------------------------------------
 
 checkpoint.exit_on_input_error()
@@ -87,10 +90,12 @@ globals().update(settings)
 checkpoint.require(mode in ("adapter", "full"), f"--mode={mode}: expected adapter or full")
 for key in ("batch_size", "micro_batch_size", "epochs", "max_seq_len", "log_interval", "eval_interval", "save_interval"):
     checkpoint.require(settings[key] > 0, f"--{key}={settings[key]}: must be positive")
-for key in ("stop_after", "adapter_len", "adapter_layer", "image_dim", "warmup_epochs", "weight_decay"):
+for key in ("stop_after", "adapter_len", "image_dim", "warmup_epochs", "weight_decay"):
     checkpoint.require(settings[key] >= 0, f"--{key}={settings[key]}: must not be negative")
-checkpoint.require(mode == "full" or adapter_len > 0 and adapter_layer > 0, f"--adapter_len={adapter_len} "
+checkpoint.require(adapter_layer >= -1, f"--adapter_layer={adapter_layer}: a number of layers, or -1 for all but two")
+checkpoint.require(mode == "full" or adapter_len > 0 and adapter_layer != 0, f"--adapter_len={adapter_len} "
                    f"--adapter_layer={adapter_layer}: an adapter needs at least one prompt in one layer (or --mode=full)")
+checkpoint.require(template in lladapter.TEMPLATES, f"--template={template}: expected one of {lladapter.TEMPLATES}")
 checkpoint.require(0 <= val_fraction < 1 and base_lr > 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1,
                    "--val_fraction, --beta1 and --beta2 must lie in [0, 1), --base_lr must be positive")
 checkpoint.require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}: no CUDA device here")
@@ -207,9 +212,12 @@ model, tokenizer = checkpoint.load_llama(
     max_seq_len=max_seq_len, adapter_len=adapter_len, adapter_layer=adapter_layer, image_dim=image_dim)
 if variant:  # an experiment's small, visible change to the built model
     apply_variant(model)
+checkpoint.require(template == "alpaca" or hasattr(tokenizer, "special"),
+                   f"--template={template}: needs a Llama 3 tokenizer, and {ckpt_dir}'s is SentencePiece")
 examples, features, n_truncated = [], [], 0
 for i, r in enumerate(records):
-    encoded = lladapter.encode_example(tokenizer, r["instruction"], r.get("input", ""), r["output"], max_seq_len)
+    encoded = lladapter.encode_example(tokenizer, r["instruction"], r.get("input", ""), r["output"], max_seq_len,
+                                       template)
     if encoded is None:
         continue
     examples.append(encoded[:2])
@@ -312,7 +320,7 @@ gates = [layer.attention.gate for layer in raw_model.layers[raw_model.first_adap
 start_step = 0
 if resume:
     state = checkpoint.torch_load(out / "train_state.pth", verify=True)
-    changed = [k for k in RUN_IDENTITY if state["settings"][k] != settings[k]]
+    changed = [k for k in RUN_IDENTITY if state["settings"].get(k, settings[k]) != settings[k]]  # older: no template
     if changed:
         raise InputError(f"{out / 'train_state.pth'} was written with other settings: " +
                          ", ".join(f"{k}={state['settings'][k]!r} (now {settings[k]!r})" for k in changed))
@@ -337,9 +345,14 @@ def save_checkpoint(step):
         checkpoint.atomic_save(raw_model.state_dict(), out / "consolidated.00.pth")
         a = raw_model.args
         params = {k: getattr(a, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                                             "ffn_dim_multiplier", "norm_eps", "rope_theta")}
+                                             "ffn_dim_multiplier", "norm_eps", "rope_theta", "rope_scaling_factor",
+                                             "rope_low_freq_factor", "rope_high_freq_factor",
+                                             "rope_original_max_position", "tie_word_embeddings")}
         (out / "params.json").write_text(json.dumps(params, indent=1))
-        (out / "tokenizer.model").write_bytes(tokenizer.sp.serialized_model_proto())
+        if hasattr(tokenizer, "sp"):
+            (out / "tokenizer.model").write_bytes(tokenizer.sp.serialized_model_proto())
+        else:  # Llama 3's, as it was read
+            shutil.copy(tokenizer.path, out / tokenizer.path.name)
     checkpoint.atomic_save({"step": step, "settings": settings, "optimizer": optimizer.state_dict(),
                             "scaler": scaler.state_dict(),
                            "trainable": {n: p.detach().cpu() for n, p in trainable.items()},

@@ -18,7 +18,7 @@ import lladapter
 from checkpoint import InputError
 
 from test_lladapter import ROOT, DEVICE, tiny_model, write_meta_checkpoint, train_tokenizer
-from test_lladapter import spm_tokenizer  # noqa: F401  (a fixture the slow tier uses too)
+from test_lladapter import bpe_tokenizer, spm_tokenizer  # noqa: F401  (fixtures the slow tier uses too)
 
 # ---- train.py ---------------------------------------------------------------------------------------------
 
