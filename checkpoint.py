@@ -500,7 +500,8 @@ def fully_shard_base(model):
     fully_shard(model, ignored_params=adapter)
 
 
-def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dtype=None, shard=None, **model_args):
+def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dtype=None, shard=None, quantize="",
+               **model_args):
     """Build a Transformer from a base checkpoint in Meta's or Hugging Face's layout; returns (model, tokenizer).
 
     The tokenizer is tokenizer.model or tokenizer.json in ckpt_dir, or tokenizer.model beside it (any kind that
@@ -509,8 +510,14 @@ def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dt
     The base weights go to `dtype` (default bf16 on a GPU, fp32 on CPU), the adapter stays fp32; without adapter_path
     the adapter is new. shard: a function applied to the model before any weight is read (FSDP's fully_shard, in
     train.py --fsdp); a parameter it splits is read only for this process's rows.
+    quantize="int8": the block matrices and the output head int8 with a scale per row (quantize.py), quantized as
+    they are read, a block of rows at a time, so the full-precision model never exists in memory.
     """
     ckpt_dir = Path(ckpt_dir)
+    if quantize not in ("", "int8"):
+        raise InputError(f"quantize={quantize!r}: expected int8, or nothing")
+    if quantize and shard is not None:  # FSDP2 gathers a block's tensors as one buffer of a single dtype
+        raise InputError("quantize=int8 with a sharded (FSDP) base is not supported: use one process per GPU or DDP")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if not ckpt_dir.is_dir():
@@ -559,16 +566,23 @@ def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dt
     for name, p in model.named_parameters():
         if is_adapter_key(name):
             p.data = p.data.float()
+    if quantize:
+        import quantize as quantization  # the reference needs it only here
+        quantization.int8_linears(model)
     if shard is not None:
         shard(model)
     model.to_empty(device=device)
-    if args.tie_word_embeddings:  # to_empty gave each module a tensor of its own: share the one matrix again
+    if args.tie_word_embeddings and not quantize:  # to_empty gave each its own tensor: share the one matrix again
         model.output.weight = model.tok_embeddings.weight
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name in stored:  # one tensor at a time, only the rows this process holds
+            if name in stored and p.is_floating_point():  # one tensor at a time, only the rows this process holds
                 local = p.to_local() if hasattr(p, "to_local") else p
                 local.copy_(stored[name].read(local_rows(p, expected[name][0])))
+        if quantize:  # the int8 matrices, each quantized from its full-precision rows as they are read
+            for name, module in model.named_modules():
+                if isinstance(module, quantization.Int8Linear):
+                    module.quantize_(stored[f"{name}.weight"].read)
     model.rope = rope_of(args, device)
     if any(is_adapter_key(k) and k not in stored for k in expected):
         model.reset_adapter()

@@ -37,7 +37,7 @@ image = ""  # a .npy image feature for every prompt (image adapters only)
 interactive = False  # read instructions from standard input, one per line, and answer each
 out = ""  # write one JSON line per prompt (instruction, input, output) to this file
 max_gen_len = 256  # new tokens at most, per prompt
-max_batch_size = 32  # prompts decoded together (the KV cache grows with it)
+max_batch_size = 0  # prompts decoded together; 0: 32, or on a GPU as many of 32 as free memory holds with their KV cache
 temperature = 0.1  # the paper's; 0 is greedy
 top_p = 0.75  # the paper's
 seed = 0  # of the sampling, for answers that repeat
@@ -47,6 +47,7 @@ adapter_layer = 0  # 0: from the adapter file (as adapter_len)
 image_dim = 0  # 0: from the adapter file
 device = ""  # empty: cuda if available, else cpu
 dtype = "auto"  # the base's weights: auto is bf16 on a GPU that has it, else fp16; fp32 on a CPU
+quantize = ""  # "int8": the base's block matrices and output head int8, a scale per row (half of bf16's memory)
 compile = False  # decode with a compiled one-token step (CUDA graphs on a GPU): the same tokens, less overhead
 show_gates = False  # print the adapter's tanh(gate) as a layers x heads heat map
 settings = checkpoint.settings_of(globals())
@@ -64,7 +65,9 @@ if walkthrough:  # the walkthrough's model and adapter, on some of the instructi
                     temperature=0.0)
 settings.update(overrides)
 globals().update(settings)
-for key in ("max_gen_len", "max_batch_size", "max_seq_len"):
+checkpoint.require(max_batch_size >= 0, f"--max_batch_size={max_batch_size}: must not be negative")
+checkpoint.require(quantize in ("", "int8"), f"--quantize={quantize}: expected int8, or nothing")
+for key in ("max_gen_len", "max_seq_len"):
     checkpoint.require(settings[key] > 0, f"--{key}={settings[key]}: must be positive")
 checkpoint.require(temperature >= 0 and 0 < top_p <= 1,
                    f"--temperature={temperature} --top_p={top_p}: need temperature >= 0 and 0 < top_p <= 1")
@@ -110,13 +113,33 @@ checkpoint.require(out_path is None or out_path.parent.is_dir(), f"--out={out}: 
 
 given = {"adapter_len": adapter_len, "adapter_layer": adapter_layer, "image_dim": image_dim}
 model, tokenizer = load_llama(ckpt_dir, tokenizer_path or None, adapter or None, device=device, dtype=base_dtype,
-                              max_seq_len=max_seq_len, **({k: v for k, v in given.items() if v} if adapter else
+                              max_seq_len=max_seq_len, quantize=quantize, **({k: v for k, v in given.items() if v} if adapter else
                                                           {"adapter_layer": 0}))
 model_device = model.tok_embeddings.weight.device
 checkpoint.require(template == "alpaca" or hasattr(tokenizer, "special"),
                    f"--template={template}: needs a Llama 3 tokenizer, and {ckpt_dir}'s is SentencePiece")
 # A response ends at any of the model's stop ids (Llama 3 instruct: 128001, 128008, 128009), or at its template's end
 stop_ids = tokenizer.stop_ids | {lladapter.response_end_id(tokenizer, template)}
+
+
+def batch_that_fits(most=32):
+    """Sequences decoded at once when --max_batch_size=0: `most` on a CPU; on a GPU, as many as fit in 90% of its
+    free memory, each with its KV cache (2 x layers x max_seq_len x kv heads x head_dim) and the largest transient of
+    its prefill (the feed-forward's hidden activations at every position, and one row of fp32 logits)."""
+    if model_device.type != "cuda":
+        return most
+    a, itemsize = model.args, model.tok_embeddings.weight.element_size()
+    attention, hidden = model.layers[0].attention, model.layers[0].feed_forward.w1.weight.shape[0]
+    cache = 2 * a.n_layers * max_seq_len * attention.n_kv_heads * attention.head_dim * itemsize
+    prefill = max_seq_len * (3 * hidden + 4 * a.dim) * itemsize + 4 * a.vocab_size
+    fitting = int(0.9 * torch.cuda.mem_get_info(model_device)[0] // (cache + prefill))
+    if fitting < 1:
+        raise InputError(f"the GPU's free memory holds no sequence of max_seq_len={max_seq_len} with its KV cache: "
+                         f"lower --max_seq_len, or try --quantize=int8")
+    return min(most, fitting)
+
+
+max_batch_size = max_batch_size or batch_that_fits()
 if show_gates:
     if not adapter:
         raise InputError("--show_gates needs an --adapter")

@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -223,6 +224,7 @@ class Transformer(nn.Module):
         # The rotary table is derived from args, so it is not saved with the weights.
         self.register_buffer("rope", rope_of(args), persistent=False)
         self.cache_len = None  # set while generating: the length of every layer's KV cache
+        self.activation_checkpointing = False  # train.py --activation_checkpointing: see forward
         # --- LLaMA-Adapter: the adaption prompts, K vectors for each of the top L layers ---
         # Row l*K + j is prompt j of layer first_adapted + l.
         if args.adapter_layer:
@@ -254,10 +256,11 @@ class Transformer(nn.Module):
             prompts = prompts + image_prompt[:, None, None, :]  # P_l + repeat(I_p, K), for every adapted layer
         return prompts
 
-    def forward(self, tokens, start_pos=0, image=None, logits_at=None):
+    def forward(self, tokens, start_pos=0, image=None, logits_at=None, hidden=False):
         # start_pos: where tokens[:, 0] sits; an int, or a one-element tensor in compiled decoding (every step alike).
         # logits_at: the positions whose logits are wanted, as the output head is big: a (bsz, seqlen) bool mask
         # (training scores only the response; logits (positions, vocab_size)), or a slice of the sequence.
+        # hidden: the final norm's output there instead of logits, for a loss that applies the head itself.
         bsz, seqlen = tokens.shape
         if isinstance(start_pos, int) and start_pos + seqlen > self.args.max_seq_len:
             raise ValueError(f"{start_pos + seqlen} positions exceed max_seq_len={self.args.max_seq_len}")
@@ -273,9 +276,17 @@ class Transformer(nn.Module):
         # nothing they compute requires a gradient until the first prompt enters.
         for i, layer in enumerate(self.layers):
             prompt = prompts[:, i - self.first_adapted] if i >= self.first_adapted else None
-            h = layer(h, positions, rope, mask, prompt)
+            if self.activation_checkpointing and prompt is not None and torch.is_grad_enabled():
+                # Keep only the adapted block's input; its activations are recomputed in the backward pass.
+                # Non-reentrant: the reentrant kind gives no gradient to the prompt when the block's input
+                # (the frozen layers' output) does not require one.
+                h = checkpoint(layer, h, positions, rope, mask, prompt, use_reentrant=False)
+            else:
+                h = layer(h, positions, rope, mask, prompt)
         if logits_at is not None:
             h = h[logits_at] if isinstance(logits_at, torch.Tensor) else h[:, logits_at]
+        if hidden:
+            return self.norm(h)  # (positions, dim)
         return self.output(self.norm(h)).float()  # (bsz, seqlen, vocab_size)
 
     def setup_cache(self, batch_size: int, cache_len: int):
@@ -444,15 +455,26 @@ def encode_example(tokenizer, instruction, input, output, max_seq_len, template=
     return tokens[:max_seq_len], labels[:max_seq_len], len(tokens) > max_seq_len
 
 
-def response_loss(model, tokens, labels, image=None):
+def response_loss(model, tokens, labels, image=None, chunk=0):
     """Summed next-token cross-entropy over the scored tokens of a padded batch (see encode_example).
 
     The logits at position i predict token i + 1; only the scored positions go through the output head.
+    chunk: that many scored positions at a time through the head and the loss, each chunk recomputed in the
+    backward pass, so that the fp32 logits of only one chunk exist at once (at a 128K vocabulary, 0.5 MB per
+    position); 0: all at once.
     """
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
-    logits = model(tokens[:, :-1], image=image, logits_at=scored)  # (scored positions, vocab_size)
-    return F.cross_entropy(logits, targets[scored], reduction="sum")
+    if not chunk:
+        logits = model(tokens[:, :-1], image=image, logits_at=scored)  # (scored positions, vocab_size)
+        return F.cross_entropy(logits, targets[scored], reduction="sum")
+    h = model(tokens[:, :-1], image=image, logits_at=scored, hidden=True)  # (scored positions, dim)
+    head = getattr(model, "module", model).output  # the head itself, also under DDP
+
+    def chunk_loss(h, y):
+        return F.cross_entropy(head(h).float(), y, reduction="sum")
+    return sum(checkpoint(chunk_loss, h_part, y_part, use_reentrant=False)
+               for h_part, y_part in zip(h.split(chunk), targets[scored].split(chunk)))
 
 
 def pad_batch(examples, device=None):

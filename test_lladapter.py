@@ -830,3 +830,117 @@ def test_generation_stops_at_any_of_several_stop_ids():
         greedy[:min(greedy.index(a), greedy.index(b))]
     assert lladapter.generate(model, [[1, 5, 9]], max_gen_len=8, temperature=0, eos_id=[-5, b])[0] == \
         greedy[:greedy.index(b)]
+
+
+# ---- memory options: an int8 base (quantize.py), activation checkpointing, the chunked loss --------------------
+
+def int8_model(**overrides):
+    import quantize
+    return quantize.quantize_model_(tiny_model(**overrides))
+
+
+def saved_by_autograd(fn):
+    """(result of fn(), the distinct tensors autograd saved for backward while it ran, by storage)."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return result, list(saved.values())
+
+
+def test_int8_linear_is_within_its_rounding_bound_and_its_backward_is_through_the_dequantized_weight():
+    import quantize
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96, bias=False)
+    q = quantize.Int8Linear(64, 96)
+    q.quantize_(linear.weight.detach().__getitem__, rows_at_once=40)  # in blocks of rows: the scales are per row
+    x = torch.randn(5, 64, requires_grad=True)
+    exact, y = linear(x), q(x)
+    # each weight moves by at most half its row's scale, so each output by at most |x| . scale / 2
+    bound = x.detach().abs().sum(-1, keepdim=True) * q.scales / 2
+    assert ((y - exact).abs() <= bound + 1e-6).all()
+    assert (y - exact).norm() / exact.norm() < 0.01, "per-row int8 of N(0, 1) weights: within 1% of the fp32 output"
+    assert torch.equal(q.weight.abs().amax(dim=1), torch.full((96,), 127, dtype=torch.int8))  # scale = max|row| / 127
+    grad = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, grad)
+    x2 = x.detach().requires_grad_()
+    (expected,) = torch.autograd.grad(x2 @ q.dequantized().t(), x2, grad)
+    torch.testing.assert_close(gx, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_training_step_on_an_int8_base_keeps_no_dequantized_weight():
+    # The naive int8 linear (F.linear with weight.float() * scales) would save a full-precision copy of every matrix.
+    model = int8_model(open_gates=True)
+    lladapter.mark_only_adapter_trainable(model)
+    x = tokens()
+    labels = x.clone()
+    loss, saved = saved_by_autograd(lambda: lladapter.response_loss(model, x, labels))
+    loss.backward()
+    assert model.adapter_query.weight.grad.abs().sum() > 0
+    int8 = [m for m in model.modules() if type(m).__name__ == "Int8Linear"]
+    shapes = {tuple(m.weight.shape) for m in int8}
+    dequantized = [t for t in saved if t.is_floating_point() and tuple(t.shape) in shapes]
+    assert not dequantized, f"autograd keeps {len(dequantized)} dequantized weights for backward"
+    kept_int8 = sum(t.untyped_storage().nbytes() for t in saved if t.dtype == torch.int8)
+    adapted = sum(m.weight.numel() for name, m in model.named_modules() if m in int8 and
+                  (name == "output" or int(name.split(".")[1]) >= model.first_adapted))
+    # what backward keeps of the weights is the int8 matrices themselves, which exist anyway (not all of the lowest
+    # adapted layer's: wq, wk and wv there get an input that needs no gradient)
+    assert 0 < kept_int8 <= adapted
+
+
+def test_zero_gates_on_an_int8_base_give_exactly_the_int8_base_logits():
+    import quantize
+    model = tiny_model()
+    base = quantize.quantize_model_(base_copy(model))
+    quantize.quantize_model_(model)
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(model(x), base(x)), "zero-init: with closed gates, exactly the (int8) base model"
+
+
+def adapter_step(model, x, labels, **options):
+    model.zero_grad()
+    loss = lladapter.response_loss(model, x, labels, **options)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients_and_keeps_less():
+    model = tiny_model(open_gates=True)
+    lladapter.mark_only_adapter_trainable(model)
+    x = tokens(seqlen=32)
+    labels = x.clone()
+    (plain, kept_plain) = saved_by_autograd(lambda: adapter_step(model, x, labels))
+    model.activation_checkpointing = True
+    (recomputed, kept_checkpointed) = saved_by_autograd(lambda: adapter_step(model, x, labels))
+    assert torch.equal(plain[0], recomputed[0]) and plain[1].keys() == recomputed[1].keys()
+    for name in plain[1]:
+        assert torch.equal(plain[1][name], recomputed[1][name]), name
+    assert plain[1]["adapter_query.weight"].abs().sum() > 0, "the prompt gets its gradient through the checkpoint"
+    # checkpointing keeps each adapted block's input outside autograd's saved tensors: count it in
+    inputs = model.args.adapter_layer * x.numel() * model.args.dim * 4
+    nbytes = [sum(t.untyped_storage().nbytes() for t in kept) for kept in (kept_plain, kept_checkpointed)]
+    assert nbytes[1] + inputs < nbytes[0] / 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_gives_the_loss_and_gradients_of_the_unchunked_one(dtype):
+    model = tiny_model(open_gates=True)
+    for name, p in model.named_parameters():  # the base in dtype, the adapter fp32, as load_llama does
+        p.data = p.data if lladapter.is_adapter_key(name) else p.data.to(dtype)
+    lladapter.mark_only_adapter_trainable(model)
+    x = tokens(seqlen=20)
+    labels = x.clone()
+    labels[:, :6] = lladapter.IGNORE_INDEX  # 2 x 13 scored positions: chunks of 5 leave a short last one
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        whole = adapter_step(model, x, labels)
+        chunked, kept = saved_by_autograd(lambda: adapter_step(model, x, labels, chunk=5))
+    torch.testing.assert_close(chunked[0], whole[0], **tolerance)
+    for name in whole[1]:
+        torch.testing.assert_close(chunked[1][name], whole[1][name], **tolerance)
+    assert not [t for t in kept if t.dim() and t.shape[-1] == VOCAB], "no chunk's logits are kept for backward"

@@ -66,6 +66,9 @@ dtype = "auto"  # the frozen base: auto is bf16 on a GPU that has it, fp16 on on
 loss_scale = 65536.0  # fp16 only: the starting loss scale, halved at each overflow (that step skipped)
 fsdp = False  # under torchrun: shard the frozen base over the processes (FSDP2) instead of a copy in each
 compile = False  # torch.compile each transformer block (the same losses; pays off on a GPU)
+quantize = ""  # "int8": the frozen base's block matrices and output head int8, a scale per row (quantize.py)
+activation_checkpointing = False  # keep only each adapted block's input; recompute the rest in the backward pass
+loss_chunk = 0  # scored positions per pass through the output head and loss (e.g. 256, for a 128K vocabulary); 0: all
 smoke = False  # the walkthrough only: its one-minute version
 variant = ""  # "module:function", called on the built model before it is frozen: an experiment's change to it
 settings = checkpoint.settings_of(globals())
@@ -99,6 +102,9 @@ checkpoint.require(template in lladapter.TEMPLATES, f"--template={template}: exp
 checkpoint.require(0 <= val_fraction < 1 and base_lr > 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1,
                    "--val_fraction, --beta1 and --beta2 must lie in [0, 1), --base_lr must be positive")
 checkpoint.require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}: no CUDA device here")
+checkpoint.require(quantize in ("", "int8") and not (quantize and (fsdp or mode == "full")),
+            f"--quantize={quantize}: expected int8 or nothing; an int8 base is frozen (adapter mode) and not sharded")
+checkpoint.require(loss_chunk >= 0, f"--loss_chunk={loss_chunk}: must not be negative")
 checkpoint.require(loss_scale > 0, f"--loss_scale={loss_scale}: must be positive")
 checkpoint.require(not fsdp or "RANK" in os.environ and mode == "adapter" and not compile,
                    "--fsdp: runs under torchrun (one process per GPU), in adapter mode, without --compile")
@@ -209,7 +215,9 @@ torch.manual_seed(seed)  # the adapter's initial values: the same on every run a
 model, tokenizer = checkpoint.load_llama(
     ckpt_dir, tokenizer_path or None, device=device, dtype=torch.float32 if mode == "full" else compute_dtype,
     shard=checkpoint.fully_shard_base if fsdp else None,  # --fsdp: each process reads and keeps only its shard
+    quantize=quantize,  # int8: quantized as it is read, never whole in full precision
     max_seq_len=max_seq_len, adapter_len=adapter_len, adapter_layer=adapter_layer, image_dim=image_dim)
+model.activation_checkpointing = activation_checkpointing
 if variant:  # an experiment's small, visible change to the built model
     apply_variant(model)
 checkpoint.require(template == "alpaca" or hasattr(tokenizer, "special"),
@@ -282,7 +290,8 @@ def loss_sum(model, idx):
     # Summed cross-entropy over the response tokens and EOS of examples `idx` (a micro-batch).
     tokens, labels = lladapter.pad_batch([examples[j] for j in idx], device)
     with autocast:
-        return lladapter.response_loss(model, tokens, labels, features[idx].to(device) if image_dim else None)
+        return lladapter.response_loss(model, tokens, labels, features[idx].to(device) if image_dim else None,
+                                       chunk=loss_chunk)
 
 
 @torch.no_grad()
@@ -308,7 +317,8 @@ if mode == "adapter":
 trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
 n_trainable, n_total = sum(p.numel() for p in trainable.values()), sum(p.numel() for p in model.parameters())
 say(f"model: {n_total:,} parameters, {n_trainable:,} trainable ({100 * n_trainable / n_total:.3f}%), "
-    f"base in {model.tok_embeddings.weight.dtype}, on {device}" + (f", {world} processes" if distributed else ""))
+    f"base in {model.tok_embeddings.weight.dtype}{', its matrices int8' if quantize else ''}, on {device}"
+    + (f", {world} processes" if distributed else ""))
 if fsdp:  # what this process holds of the frozen base: its shard of each tensor
     local = sum(p.to_local().numel() for p in model.parameters() if hasattr(p, "to_local"))
     say(f"fsdp: process 0 holds {local:,} of the base's {n_total - n_trainable:,} elements "

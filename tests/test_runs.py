@@ -36,7 +36,7 @@ def test_overrides_are_type_checked():
 
 @pytest.mark.parametrize("script, setting, comment", [
     ("train.py", "--base_lr=0.009", "the learning rate is base_lr * batch_size / 256"),
-    ("generate.py", "--max_batch_size=32", "prompts decoded together")])
+    ("generate.py", "--max_batch_size=0", "prompts decoded together")])
 def test_help_lists_each_setting_with_its_default_and_comment(monkeypatch, capsys, script, setting, comment):
     monkeypatch.setattr(sys, "argv", [script, "--help"])
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # the script installs its own
@@ -384,8 +384,8 @@ def test_zero_or_negative_settings_and_non_utf8_inputs_are_refused_before_anythi
     assert "latin1.json: not UTF-8 text" in script_error(monkeypatch, "train.py", *trains,
                                                           f"--data_path={tmp_path / 'latin1.json'}")
     generates = [f"--ckpt_dir={task / 'ckpt'}", f"--out={answers}"]
-    assert "--max_batch_size=0: must be positive" in script_error(monkeypatch, "generate.py", *generates, "--prompt=hi",
-                                                                  "--max_batch_size=0")
+    assert "--max_batch_size=-1: must not be negative" in script_error(monkeypatch, "generate.py", *generates,
+                                                                       "--prompt=hi", "--max_batch_size=-1")
     assert "latin1.txt: not UTF-8 text" in script_error(monkeypatch, "generate.py", *generates,
                                                         f"--prompts_file={tmp_path / 'latin1.txt'}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latin1.json", "latin1.txt"]

@@ -4,8 +4,7 @@ Measure what the paper and the README claim about cost, on random weights: nothi
     python -m tools.bench                      # CPU section, then the GPU section when CUDA is present; a table at the end
     python -m tools.bench --json=bench.json    # also write every figure as JSON
     python -m tools.bench --quick              # tiny shapes, seconds: checks that every section runs, measures nothing
-    python -m tools.bench --plan               # memory planner for LLaMA 7B-70B, then its check against train.py here
-    python -m tools.bench --plan --quick       # the planner, checked at tiny shapes (CI)
+    python -m tools.plan                       # the memory planner (tools/plan.py), and its check against train.py
 
 CPU: one adapter step against one full fine-tuning step (time, peak memory); cached generation against
 recomputation; per-token decoding on a tiny model, where it is all overhead, eager against compile=True.
@@ -21,25 +20,22 @@ projected under an hour on one H100, 7B adapter training at max_seq_len 512 (mic
 """
 import functools
 import json as jsonlib  # `json` is the --json setting below
-import math
 import os
 import platform
-import random
 import re
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import checkpoint
 import lladapter
+import quantize as quantization
 from lladapter import ModelArgs, Transformer
 
 # CPU section: a mid-size LLaMA (the issue's shape); the adapter on the top 7 of 8 layers, as 30 of 32 at 7B
@@ -55,6 +51,7 @@ steps = 5  # timed steps per mode, alternating adapter / full, after one warm-up
 new_tokens = 256  # generation: new tokens per prompt
 prompt_len = 32
 decode_tokens = 128  # CPU decoding overhead: new tokens per timed call on the tiny model
+options_dim = 1024  # the memory options' model: the CPU section's, this wide (the issue's mid size)
 compile_decode = True  # also decode with generate(compile=True); compiling first takes ~20 s on a CPU
 # GPU section: LLaMA-7B's shapes, the paper's adapter (K=10, L=30), every sequence max_seq_len long
 dtype = "auto"  # the frozen base: auto is bf16 on a GPU that has it, fp16 on one that doesn't (fp32 on a CPU)
@@ -62,14 +59,11 @@ gpu_steps = 10  # timed steps per micro-batch size, after one warm-up step
 gpu_micro_batches = "1,2,4,8"  # micro-batch sizes to run at max_seq_len 512
 gpu_peak_tflops = 0.0  # the card's dense 16-bit peak; 0: looked up from its name (GPU_SPECS)
 gpu_bandwidth_tbs = 0.0  # the card's memory bandwidth in TB/s; 0: looked up from its name
-# The memory planner
-plan = False  # print the planner's table for LLaMA 7B-70B, check it against train.py on this CPU, and exit
-plan_check = True  # with --plan: check it against train.py, 1 process, DDP 2, FSDP 2 (~2 min; --quick: tiny, ~1)
 json = ""  # --json=FILE writes the results as JSON
 quick = False  # tiny shapes: a smoke test of this script
 memory_probe = ""  # internal: "adapter" or "full", run in a fresh process to measure its peak memory
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
-QUICK = dict(dim=64, n_layers=2, n_heads=4, vocab_size=512, seq_len=32, batch=2, adapter_layer=1, steps=2,
+QUICK = dict(dim=64, options_dim=128, n_layers=2, n_heads=4, vocab_size=512, seq_len=32, batch=2, adapter_layer=1, steps=2,
              new_tokens=16, prompt_len=8, decode_tokens=16, compile_decode=False, gpu_steps=2, gpu_micro_batches="1,2")
 ROOT = Path(__file__).resolve().parent.parent  # where train.py is
 
@@ -115,8 +109,11 @@ class Trainer:
     """A model with train.py's optimizer and precision: the base in `dtype` under one autocast, the trainable
     tensors fp32, AdamW (fused on a GPU), and fp16's loss scaling."""
 
-    def __init__(self, args, mode, device, dtype):
+    def __init__(self, args, mode, device, dtype, quantize="", checkpointing=False, chunk=0):
         self.model = random_model(args, device, dtype)
+        if quantize:  # train.py --quantize=int8 (there quantized while loading)
+            quantization.quantize_model_(self.model)
+        self.model.activation_checkpointing, self.chunk = checkpointing, chunk
         if mode == "adapter":
             lladapter.mark_only_adapter_trainable(self.model)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -130,7 +127,8 @@ class Trainer:
         # train.py's step for one micro-batch that is the whole batch: the response loss as a mean over its scored
         # tokens, a backward, an AdamW update
         with self.autocast:
-            loss = lladapter.response_loss(self.model, tokens, labels) / (labels != lladapter.IGNORE_INDEX).sum()
+            loss = lladapter.response_loss(self.model, tokens, labels, chunk=self.chunk) / \
+                (labels != lladapter.IGNORE_INDEX).sum()
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -185,9 +183,13 @@ FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 # CPU: adapter against full fine-tuning, the KV cache against recomputation, decoding overhead
 
 def probe_memory(mode):
-    """Run in a fresh process (--memory_probe): 3 training steps of one mode; its peak memory as JSON."""
+    """Run in a fresh process (--memory_probe): 3 training steps of one mode ("adapter", "full", or "option:NAME",
+    an adapter with the memory option NAME of OPTIONS at options_dim); its peak memory as JSON."""
     baseline = rss_mib()
-    trainer = Trainer(mid_args(), mode, torch.device("cpu"), torch.float32)
+    if mode.startswith("option:"):
+        trainer = Trainer(options_args(), "adapter", torch.device("cpu"), torch.float32, **OPTIONS[mode[7:]])
+    else:
+        trainer = Trainer(mid_args(), mode, torch.device("cpu"), torch.float32)
     loaded = rss_mib("VmRSS")
     tokens, labels = random_batch(batch, seq_len, vocab_size, "cpu")
     for _ in range(3):  # from the second step on, the optimizer state is allocated
@@ -276,166 +278,66 @@ def decode_overhead(n_tokens, use_compile, repeats=3):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The memory planner: peak GPU memory per process for adapter training, from the model's shapes and this code
+# CPU: the memory options (an int8 base, activation checkpointing, the chunked loss), side by side at options_dim
 
-# LLaMA's sizes as Meta's params.json give them; vocab_size 32,000 from the tokenizer.
-LLAMA = {
-    "7B": dict(dim=4096, n_layers=32, n_heads=32),
-    "13B": dict(dim=5120, n_layers=40, n_heads=40),
-    "33B": dict(dim=6656, n_layers=60, n_heads=52),
-    "65B": dict(dim=8192, n_layers=80, n_heads=64),
-    "70B (LLaMA-2)": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096),
-}
+OPTIONS = {"none": {}, "int8": dict(quantize="int8"), "checkpointing": dict(checkpointing=True),
+           "chunked loss": dict(chunk=256), "all three": dict(quantize="int8", checkpointing=True, chunk=256)}
 
 
-def llama_args(size, max_seq_len=512):
-    # The paper's adapter: K = 10, and 30 of 32 layers at 7B; the same share of the layers at the other sizes.
-    shape = LLAMA[size]
-    return ModelArgs(**shape, vocab_size=32000, max_seq_len=max_seq_len, adapter_len=10,
-                     adapter_layer=round(shape["n_layers"] * 30 / 32))
+def options_args():
+    return replace(mid_args(), dim=options_dim, n_heads=options_dim // 64)
 
 
-class FusedAttention(torch.autograd.Function):
-    """Stands in for scaled_dot_product_attention on the meta device, where torch would pick the math kernel, which
-    also keeps each head's attention matrix. The fused kernels that train (flash, memory-efficient and cuDNN on a
-    GPU, flash on a CPU) keep their inputs, their output, and one fp32 log-sum-exp per query and head."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        out, lse = torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)  # (bsz, heads, seqlen)
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
+def base_bytes(model):
+    # the frozen base's tensors as stored: every parameter but the adapter's
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not lladapter.is_adapter_key(n))
 
 
-class MetaFusedAttention(torch.overrides.TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
-            return FusedAttention.apply(*args[:3])
-        return func(*args, **(kwargs or {}))
-
-
-def fields_of(args):
-    return tuple(vars(args).items())  # ModelArgs, hashable, for functools.lru_cache
-
-
-@functools.lru_cache(maxsize=None)
-def meta_forward_saved(fields, micro_batch, length, scored, dtype):
-    # One forward of the whole model on the meta device, counting what autograd saves (see saved_for_backward)
-    args = ModelArgs(**dict(fields))
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.to(dtype)  # as load_llama: the base in dtype, the adapter and the rotary table fp32
-    for name, p in model.named_parameters():
-        p.data = p.data.float() if lladapter.is_adapter_key(name) else p.data
-    model.rope = model.rope.float()
-    lladapter.mark_only_adapter_trainable(model)
-    weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage._cdata not in weights:
-            saved[storage._cdata] = (storage.nbytes(), t.dim() > 0 and t.shape[-1] == args.vocab_size)
-        return t
-
-    tokens = torch.zeros(micro_batch, length, dtype=torch.long, device="meta")
-    targets = torch.zeros(micro_batch * scored, dtype=torch.long, device="meta")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), MetaFusedAttention():
-        logits = model(tokens, logits_at=slice(length - scored, None))  # (micro_batch, scored, vocab_size)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets, reduction="sum")
-    assert loss.requires_grad  # the graph reaches the adapter
-    return sum(n for n, is_logits in saved.values() if not is_logits), micro_batch * scored * args.vocab_size
-
-
-def saved_for_backward(args, micro_batch, length, scored, dtype):
-    """Bytes of activations an adapter training step keeps for backward, read off this code rather than modelled:
-    a forward on the meta device (shapes, no data), adding up the distinct storages autograd saves, weights
-    excluded. Returns (bytes outside the output head's logits, logits elements). `scored` positions per sequence go
-    through the output head (as a slice: train.py gathers them, which keeps the same but for scored x dim elements).
-    Frozen layers below the adapted ones keep nothing, the lowest adapted one keeps less (its input needs no
-    gradient), and every other keeps the same: so a model of 2 and one of 3 adapted layers, extrapolated to L, give
-    the model's figure exactly, in a second at any size."""
-    if args.adapter_layer <= 3:
-        return meta_forward_saved(fields_of(args), micro_batch, length, scored, dtype)
-    two, three = (meta_forward_saved(fields_of(replace(args, n_layers=n, adapter_layer=n)), micro_batch, length, scored,
-                                     dtype) for n in (2, 3))
-    return two[0] + (args.adapter_layer - 2) * (three[0] - two[0]), two[1]
-
-
-@functools.lru_cache(maxsize=None)
-def parameter_shapes(fields):
-    with torch.device("meta"):
-        model = Transformer(ModelArgs(**dict(fields)))
-    return {name: p.shape for name, p in model.named_parameters()}
-
-
-def plan_memory(args, parallel, world, micro_batch, length, scored, dtype, gathered_blocks=3):
-    """Predicted peak memory of one process in adapter training, in bytes, by term.
-
-    parallel: "1 GPU", "DDP" or "FSDP" (train.py --fsdp: fully_shard on each TransformerBlock and on the root; the
-    adapter is left out of the shards, whole and fp32 in every process). The base is in `dtype`; the activations
-    are those of one micro-batch of `micro_batch` sequences of `length` tokens, `scored` of each scored.
-    gathered_blocks: under FSDP, whole blocks held at once besides the shards: the one running, the next one
-    gathered ahead, and the all-gather buffer of one more being copied out.
-    The two peaks, end of forward (logits) and a block's backward (gathered blocks), are added: a slight overestimate.
-    """
-    shapes = parameter_shapes(fields_of(args))
-    base = {name: shape for name, shape in shapes.items() if not lladapter.is_adapter_key(name)}
-    n_adapter = sum(math.prod(shape) for name, shape in shapes.items() if lladapter.is_adapter_key(name))
-    terms = {}
-    if parallel == "FSDP":
-        # fully_shard splits every tensor along dim 0: ceil(rows / world) rows each. The root's tensors (the
-        # embeddings, the final norm, the output head) are gathered at the start of forward and stay so until the
-        # end of backward; a block's are gathered while it runs, in forward and again in backward.
-        shard = sum(math.ceil(shape[0] / world) * math.prod(shape[1:]) for shape in base.values())
-        root = sum(math.prod(shape) for name, shape in base.items() if not name.startswith("layers."))
-        block = sum(math.prod(shape) for name, shape in base.items() if name.startswith("layers.0."))
-        terms["weights"] = dtype.itemsize * (shard + root + gathered_blocks * block)
-    else:
-        terms["weights"] = dtype.itemsize * sum(map(math.prod, base.values()))  # every process holds it all
-    # fp32 prompts and gates, their gradients, AdamW's two moments; DDP also keeps a bucket of gradients
-    terms["adapter"] = n_adapter * (4 + 4 + 8 + (4 if parallel == "DDP" else 0))
-    activations, n_logits = saved_for_backward(args, micro_batch, length, scored, dtype)
-    terms["activations"] = activations
-    # fp32 log-probabilities kept for backward, then at the start of backward their gradient and the logits'
-    # gradient beside them: three (scored positions, vocab_size) fp32 tensors at once (forward holds two at most)
-    terms["logits"] = 3 * 4 * n_logits
-    terms["total"] = sum(terms.values())
-    return terms
-
-
-CARDS_GB = (24, 40, 48, 80)  # common cards' memory; "24 GB" cards report 22.5 (L4, A10G) to 24 GiB (RTX 4090)
-CONTEXT_GIB = 1.5  # kept free on the card: the CUDA context (~0.5 GiB), cuBLAS and NCCL workspaces, allocator slack
-
-
-def fits(total_bytes):
-    return [gb for gb in CARDS_GB if total_bytes / 2**30 + CONTEXT_GIB <= gb]
-
-
-def plan_table(micro_batches=(1, 4), length=512, world=8, log=print):
-    rows = []
-    log(f"memory planner: peak GPU memory per process, GiB, adapter training at max_seq_len {length} (every position "
-        f"scored), bf16 base, fp32 adapter with AdamW; K=10, L = 30/32 of the layers; fits: a card of N GB with "
-        f"{CONTEXT_GIB} GiB kept for the CUDA context and workspaces")
-    log(f"{'model':14} {'L':>3}  {'setup':7} {'mb':>3} {'weights':>8} {'adapter':>8} {'activ.':>8} {'logits':>7} "
-        f"{'total':>7}  fits (GB)")
-    for size in LLAMA:
-        args = llama_args(size, length)
-        for parallel, w in (("1 GPU", 1), ("DDP", world), ("FSDP", world)):
-            for mb in micro_batches:
-                terms = plan_memory(args, parallel, w, mb, length, length, torch.bfloat16)
-                setup = parallel if parallel == "1 GPU" else f"{parallel} {w}"
-                row = {"model": size, "adapter_layer": args.adapter_layer, "setup": setup, "micro_batch": mb,
-                       **{k: v / 2**30 for k, v in terms.items()}, "fits_gb": fits(terms["total"])}
-                rows.append(row)
-                log(f"{size:14} {args.adapter_layer:3}  {setup:7} {mb:3} {row['weights']:8.2f} {row['adapter']:8.3f} "
-                    f"{row['activations']:8.2f} {row['logits']:7.2f} {row['total']:7.2f}  "
-                    f"{' '.join(map(str, row['fits_gb'])) or 'none'}")
-    totals = {mb: plan_memory(llama_args("7B", length), "1 GPU", 1, mb, length, length, torch.bfloat16)["total"]
-              for mb in (1, 2, 4, 8)}  # the README's micro-batch advice for 7B
-    log("7B on one GPU or DDP, by micro-batch: " + ", ".join(
-        f"{mb}: {t / 2**30:.2f} GiB (fits {' '.join(map(str, fits(t))) or 'none'})" for mb, t in totals.items()))
-    return rows
+def memory_options(argv):
+    cpu, args, row = torch.device("cpu"), options_args(), {}
+    fp32 = random_model(args, cpu, torch.float32)
+    int8 = quantization.quantize_model_(random_model(args, cpu, torch.float32))
+    matrices = [n for n, m in int8.named_modules() if isinstance(m, quantization.Int8Linear)]
+    row["int8_over_fp32_base_bytes"] = base_bytes(int8) / base_bytes(fp32)
+    row["int8_over_fp32_matrix_bytes"] = sum(base_bytes(int8.get_submodule(n)) for n in matrices) / sum(
+        base_bytes(fp32.get_submodule(n)) for n in matrices)
+    # decoding, batch 1, int8 against fp32, alternating calls after a warm-up of each
+    times = {"fp32": [], "int8": []}
+    prompt = torch.randint(3, args.vocab_size, (1, prompt_len)).tolist()
+    for i in range(3):
+        for name, model in (("fp32", fp32), ("int8", int8)):
+            open_gates(model)
+            t = timed(lambda: lladapter.generate(model, prompt, new_tokens // 4, temperature=0, eos_id=-1))
+            if i:
+                times[name].append(t)
+    row["decode_tokens_per_s"] = {k: new_tokens // 4 / statistics.median(v) for k, v in times.items()}
+    del fp32, int8
+    # the adapter step with and without activation checkpointing, alternating, on the fp32 base
+    trainers = {c: Trainer(args, "adapter", cpu, torch.float32, checkpointing=c) for c in (False, True)}
+    tokens, labels = random_batch(batch, seq_len, args.vocab_size, cpu)
+    times = {False: [], True: []}
+    for i in range(steps + 1):
+        for c, trainer in trainers.items():
+            t = timed(lambda: trainer.step(tokens, labels))
+            if i:
+                times[c].append(t)
+    row["checkpointing_over_plain_step_time"] = statistics.median(times[True]) / statistics.median(times[False])
+    del trainers
+    peaks = {}
+    for name in OPTIONS:  # each in a fresh process: its peak resident memory, above python and torch
+        probe = subprocess.run([sys.executable, "-m", "tools.bench", f"--memory_probe=option:{name}", *argv], capture_output=True,
+                               text=True, check=True, cwd=ROOT, env={**os.environ, **FIXED_MALLOC})
+        memory = jsonlib.loads(probe.stdout)
+        peaks[name] = memory["peak_mib"] - memory["baseline_mib"]
+    row["peak_above_torch_mib"] = peaks
+    print(f"cpu memory options, dim {args.dim}, {args.n_layers} layers, vocab {args.vocab_size}, micro-batch {batch} x "
+          f"{seq_len}: int8 base {row['int8_over_fp32_base_bytes']:.2f}x fp32's bytes (its matrices "
+          f"{row['int8_over_fp32_matrix_bytes']:.2f}x; embeddings and norms stay fp32); decoding, batch 1: "
+          f"{row['decode_tokens_per_s']['int8']:.1f} tok/s int8, {row['decode_tokens_per_s']['fp32']:.1f} fp32; "
+          f"adapter step with checkpointing {row['checkpointing_over_plain_step_time']:.2f}x the time without", flush=True)
+    print("cpu peak memory above torch, adapter training: " + ", ".join(
+        f"{name} {mib:.0f} MiB ({mib / peaks['none']:.2f}x)" for name, mib in peaks.items()), flush=True)
+    return row
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -524,6 +426,7 @@ def size_text(gib):
 def adapter_step(args, device, dtype, micro_batches, n_steps, peak_tflops, log=print):
     """train.py's adapter step on `args`' shapes at full length (max_seq_len tokens, no padding) for each micro-batch
     size: tokens/s, MFU, peak memory, the planner's prediction; then which SDPA kernels ran."""
+    from tools.plan import plan_memory  # the planner imports this file's helpers
     trainer = Trainer(args, "adapter", device, dtype)
     length = args.max_seq_len
     flops = adapter_step_flops(args, length, scored_per_sequence(length)) / length  # per token
@@ -612,145 +515,10 @@ def gpu_section(results):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The planner's check: train.py on this CPU, 1 process, DDP over 2 and FSDP over 2
-
-def write_tokenizer(path):
-    """A small BPE SentencePiece model (LLaMA's ids: unk 0, BOS 1, EOS 2) in which each lone letter is one piece."""
-    import sentencepiece
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    text = [lladapter.PROMPT_WITH_INPUT, lladapter.PROMPT_NO_INPUT] * 20 + [" ".join(letters)] * 200
-    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(path.with_suffix("")),
-                                             model_type="bpe", vocab_size=200, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-                                             minloglevel=2)
-    return lladapter.Tokenizer(path)
-
-
-def fixed_length_records(tokenizer, n, length, seed=0):
-    """n Alpaca records of exactly `length` tokens each ([BOS] + prompt + response + [EOS]), about a third prompt."""
-    rng = random.Random(seed)
-
-    def words(k):  # k lone letters: k tokens
-        return " ".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(k))
-
-    template = len(tokenizer.encode(lladapter.format_prompt(""), bos=True, eos=False))
-    records = []
-    for _ in range(n):
-        instruction = words(max(1, length // 3 - template))
-        prompt = lladapter.format_prompt(instruction)
-        k = length - len(tokenizer.encode(prompt, bos=True, eos=True))  # one token per lone letter
-        output = " " + words(k)
-        got = len(tokenizer.encode(prompt + output, bos=True, eos=True))
-        if got != length:
-            raise RuntimeError(f"a record of {got} tokens, not {length}: the tokenizer split a letter")
-        records.append({"instruction": instruction, "input": "", "output": output})
-    return records
-
-
-def write_checkpoint(args, ckpt_dir, n_shards):
-    """A random base in Meta's layout (fp16, as Meta's files are), split into model-parallel shards as Meta's are."""
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs(**{**vars(args), "adapter_layer": 0}))
-    ckpt_dir.mkdir(parents=True)
-    state = {k: v.half() for k, v in model.state_dict().items()}
-    for rank in range(n_shards):
-        shard = {}
-        for key, tensor in state.items():
-            split = checkpoint.MODEL_PARALLEL_DIM.get(key.split(".")[-2])
-            shard[key] = tensor.clone() if split is None else tensor.chunk(n_shards, dim=split)[rank].clone()
-        torch.save(shard, ckpt_dir / f"consolidated.{rank:02d}.pth")
-    params = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps", "vocab_size")}
-    (ckpt_dir / "params.json").write_text(jsonlib.dumps(params))
-
-
-def train_figures(out):
-    """The figures a train.py run wrote to out/summary.json: peak memory at the end and after loading (MiB above
-    python and torch), and the seconds of each optimizer step."""
-    summary = jsonlib.loads((out / "summary.json").read_text())
-    start = summary["peak_memory_mib"] - summary["above_start_mib"]
-    return {"peak_above_mib": summary["above_start_mib"], "load_above_mib": summary["load_peak_mib"] - start,
-            "step_seconds": summary["step_seconds"]}
-
-
-def run_train(tmp, args, world, fsdp, ckpt, mb, length, n_steps, out):
-    """train.py as a user runs it (torchrun with gloo for 2 processes), 1 thread per process; its printed figures."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] if world > 1 else []
-    cmd = [sys.executable, *launcher, "train.py", f"--ckpt_dir={ckpt}", f"--tokenizer_path={tmp / 'tokenizer.model'}",
-           f"--data_path={tmp / 'data.json'}", f"--out_dir={tmp / out}", f"--adapter_layer={args.adapter_layer}",
-           f"--adapter_len={args.adapter_len}", f"--max_seq_len={length + 1}", f"--batch_size={2 * mb}",
-           f"--micro_batch_size={mb}", "--epochs=1", "--val_fraction=0", "--log_interval=1", f"--stop_after={n_steps}",
-           *(["--fsdp"] if fsdp else [])]
-    env = {**os.environ, **FIXED_MALLOC, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    measured = train_figures(tmp / out)
-    measured["step_s"] = statistics.mean(measured["step_seconds"][1:])  # after the first step
-    return measured
-
-
-def check_plan(small, log=print):
-    """The planner against the real train.py on this CPU (fp32, the base's dtype here): peak memory above python
-    and torch, as train.py reports it, in 1 process, DDP over 2 and FSDP over 2 (gloo).
-
-    The planner counts tensors. A process also holds what torch loads on first use (its Python modules for
-    meta-device building, kernels' code), the tokenizer and the data: that floor is measured by the same run on a
-    negligible model (dim 64, 1 layer, vocabulary 512), less the planner's figure for that model, and added."""
-    if small:  # tiny layers, LLaMA's vocabulary: the output head and the logits carry the memory
-        args = ModelArgs(dim=128, n_layers=2, n_heads=4, vocab_size=32000, adapter_layer=2, adapter_len=10)
-        mb, length, n_steps = 2, 128, 3
-    else:  # the CPU section's mid-size model
-        args = ModelArgs(dim=512, n_layers=8, n_heads=8, vocab_size=32000, adapter_layer=7, adapter_len=10)
-        mb, length, n_steps = 4, 256, 5
-    args.max_seq_len = length + 1
-    negligible = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=512, adapter_layer=1, adapter_len=10,
-                           max_seq_len=length + 1)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        tokenizer = write_tokenizer(tmp / "tokenizer.model")
-        records = fixed_length_records(tokenizer, 2 * mb * (n_steps + 1), length + 1)
-        (tmp / "data.json").write_text(jsonlib.dumps(records))
-        scored = sum(label != lladapter.IGNORE_INDEX for label in lladapter.encode_example(
-            tokenizer, records[0]["instruction"], "", records[0]["output"], length + 1)[1])
-        write_checkpoint(negligible, tmp / "negligible", 1)
-        write_checkpoint(args, tmp / "ckpt1", 1)
-        write_checkpoint(args, tmp / "ckpt2", 2)  # FSDP loads 2 model-parallel shards, as 13B's are
-        floor_run = run_train(tmp, negligible, 1, False, tmp / "negligible", mb, length, n_steps, "floor")
-        floor = floor_run["peak_above_mib"] - plan_memory(negligible, "1 GPU", 1, mb, length, scored,
-                                                          torch.float32)["total"] / 2**20
-        log(f"planner check: train.py on this CPU ({cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}); "
-            f"dim {args.dim}, {args.n_layers} layers, vocab {args.vocab_size}, adapter on the top {args.adapter_layer} "
-            f"(K=10), fp32; micro-batch {mb} x {length} tokens ({scored} scored each), {n_steps} steps")
-        log(f"MiB above python and torch; floor (torch's lazily loaded modules and code, tokenizer, data) "
-            f"{floor:.0f} MiB, measured on a negligible model")
-        log(f"{'run':10} {'planner':>8} {'+ floor':>8} {'measured':>9} {'error':>7}   {'load peak':>9}  {'s/step':>6}")
-        rows = []
-        for label, world, fsdp in (("1 process", 1, False), ("DDP 2", 2, False), ("FSDP 2", 2, True)):
-            measured = run_train(tmp, args, world, fsdp, tmp / ("ckpt2" if fsdp else "ckpt1"), mb, length, n_steps,
-                                 label.replace(" ", "_"))
-            parallel = "FSDP" if fsdp else "DDP" if world > 1 else "1 GPU"
-            terms = {k: v / 2**20 for k, v in plan_memory(args, parallel, world, mb, length, scored,
-                                                          torch.float32).items()}
-            predicted = terms["total"] + floor
-            row = {"run": label, "planner_mib": terms["total"], "predicted_mib": predicted,
-                   "measured_mib": measured["peak_above_mib"], "error": predicted / measured["peak_above_mib"] - 1,
-                   "load_peak_mib": measured["load_above_mib"], "step_s": measured["step_s"], "terms_mib": terms}
-            rows.append(row)
-            log(f"{label:10} {terms['total']:8.0f} {predicted:8.0f} {row['measured_mib']:9.0f} "
-                f"{100 * row['error']:+6.1f}%   {row['load_peak_mib']:9.0f}  {row['step_s']:6.2f}")
-    by = {r["run"]: r for r in rows}
-    summary = {"floor_mib": floor, "rows": rows, "within_15_percent": all(abs(r["error"]) <= 0.15 for r in rows),
-               "fsdp_over_ddp_step_time": by["FSDP 2"]["step_s"] / by["DDP 2"]["step_s"],
-               "fsdp_over_one_load_peak": by["FSDP 2"]["load_peak_mib"] / by["1 process"]["load_peak_mib"]}
-    log(f"prediction within 15% of the measurement in every run: {'yes' if summary['within_15_percent'] else 'NO'}; "
-        f"step time FSDP 2 / DDP 2: {summary['fsdp_over_ddp_step_time']:.2f}x (one run after the other, on a shared "
-        f"machine); loading peak FSDP 2 / 1 process: {summary['fsdp_over_one_load_peak']:.2f}x")
-    return summary
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The table of targets, and the command line
 
 def table(results):
+    from tools.plan import CONTEXT_GIB  # the planner imports this file's helpers
     rows = []
     if "cpu_time_ratio" in results:
         rows += [("cpu adapter / full step time", f"{results['cpu_time_ratio']:.2f}x", "<= 0.70x",
@@ -762,6 +530,17 @@ def table(results):
         for row in results["cpu_generation"]:
             rows.append((f"cpu generation speedup from the cache, batch {row['batch']}", f"{row['speedup']:.1f}x",
                          ">= 5x", row["speedup"] >= 5))
+        options = results["cpu_memory_options"]
+        peaks = options["peak_above_torch_mib"]
+        rows += [("cpu int8 / fp32 base's matrices, bytes", f"{options['int8_over_fp32_matrix_bytes']:.2f}x", "<= 0.30x",
+                  options["int8_over_fp32_matrix_bytes"] <= 0.3),
+                 ("cpu int8 / fp32 whole base, bytes (embeddings fp32)", f"{options['int8_over_fp32_base_bytes']:.2f}x",
+                  "", True),
+                 ("cpu decoding batch 1, int8 / fp32 tokens/s", f"{options['decode_tokens_per_s']['int8'] / options['decode_tokens_per_s']['fp32']:.2f}x", "", True),
+                 ("cpu adapter step, checkpointing / plain time", f"{options['checkpointing_over_plain_step_time']:.2f}x",
+                  "", True)]
+        rows += [(f"cpu peak memory, {name} / none", f"{peaks[name] / peaks['none']:.2f}x", "", True)
+                 for name in peaks if name != "none"]
         if "compiled_over_eager" in results["cpu_decoding"]:
             rows.append(("cpu decoding per token, tiny model: compiled / eager",
                          f"{results['cpu_decoding']['compiled_over_eager']:.2f}x", "", True))
@@ -794,26 +573,21 @@ def main(argv):
         return
     results = {"torch": torch.__version__, "cpu": f"{cpu_name()}, {os.cpu_count()} cores", "quick": quick}
     print(f"torch {torch.__version__} | {results['cpu']} | {torch.get_num_threads()} threads"
-          + (" | QUICK: tiny shapes" + ("" if plan else ", not a measurement") if quick else ""), flush=True)
-    if plan:
-        results["plan"] = plan_table()
-        if plan_check:
-            print()
-            results["plan_check"] = check_plan(small=quick)
-    else:
-        cpu_training(argv, results)
-        model = random_model(mid_args(), torch.device("cpu"), torch.float32)
-        open_gates(model)
-        results["cpu_generation"] = [cache_against_recompute(model, bsz) for bsz in (1, 8)]
-        del model
-        results["cpu_decoding"] = decode_overhead(decode_tokens, compile_decode)
-        if torch.cuda.is_available() or quick:
-            gpu_section(results)
-        rows = table(results)
-        print_table(rows)
-        if "gpu" not in results:
-            print("gpu: no CUDA device here; the GPU section did not run")
-        results["targets"] = [{"measure": r[0], "value": r[1], "target": r[2], "met": bool(r[3])} for r in rows if r[2]]
+          + (" | QUICK: tiny shapes, not a measurement" if quick else ""), flush=True)
+    cpu_training(argv, results)
+    model = random_model(mid_args(), torch.device("cpu"), torch.float32)
+    open_gates(model)
+    results["cpu_generation"] = [cache_against_recompute(model, bsz) for bsz in (1, 8)]
+    del model
+    results["cpu_decoding"] = decode_overhead(decode_tokens, compile_decode)
+    results["cpu_memory_options"] = memory_options(argv)
+    if torch.cuda.is_available() or quick:
+        gpu_section(results)
+    rows = table(results)
+    print_table(rows)
+    if "gpu" not in results:
+        print("gpu: no CUDA device here; the GPU section did not run")
+    results["targets"] = [{"measure": r[0], "value": r[1], "target": r[2], "met": bool(r[3])} for r in rows if r[2]]
     if json:
         Path(json).write_text(jsonlib.dumps(results, indent=2))
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tools import bench
+from tools import bench, plan
 import checkpoint
 import lladapter
 from lladapter import ModelArgs
@@ -178,9 +178,9 @@ def adapter_step(ctx):
     best = max(measured, key=lambda r: r["tokens_per_s"]) if measured else None
     judged = not ctx.quick
     rows.append(row("7B-shaped adapter step fits a 24 GB card (micro-batch 1)",
-                    f"{first['reserved_gib']:.1f} GiB reserved + {bench.CONTEXT_GIB} GiB context <= 24 GiB"
+                    f"{first['reserved_gib']:.1f} GiB reserved + {plan.CONTEXT_GIB} GiB context <= 24 GiB"
                     if "reserved_gib" in first else "not judged on a CPU",
-                    first.get("reserved_gib", 99) + bench.CONTEXT_GIB <= 24 if judged else None))
+                    first.get("reserved_gib", 99) + plan.CONTEXT_GIB <= 24 if judged else None))
     rows.append(row("7B-shaped adapter step MFU >= 45% (best micro-batch)",
                     f"{100 * best['mfu']:.1f}% at micro-batch {best['micro_batch']} (peak {ctx.peak} TFLOPS"
                     f"{'; ' + ctx.note if ctx.note else ''})" if best else "nothing measured",
