@@ -115,15 +115,38 @@ def zip_problem(path, verify) -> str:
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary name, flushed to disk, then renamed: a crash never leaves a half-written file."""
+    """torch.save (or, for bytes, the bytes) to a temporary name, flushed to disk, then renamed: a crash never leaves
+    a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+PARAMS_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+                 "norm_eps", "rope_theta", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                 "rope_original_max_position", "tie_word_embeddings")
+
+
+def save_meta_checkpoint(model, ckpt_dir, tokenizer=None, n_shards=1, dtype=None):
+    """The model's weights in Meta's layout, which load_llama reads back: params.json, consolidated.NN.pth (split
+    into n_shards model-parallel shards the way LLaMA-1 and 2 are), and the tokenizer's file; each written atomically.
+    Used for the walkthrough's base, train.py --mode=full's result and the tools' random bases."""
+    ckpt_dir = Path(ckpt_dir)
+    state = {k: v.detach().to(dtype or v.dtype).cpu() for k, v in model.state_dict().items()}
+    for rank in range(n_shards):
+        split = {k: MODEL_PARALLEL_DIM.get(k.split(".")[-2]) if n_shards > 1 else None for k in state}
+        atomic_save({k: v if split[k] is None else v.chunk(n_shards, dim=split[k])[rank].clone()
+                     for k, v in state.items()}, ckpt_dir / f"consolidated.{rank:02d}.pth")
+    atomic_save(json.dumps({k: getattr(model.args, k) for k in PARAMS_FIELDS}, indent=1).encode(), ckpt_dir / "params.json")
+    if isinstance(tokenizer, Tokenizer):
+        atomic_save(tokenizer.sp.serialized_model_proto(), ckpt_dir / "tokenizer.model")
+    elif tokenizer is not None:  # Llama 3's, as it was read
+        atomic_save(Path(tokenizer.path).read_bytes(), ckpt_dir / Path(tokenizer.path).name)
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

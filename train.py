@@ -20,7 +20,6 @@ import io
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -352,17 +351,7 @@ def save_checkpoint(step):
     if mode == "adapter":
         checkpoint.save_adapter(raw_model, out / "adapter.pth")
     else:  # the whole fine-tuned model in Meta's layout, loadable with --ckpt_dir=out_dir
-        checkpoint.atomic_save(raw_model.state_dict(), out / "consolidated.00.pth")
-        a = raw_model.args
-        params = {k: getattr(a, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                                             "ffn_dim_multiplier", "norm_eps", "rope_theta", "rope_scaling_factor",
-                                             "rope_low_freq_factor", "rope_high_freq_factor",
-                                             "rope_original_max_position", "tie_word_embeddings")}
-        (out / "params.json").write_text(json.dumps(params, indent=1))
-        if hasattr(tokenizer, "sp"):
-            (out / "tokenizer.model").write_bytes(tokenizer.sp.serialized_model_proto())
-        else:  # Llama 3's, as it was read
-            shutil.copy(tokenizer.path, out / tokenizer.path.name)
+        checkpoint.save_meta_checkpoint(raw_model, out, tokenizer)
     checkpoint.atomic_save({"step": step, "settings": settings, "optimizer": optimizer.state_dict(),
                             "scaler": scaler.state_dict(),
                            "trainable": {n: p.detach().cpu() for n, p in trainable.items()},

@@ -283,17 +283,8 @@ def fixed_length_records(tokenizer, n, length, seed=0):
 def write_checkpoint(args, ckpt_dir, n_shards):
     """A random base in Meta's layout (fp16, as Meta's files are), split into model-parallel shards as Meta's are."""
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(**{**vars(args), "adapter_layer": 0}))
-    ckpt_dir.mkdir(parents=True)
-    state = {k: v.half() for k, v in model.state_dict().items()}
-    for rank in range(n_shards):
-        shard = {}
-        for key, tensor in state.items():
-            split = checkpoint.MODEL_PARALLEL_DIM.get(key.split(".")[-2])
-            shard[key] = tensor.clone() if split is None else tensor.chunk(n_shards, dim=split)[rank].clone()
-        torch.save(shard, ckpt_dir / f"consolidated.{rank:02d}.pth")
-    params = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps", "vocab_size")}
-    (ckpt_dir / "params.json").write_text(jsonlib.dumps(params))
+    checkpoint.save_meta_checkpoint(Transformer(ModelArgs(**{**vars(args), "adapter_layer": 0})), ckpt_dir,
+                                    n_shards=n_shards, dtype=torch.float16)
 
 
 def train_figures(out):

@@ -20,7 +20,7 @@ import sentencepiece
 import torch
 import torch.nn.functional as F
 
-from checkpoint import atomic_save
+from checkpoint import save_meta_checkpoint
 from lladapter import (PROMPT_NO_INPUT, PROMPT_WITH_INPUT, ModelArgs, Tokenizer, Transformer, format_prompt,
                        gates_closed, generate)
 
@@ -129,7 +129,7 @@ def paths(out_dir) -> dict:
 
 def prepare(out_dir, smoke: bool) -> dict:
     """Make the data, the tokenizer and the pretrained base (or reuse them when there); returns paths(out_dir)."""
-    out, found = Path(out_dir), paths(out_dir)
+    found = paths(out_dir)
     base = Path(found["ckpt_dir"])
     made = [base / "consolidated.00.pth", base / "params.json", base / "tokenizer.model",
             Path(found["data_path"]), Path(found["heldout_path"])]
@@ -177,8 +177,7 @@ def prepare(out_dir, smoke: bool) -> dict:
     print(f"walkthrough: pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter LLaMA "
           f"(dim {args.dim}, {args.n_layers} layers) for {cfg['steps']} steps, every weight trainable")
     pretrain(model, tokenizer, docs, cfg, generator)
-    atomic_save(model.state_dict(), base / "consolidated.00.pth")
-    (base / "params.json").write_text(json.dumps({**BASE_ARGS, "vocab_size": tokenizer.n_words}, indent=1))
+    save_meta_checkpoint(model, base)  # beside the tokenizer.model trained above
     print(f"walkthrough: saved the base model to {base}")
     return found
 
