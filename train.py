@@ -6,12 +6,14 @@ Fine-tune LLaMA-Adapter on Alpaca-format instructions, with the paper's recipe (
     torchrun --nproc_per_node 8 train.py --ckpt_dir=llama/7B --data_path=alpaca_data.json
     torchrun --nproc_per_node 8 train.py --ckpt_dir=llama/65B --data_path=alpaca_data.json --fsdp   # sharded base
     python train.py --ckpt_dir=llama/7B --data_path=alpaca_data.json --resume      # continue a stopped run
+    python train.py --ckpt_dir=Llama-3.1-8B --data_path=alpaca_data.json --quantize=int8 \
+        --activation_checkpointing --loss_chunk=256                               # a 12-16 GB card
 
 Every setting below can be overridden as --key=value or --key value; --help lists them. The effective batch
 (batch_size) holds at any number of processes: each process runs micro-batches and accumulates gradients until the
-global batch is done. ckpt_dir may hold Meta's layout or Hugging Face's (config.json + safetensors).
-Writes out_dir/adapter.pth (the adapter alone, fp32, ~4.7 MiB at 7B), out_dir/train_state.pth (what --resume
-needs) and out_dir/log.jsonl (one line per optimizer step).
+global batch is done. ckpt_dir may hold Meta's layout or Hugging Face's (config.json + safetensors), LLaMA-1, 2 or
+Llama 3.x. Writes out_dir/adapter.pth (the adapter alone, fp32, ~4.7 MiB at 7B), out_dir/train_state.pth (what
+--resume needs), out_dir/log.jsonl (one line per optimizer step) and out_dir/summary.json (the run's figures).
 """
 import contextlib
 import functools

@@ -165,7 +165,7 @@ def test_planner_check_at_tiny_shapes_agrees_with_train_py_within_10_percent(tmp
     for model in plan.CARD_TABLE:  # each option lets at least as many sequences train on every card
         for gb in map(str, plan.CARD_TABLE_GB):
             assert cards[(model, "bf16")][gb] <= cards[(model, "int8")][gb] <= cards[(model, "int8+ckpt+chunk")][gb]
-    assert cards[("Llama-3.1-8B", "int8+ckpt+chunk")]["12"] >= 4, "issue 19's target: 8B at micro-batch 4 on 12 GB"
+    assert cards[("Llama-3.1-8B", "int8+ckpt+chunk")]["12"] >= 4, "the target: Llama-3.1-8B at micro-batch 4 on a 12 GB card"
     generation = {(r["model"], r["base"]): r for r in found["generation"]}
     assert generation[("LLaMA-7B", "int8")]["gib"]["32"] < generation[("LLaMA-7B", "bf16")]["gib"]["32"]
     check = found["plan_check"]

@@ -250,12 +250,10 @@ def plan_table(micro_batches=(1, 4), length=512, world=8, log=print):
 
 def write_tokenizer(path):
     """A small BPE SentencePiece model (LLaMA's ids: unk 0, BOS 1, EOS 2) in which each lone letter is one piece."""
-    import sentencepiece
+    from walkthrough.world import train_tokenizer
     letters = "abcdefghijklmnopqrstuvwxyz"
     text = [lladapter.PROMPT_WITH_INPUT, lladapter.PROMPT_NO_INPUT] * 20 + [" ".join(letters)] * 200
-    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(path.with_suffix("")),
-                                             model_type="bpe", vocab_size=200, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-                                             minloglevel=2)
+    train_tokenizer(text, path.with_suffix(""), 200)
     return lladapter.Tokenizer(path)
 
 
@@ -297,9 +295,14 @@ def train_figures(out):
 
 
 def run_train(tmp, args, world, fsdp, ckpt, mb, length, n_steps, out, options=()):
-    """train.py as a user runs it (torchrun with gloo for 2 processes), 1 thread per process; its printed figures."""
+    """train.py as a user runs it (torchrun with gloo for 2 processes), 1 thread per process; the figures of the
+    summary.json it writes."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] if world > 1 else []
-    cmd = [sys.executable, *launcher, "train.py", f"--ckpt_dir={ckpt}", f"--tokenizer_path={tmp / 'tokenizer.model'}",
+    # Started from a small process of its own: on Linux a new process's peak resident size (what train.py reports,
+    # getrusage's ru_maxrss) starts at the size of the process that started it, and this one holds the planner's models.
+    small_parent = [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"]
+    cmd = [*small_parent, sys.executable, *launcher, "train.py", f"--ckpt_dir={ckpt}",
+           f"--tokenizer_path={tmp / 'tokenizer.model'}",
            f"--data_path={tmp / 'data.json'}", f"--out_dir={tmp / out}", f"--adapter_layer={args.adapter_layer}",
            f"--adapter_len={args.adapter_len}", f"--max_seq_len={length + 1}", f"--batch_size={2 * mb}",
            f"--micro_batch_size={mb}", "--epochs=1", "--val_fraction=0", "--log_interval=1", f"--stop_after={n_steps}",

@@ -120,6 +120,13 @@ def pretrain(model, tokenizer, docs, cfg, generator):
                   f"({time.time() - start:.0f} s)")
 
 
+def train_tokenizer(sentences, model_prefix, vocab_size, **options):
+    """A BPE SentencePiece model with LLaMA's special ids (unk 0, BOS 1, EOS 2, no pad): model_prefix.model."""
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_prefix=str(model_prefix),
+                                             model_type="bpe", vocab_size=vocab_size, unk_id=0, bos_id=1, eos_id=2,
+                                             pad_id=-1, minloglevel=2, **options)
+
+
 def paths(out_dir) -> dict:
     """Where the walkthrough keeps its base model, data and adapter (what train.py and generate.py read)."""
     out = Path(out_dir)
@@ -158,11 +165,8 @@ def prepare(out_dir, smoke: bool) -> dict:
     # It learns from the corpus and the two templates (standing in for the English a real tokenizer knows), not
     # from the instructions: those would give the names of the adapter's creatures pieces of their own.
     templates = [PROMPT_WITH_INPUT.format(instruction="", input=""), PROMPT_NO_INPUT.format(instruction="")]
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(docs + templates * 100),
-        model_prefix=str(base / "tokenizer"), model_type="bpe", vocab_size=cfg["vocab_size"], character_coverage=1.0,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, user_defined_symbols=["\n"],
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    train_tokenizer(docs + templates * 100, base / "tokenizer", cfg["vocab_size"], character_coverage=1.0,
+                    normalization_rule_name="identity", remove_extra_whitespaces=False, user_defined_symbols=["\n"])
     (base / "tokenizer.vocab").unlink()
     tokenizer = Tokenizer(base / "tokenizer.model")
 
