@@ -260,7 +260,8 @@ def run_one(job):
     steps_per_epoch = round(1 / records[0]["epoch"])
     after_epoch = [r["loss"] for r in records if r["step"] == steps_per_epoch + 1]  # after one epoch of updates
     lladapter.mark_only_adapter_trainable(model)
-    result = {**job, "docs": None, "n_docs": len(job["docs"]), "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    result = {**job, "docs": None, "n_docs": len(job["docs"]),
+              "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "loss_at_0": records[0]["loss"], "loss_after_epoch_1": after_epoch[0] if after_epoch else None,
             "val_loss": next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None),
             **end, "at_0": at_0, "at_steps": at_steps, "total_steps": summary["total_steps"],
@@ -299,7 +300,8 @@ def table(rows, budgets):
         for budget in budgets:
             r = row[budget]
             cells += [fmt(r.get("val_loss"), "loss"), fmt(r["exact_match"], "percent"),
-                      f"{fmt(r['qa_exact_match'], 'percent')} ({fmt(r['qa_names_value'], 'percent')})", fmt(r["kl"], "kl")]
+                      f"{fmt(r['qa_exact_match'], 'percent')} ({fmt(r['qa_names_value'], 'percent')})",
+                      fmt(r["kl"], "kl")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -322,7 +324,8 @@ def curve_table(runs, what, kind):
     """Markdown: one line per run {name: result}, one column per probed step."""
     steps = [step for step, _ in curve(next(iter(runs.values())))]
     lines = ["| variant | " + " | ".join(f"step {step}" for step in steps) + " |", "|---|" + "---:|" * len(steps)]
-    return lines + [f"| {name} | " + " | ".join(fmt(p[what], kind) for _, p in curve(r)) + " |" for name, r in runs.items()]
+    return lines + [f"| {name} | " + " | ".join(fmt(p[what], kind) for _, p in curve(r)) + " |"
+                    for name, r in runs.items()]
 
 
 def text_chart(series, x_max, lo, hi, log=False, width=64, height=12):
@@ -474,7 +477,8 @@ def main():
         budgets = {"short": dict(epochs=s["short_epochs"], warmup_epochs=s["short_warmup_epochs"]), **budgets}
     seed_list = [0]  # train.py's own default seed
     if s["seeds"] > 1:  # the seed study: the gate variants at the full budget
-        configs, budgets, seed_list = [c for c in configs if c[1] == "gate"], {"full": budgets["full"]}, range(s["seeds"])
+        configs, budgets = [c for c in configs if c[1] == "gate"], {"full": budgets["full"]}
+        seed_list = range(s["seeds"])
     probe_steps = QUICK_PROBE_STEPS if s["quick"] else PROBE_STEPS
     jobs = [dict(name=name, budget=budget, seed=seed, found=found, docs=docs,
                  run_dir=str(out / name / budget if seed == 0 else out / "seeds" / f"seed{seed}" / name),
@@ -527,11 +531,10 @@ def check_step_0(results):
     base = results["base", "full", 0]["at_0"]
     for (name, budget, seed), r in results.items():
         if name != "base" and r["train_settings"].get("variant", ":zero_init").endswith(":zero_init"):
-            ok = r["at_0"]["kl"] == 0.0 and r["at_0"]["qa_answers"] == base["qa_answers"]
-            if not ok:
-                sys.exit(f"error: {name} ({budget}, seed {seed}) at step 0: KL from "
-                         f"the base {r['at_0']['kl']!r}, {sum(a != b for a, b in zip(r['at_0']['qa_answers'], base['qa_answers']))} "
-                         f"of the base's answers changed; with its gates at 0 it must be exactly the base (Eq. 7)")
+            changed = sum(a != b for a, b in zip(r["at_0"]["qa_answers"], base["qa_answers"]))
+            if r["at_0"]["kl"] != 0.0 or changed:
+                sys.exit(f"error: {name} ({budget}, seed {seed}) at step 0: KL from the base {r['at_0']['kl']!r}, "
+                         f"{changed} of the base's answers changed; with its gates at 0 it must be exactly the base (Eq. 7)")
 
 
 def report(results, configs, budgets, s, walk_settings, found, out):
@@ -563,10 +566,12 @@ def report(results, configs, budgets, s, walk_settings, found, out):
                  f"own {len(base['at_0']['qa_answers'])} "
                  f"pretraining questions ([BOS] \"Q: ...\\nA:\", every creature and attribute) with the adapter "
                  f"attached, the share that name the right value in brackets; KL is KL(base || adapted) in nats per "
-                 f"predicted token over the base's {base['n_docs']} pretraining documents ([BOS] document [EOS]). At step 0 every "
+                 f"predicted token over the base's {base['n_docs']} pretraining documents ([BOS] document [EOS]). "
+                 f"At step 0 every "
                  f"zero_init run is checked to be exactly the base: KL 0, the base's own answers.")
     gate_runs = {name: results[name, "full"] for name in VARIANTS}
-    curves = [f"The gate variants' full runs, probed on the way ({what}):\n\n" + "\n".join(curve_table(gate_runs, key, kind))
+    curves = [f"The gate variants' full runs, probed on the way ({what}):\n\n" +
+              "\n".join(curve_table(gate_runs, key, kind))
               for what, key, kind in [("held-out exact match", "exact_match", "percent"),
                                       ("base Q/A exact match", "qa_exact_match", "percent"), ("KL", "kl", "kl")]]
     markdown = table(rows, labels)
@@ -597,7 +602,8 @@ def report(results, configs, budgets, s, walk_settings, found, out):
         "settings": s, "walkthrough_settings": walk_settings, "budgets": budgets,
         "rows": [{"group": r["group"], "variant": r["label"], **{b: kept(r[b]) for b in budgets}} for r in rows],
         "curves": {"loss": losses, "zero_init_gates": gates,
-                   "probes": {name: [{"step": step, **kept(p)} for step, p in curve(r)] for name, r in gate_runs.items()}}},
+                   "probes": {name: [{"step": step, **kept(p)} for step, p in curve(r)]
+                              for name, r in gate_runs.items()}}},
         indent=1))
     print(f"\nwrote {out / 'ablations.md'}, {out / 'ablations.json'} and {out / 'ablations.svg'}")
 
