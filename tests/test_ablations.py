@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import checkpoint
 import lladapter
 
-from walkthrough.ablations import VARIANTS
+from walkthrough.ablations import VARIANTS, base_qa, base_questions, kl_from_base
 from test_lladapter import ROOT, DEVICE, tiny_model, base_copy, tokens, cached_logits, eq7_reference
 
 # ---- the paper's ablations in miniature (walkthrough/ablations.py) -----------------------------------------
@@ -128,6 +128,43 @@ def test_prefix_variant_decodes_through_the_kv_cache_to_its_full_forward(n_kv_he
     assert out == expected.tolist()
 
 
+# ---- retention: the base's own behaviour with the adapter attached -----------------------------------------
+
+def small_world_docs():
+    from walkthrough import world as wt
+    return wt.corpus_docs(wt.make_world(random.Random(0), 3))
+
+
+def test_base_questions_are_the_corpus_own_q_and_a():
+    from walkthrough import world as wt
+    questions = base_questions(small_world_docs())
+    assert len(questions) == 3 * len(wt.ATTRIBUTES)  # every creature and attribute
+    for question, answer in questions:
+        assert question.startswith("Q: ") and question.endswith("?\nA:") and answer.endswith(".")
+        assert f"{question} {answer}" in small_world_docs()  # prompt + " " + answer is the document itself
+
+
+def test_retention_probes_give_exactly_the_base_numbers_with_gates_closed(spm_tokenizer):
+    # The zero-init property, as the probes see it: with every gate at 0 the adapted model's KL from the base is
+    # exactly 0 and its answers to the base's questions are the base's own, however far the gates had opened.
+    tokenizer = lladapter.Tokenizer(spm_tokenizer)
+    model = tiny_model(open_gates=True, max_seq_len=256)
+    base, docs = base_copy(model), small_world_docs()
+    questions = base_questions(docs)
+    with lladapter.gates_closed(model):
+        assert kl_from_base(model, base, tokenizer, docs) == 0.0
+        assert base_qa(model, tokenizer, questions) == base_qa(base, tokenizer, questions)
+    assert kl_from_base(model, base, tokenizer, docs) > 0  # open gates move it
+
+
+def test_a_variant_that_moves_the_base_at_step_0_has_kl_above_0_and_zero_init_exactly_0(spm_tokenizer):
+    tokenizer, docs = lladapter.Tokenizer(spm_tokenizer), small_world_docs()
+    for name in VARIANTS:
+        model = variant_model(name, max_seq_len=256)
+        kl = kl_from_base(model, base_copy(tiny_model(max_seq_len=256)), tokenizer, docs)
+        assert (kl == 0.0) == (name == "zero_init") and kl >= 0, (name, kl)
+
+
 def test_quick_ablations_run_every_variant_and_write_the_table_and_the_figure(tmp_path):
     result = subprocess.run([sys.executable, "-m", "walkthrough.ablations", "--quick", f"--out_dir={tmp_path / 'abl'}",
                              f"--walkthrough_dir={tmp_path / 'walk'}"], cwd=ROOT, capture_output=True, text=True,
@@ -153,6 +190,26 @@ def test_quick_ablations_run_every_variant_and_write_the_table_and_the_figure(tm
     assert sorted(curves) == sorted(f"loss-{name}" for name in VARIANTS)
     assert len([e for e in svg.iter() if e.get("class") == "gate-curve"]) == 4  # one per adapted layer
     assert "z zero_init" in result.stdout and "wall time" in result.stdout
+    # retention, probed at step 0, on the way and at the end; zero_init starts as exactly the base
+    assert "| base Q/A at step 0 | KL at step 0 |" in markdown and "base Q/A (named), 2 epochs" in markdown
+    assert full["zero_init (the paper)"]["at_0"]["kl"] == 0.0
+    assert full["zero_init (the paper)"]["at_0"]["qa_exact_match"] == full["base model alone"]["qa_exact_match"]
+    assert full["no_gate"]["at_0"]["kl"] > 0 and full["no_gate"]["kl"] > 0
+    probes = json.loads((tmp_path / "abl" / "ablations.json").read_text())["curves"]["probes"]
+    steps = [p["step"] for p in probes["zero_init"]]
+    assert steps[0] == 0 and steps == sorted(steps) and len(steps) > 2  # step 0, the probe steps, the end
+    assert sorted(e.get("id") for e in svg.iter() if e.get("class") == "retention-curve") == \
+        sorted(f"retention-{name}" for name in VARIANTS)
+    # the seed study: seed 0 is the runs above (reused, not trained again), seed 1 is new
+    result = subprocess.run([sys.executable, "-m", "walkthrough.ablations", "--quick", "--seeds=2",
+                             f"--out_dir={tmp_path / 'abl'}", f"--walkthrough_dir={tmp_path / 'walk'}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    study = json.loads((tmp_path / "abl" / "seeds.json").read_text())
+    assert study["seeds"] == [0, 1] and set(study["runs"]) == set(VARIANTS)
+    assert study["runs"]["zero_init"][0]["kl"] == full["zero_init (the paper)"]["kl"]  # seed 0: the same run
+    assert study["runs"]["zero_init"][0]["kl"] != study["runs"]["zero_init"][1]["kl"]  # seed 1: another
+    assert "zero_init better than random_init" in (tmp_path / "abl" / "seeds.md").read_text()
 
 
 def test_ablations_help_lists_the_settings_and_a_wrong_one_is_one_line():
@@ -162,6 +219,11 @@ def test_ablations_help_lists_the_settings_and_a_wrong_one_is_one_line():
     result = subprocess.run([sys.executable, "-m", "walkthrough.ablations", "--epochs=3"], cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode == 1 and result.stderr.startswith("error: unknown argument '--epochs=3'")
+    for wrong in ("--seeds=0", "--seeds=two"):  # refused before anything is built
+        result = subprocess.run([sys.executable, "-m", "walkthrough.ablations", wrong], cwd=ROOT,
+                                capture_output=True, text=True)
+        assert result.returncode == 1 and result.stderr.startswith("error:") and "seeds" in result.stderr, wrong
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 # ---- the walkthrough --------------------------------------------------------------------------------------
