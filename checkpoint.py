@@ -1,5 +1,6 @@
 """
-Reading and writing weights, without running code from any file.
+Reading and writing the files the scripts use, without running code from any of them: weights, tokenizers,
+adapters, and (at the end) the scripts' settings and the user's data.
 
 - Base checkpoints in Meta's layout (params.json, consolidated.NN.pth: one file per model-parallel rank) and in
   Hugging Face's (config.json with model_type "llama", then model.safetensors, model-0000N-of-0000M.safetensors
@@ -7,7 +8,10 @@ Reading and writing weights, without running code from any file.
   unpickler; safetensors files are read here (no dependency): a little-endian u64 header length, a JSON header,
   then raw bytes, memory-mapped so that a 13 GB file is neither copied nor read twice.
 - Every tensor is read lazily, and only the rows asked for: one process of a sharded (FSDP) run reads just its
-  own rows of each weight, and no process ever holds the whole merged model.
+  own rows of each weight, no process ever holds the whole merged model, and an int8 base (quantize.py) is
+  quantized as its rows are read, so the full-precision model never exists in memory.
+- Tokenizers, told apart by their content: SentencePiece (LLaMA-1 and 2), Meta's Llama 3 rank file, or Hugging
+  Face's tokenizer.json; Llama 3's stop ids from generation_config.json.
 - Adapter files: the adapter's fp32 tensors plus "adapter_config" (plain ints: K, L, the image width and the
   base's shape), so `--adapter=` needs no other flag. Files without it (the original export's layout, or ours
   before the config was added) load too: L and K are read off the tensors.
@@ -32,7 +36,7 @@ import numpy as np
 import torch
 
 from lladapter import (BPETokenizer, ModelArgs, Tokenizer, Transformer, adapter_state_dict, adapter_tensors,
-                       is_adapter_key, rope_of)
+                       is_adapter_key, rope_of, set_precision)
 
 
 class InputError(ValueError):
@@ -584,11 +588,7 @@ def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dt
             raise InputError(f"{tensor.where}: {key} has shape {list(tensor.shape)}, {source.name} implies "
                              f"{list(expected[key])}")
 
-    # Base weights in `dtype`, the adapter (absent from a base checkpoint, present in a full fine-tune's) in fp32.
-    model.to(dtype)
-    for name, p in model.named_parameters():
-        if is_adapter_key(name):
-            p.data = p.data.float()
+    set_precision(model, dtype)  # the adapter (absent from a base file, present in a full fine-tune's) in fp32
     if quantize:
         import quantize as quantization  # the reference needs it only here
         quantization.int8_linears(model)

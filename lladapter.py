@@ -358,6 +358,16 @@ def is_adapter_key(name: str) -> bool:
     return name.startswith("adapter_") or name.endswith(".attention.gate")
 
 
+def set_precision(model, dtype):
+    """The one precision rule: the frozen base in `dtype` (bf16 on a GPU), the adapter's tensors in fp32, where
+    small updates don't round away. Returns the model."""
+    model.to(dtype)
+    for name, p in model.named_parameters():
+        if is_adapter_key(name):
+            p.data = p.data.float()
+    return model
+
+
 def mark_only_adapter_trainable(model):
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter_key(name))

@@ -84,11 +84,7 @@ def random_model(args, device, dtype, seed=0):
     # Build on the meta device, give the base `dtype` and the adapter fp32 (as load_llama does), then fill in.
     torch.manual_seed(seed)
     with torch.device("meta"):
-        model = Transformer(args)
-    model.to(dtype)
-    for name, p in model.named_parameters():
-        if lladapter.is_adapter_key(name):
-            p.data = p.data.float()
+        model = lladapter.set_precision(Transformer(args), dtype)
     model.to_empty(device=device)
     with torch.no_grad():
         for p in model.parameters():

@@ -100,10 +100,7 @@ def meta_forward_saved(fields, micro_batch, length, scored, dtype, quantize="", 
     # One forward of the whole model on the meta device, counting what autograd saves (see saved_for_backward)
     args = ModelArgs(**dict(fields))
     with torch.device("meta"):
-        model = Transformer(args)
-    model.to(dtype)  # as load_llama: the base in dtype, the adapter and the rotary table fp32
-    for name, p in model.named_parameters():
-        p.data = p.data.float() if lladapter.is_adapter_key(name) else p.data
+        model = lladapter.set_precision(Transformer(args), dtype)  # as load_llama; the rotary table fp32 below
     if quantize:
         quantization.int8_linears(model)
     model.activation_checkpointing = checkpointing  # then autograd saves nothing inside the adapted blocks
