@@ -622,7 +622,7 @@ def seed_report(results, configs, seed_list, probe_steps, s, out):
                   lambda r: r["exact_match"]),
                  ("base Q/A exact match (end)", "percent", 1, lambda r: r["qa_exact_match"]),
                  ("base Q/A, right value named (end)", "percent", 1, lambda r: r["qa_names_value"]),
-                 ("KL(base || adapted), nats/token (end)", "kl", -1, lambda r: r["kl"])]
+                 ("KL from the base, nats/token (end)", "kl", -1, lambda r: r["kl"])]
     per_seed = ["| variant | seed | " + " | ".join(label for label, *_ in measures) + " |",
                 "|---|---:|" + "---:|" * len(measures)]
     per_seed += [f"| {name} | {seed} | " + " | ".join(fmt(get(runs[name, seed]), kind) for _, kind, _, get in measures)
