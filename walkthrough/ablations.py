@@ -1,7 +1,7 @@
 """
 The paper's ablations in miniature, on the walkthrough's world and base model (walkthrough/world.py).
 
-    python -m walkthrough.ablations            # every variant, for a short and a full budget: 11-15 min on 2 CPU cores
+    python -m walkthrough.ablations            # every variant, a short and a full budget: 11-15 min on 2 cores, before the probes
     python -m walkthrough.ablations --quick    # CI: the smoke walkthrough's base and world, every variant for 2 epochs: 1 min
     python -m walkthrough.ablations --seeds=5  # the gate variants at the full budget over train.py --seed 0..4
 
