@@ -1,7 +1,7 @@
 """
 The paper's ablations in miniature, on the walkthrough's world and base model (walkthrough/world.py).
 
-    python -m walkthrough.ablations            # every variant, for a short and a full budget: 11-15 min on 2 CPU cores
+    python -m walkthrough.ablations            # every variant, a short and a full budget: 11-15 min on 2 cores, before the probes
     python -m walkthrough.ablations --quick    # CI: the smoke walkthrough's base and world, every variant for 2 epochs: 1 min
     python -m walkthrough.ablations --seeds=5  # the gate variants at the full budget over train.py --seed 0..4
 
@@ -622,7 +622,7 @@ def seed_report(results, configs, seed_list, probe_steps, s, out):
                   lambda r: r["exact_match"]),
                  ("base Q/A exact match (end)", "percent", 1, lambda r: r["qa_exact_match"]),
                  ("base Q/A, right value named (end)", "percent", 1, lambda r: r["qa_names_value"]),
-                 ("KL(base || adapted), nats/token (end)", "kl", -1, lambda r: r["kl"])]
+                 ("KL from the base, nats/token (end)", "kl", -1, lambda r: r["kl"])]
     per_seed = ["| variant | seed | " + " | ".join(label for label, *_ in measures) + " |",
                 "|---|---:|" + "---:|" * len(measures)]
     per_seed += [f"| {name} | {seed} | " + " | ".join(fmt(get(runs[name, seed]), kind) for _, kind, _, get in measures)
