@@ -22,6 +22,7 @@ import functools
 import json as jsonlib  # `json` is the --json setting below
 import os
 import platform
+import random
 import re
 import resource
 import statistics
@@ -60,7 +61,7 @@ gpu_micro_batches = "1,2,4,8"  # micro-batch sizes to run at max_seq_len 512
 gpu_peak_tflops = 0.0  # the card's dense 16-bit peak; 0: looked up from its name (GPU_SPECS)
 gpu_bandwidth_tbs = 0.0  # the card's memory bandwidth in TB/s; 0: looked up from its name
 json = ""  # --json=FILE writes the results as JSON
-only = ""  # comma-separated sections to run (training, generation, decoding, memory_options, gpu); empty: all
+only = ""  # comma-separated sections (training, generation, decoding, memory_options, int8_quality, gpu); empty: all
 quick = False  # tiny shapes: a smoke test of this script
 memory_probe = ""  # internal: "adapter" or "full", run in a fresh process to measure its peak memory
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
@@ -337,6 +338,31 @@ def memory_options(argv):
     return row
 
 
+def int8_quality(base_dir="out/walkthrough/base"):
+    """The walkthrough's pretrained base (python train.py makes it) loaded in full precision and as int8: the
+    logits' relative error on its own 900 pretraining documents, and how often the two agree on the top token."""
+    from walkthrough import world
+    if not (ROOT / base_dir).is_dir():
+        print(f"cpu int8 quality: no {base_dir} (run python train.py first); skipped")
+        return None
+    load = functools.partial(checkpoint.load_llama, ROOT / base_dir, device="cpu", adapter_layer=0, max_seq_len=128)
+    (full, tokenizer), (int8, _) = load(), load(quantize="int8")
+    docs = world.corpus_docs(world.make_world(random.Random(world.SEED), world.PRETRAIN["n_creatures"]))
+    errors, agree, positions = [], 0, 0
+    with torch.no_grad():
+        for doc in docs:
+            tokens = torch.tensor([tokenizer.encode(doc, bos=True, eos=True)])
+            a, b = full(tokens), int8(tokens)  # (1, seqlen, vocab)
+            errors.append(((a - b).norm() / a.norm()).item())
+            agree, positions = agree + (a.argmax(-1) == b.argmax(-1)).sum().item(), positions + tokens.numel()
+    row = {"documents": len(docs), "relative_error_mean": statistics.mean(errors), "relative_error_max": max(errors),
+           "top1_agreement": agree / positions}
+    print(f"cpu int8 quality, the walkthrough's base on its {len(docs)} documents: logits' relative error mean "
+          f"{row['relative_error_mean']:.4f} (max {row['relative_error_max']:.4f}), top-1 agreement "
+          f"{100 * row['top1_agreement']:.1f}% of {positions} positions", flush=True)
+    return row
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GPU: the 7B-shaped adapter step and decoding, against the card's peak compute and memory bandwidth
 
@@ -572,7 +598,8 @@ def main(argv):
     results = {"torch": torch.__version__, "cpu": f"{cpu_name()}, {os.cpu_count()} cores", "quick": quick}
     print(f"torch {torch.__version__} | {results['cpu']} | {torch.get_num_threads()} threads"
           + (" | QUICK: tiny shapes, not a measurement" if quick else ""), flush=True)
-    wanted = set(only.split(",")) if only else {"training", "generation", "decoding", "memory_options", "gpu"}
+    wanted = set(only.split(",")) if only else {"training", "generation", "decoding", "memory_options", "int8_quality",
+                                                "gpu"}
     if "training" in wanted:
         cpu_training(argv, results)
     if "generation" in wanted:
@@ -584,6 +611,8 @@ def main(argv):
         results["cpu_decoding"] = decode_overhead(decode_tokens, compile_decode)
     if "memory_options" in wanted:
         results["cpu_memory_options"] = memory_options(argv)
+    if "int8_quality" in wanted and not quick:
+        results["cpu_int8_quality"] = int8_quality()
     if (torch.cuda.is_available() or quick) and "gpu" in wanted:
         gpu_section(results)
     rows = table(results)
