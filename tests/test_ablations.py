@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import checkpoint
 import lladapter
 
+from walkthrough import world
 from walkthrough.ablations import VARIANTS, base_qa, base_questions, kl_from_base
 from test_lladapter import ROOT, DEVICE, tiny_model, base_copy, tokens, cached_logits, eq7_reference
 
@@ -180,8 +181,11 @@ def test_quick_ablations_run_every_variant_and_write_the_table_and_the_figure(tm
     full = {name: row["full"] for name, row in rows.items()}
     assert full["zero_init (the paper)"]["loss_at_0"] == full["base model alone"]["loss_at_0"]  # gates at 0: the base
     assert full["random_init"]["loss_at_0"] != full["base model alone"]["loss_at_0"]
-    # the gates go from the trainable count with no_gate and prefix: 4 layers x 4 heads (the walkthrough's base)
-    assert full["zero_init (the paper)"]["trainable"] - full["no_gate"]["trainable"] == 16
+    # the gates go from the trainable count with no_gate and prefix: as many as the walkthrough's model has
+    model, _ = checkpoint.load_llama(tmp_path / "walk" / "base", device="cpu", adapter_len=world.SETTINGS["adapter_len"],
+                                     adapter_layer=world.SETTINGS["adapter_layer"])
+    n_gates = sum(layer.attention.gate.numel() for layer in model.layers[model.first_adapted:])
+    assert full["zero_init (the paper)"]["trainable"] - full["no_gate"]["trainable"] == n_gates
     assert full["prefix"]["trainable"] == full["no_gate"]["trainable"]
     assert full["L=1"]["trainable"] * 4 == full["L=4 (zero_init)"]["trainable"]
     svg = ET.parse(tmp_path / "abl" / "ablations.svg").getroot()  # well-formed XML
