@@ -98,6 +98,19 @@ def test_fsdp_loads_two_meta_shards_and_its_adapter_to_the_logits_of_one_process
     torch.testing.assert_close(torch.load(tmp_path / "logits.pth"), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_training_gives_the_losses_of_eager_training(task, tmp_path):
+    # --compile compiles each block in place: the same steps, the same losses (up to the fused kernels' rounding),
+    # and an adapter file with the usual names
+    train(task, tmp_path / "eager", "--base_lr=1.0", "--stop_after=3")
+    train(task, tmp_path / "compiled", "--base_lr=1.0", "--stop_after=3", "--compile")
+    eager, compiled = log_of(tmp_path / "eager"), log_of(tmp_path / "compiled")
+    assert [r["step"] for r in compiled] == [r["step"] for r in eager] == [1, 2, 3]
+    for a, b in zip(eager, compiled):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
+    assert adapter_tensors(tmp_path / "compiled" / "adapter.pth").keys() == \
+        adapter_tensors(tmp_path / "eager" / "adapter.pth").keys()
+
+
 def test_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_does(task, tmp_path):
     train(task, tmp_path / "straight", "--base_lr=1.0", "--save_interval=5")
     train(task, tmp_path / "stopped", "--base_lr=1.0", "--save_interval=5", "--stop_after=7")
