@@ -303,7 +303,8 @@ def test_image_input_errors_name_the_record(task, tmp_path):
 
 
 WITHOUT_PROC_OR_RESOURCE = """
-import builtins, runpy, sys
+import builtins, os, runpy, sys
+sys.path.insert(0, os.getcwd())  # the reference's folder, where train.py runs
 sys.modules["resource"] = None  # as on Windows: `import resource` raises ImportError
 real_open = builtins.open
 def guarded_open(file, *args, **kwargs):  # as on macOS and Windows: no /proc
