@@ -1,5 +1,6 @@
 """
-The built-in walkthrough: the paper's story in miniature, on a laptop CPU in a few minutes (4 min 23 s on 2 idle cores of an AMD EPYC).
+The built-in walkthrough: the paper's story in miniature, on a laptop CPU in a few minutes (4 min 23 s on two idle
+cores of an AMD EPYC).
 
 `python train.py` with no arguments runs it. prepare() invents 100 fictional creatures from a fixed seed (a
 color, a home and a food each, 10 options apiece) and pretrains a tiny LLaMA on documents about all of them:
