@@ -2,7 +2,7 @@
 The memory planner: peak GPU memory per process for adapter training and for generation, counted from the
 model's shapes and this code (nothing to download), then checked against train.py's measured peaks on this CPU.
 
-    python -m tools.plan                 # the tables, then the check against train.py (minutes: it runs train.py seven times)
+    python -m tools.plan                 # the tables, then the check against train.py (minutes: it runs train.py several times)
     python -m tools.plan --quick         # the tables, and the check at tiny shapes (CI, ~1 min)
     python -m tools.plan --check=false   # the tables alone, in seconds
     python -m tools.plan --json=plan.json
