@@ -112,7 +112,10 @@ def test_planner_counts_an_int8_base_by_dtype_and_a_tied_head_once():
         p.numel() for n, p in bf16.items() if n not in matrices)  # int8 + fp32 scale per row; the rest bf16
     terms = plan.plan_memory(args, "1 GPU", 1, 1, 512, 512, torch.bfloat16, quantize="int8", tied=True)
     assert terms["weights"] == expected  # an int8 head is a copy of the tied embeddings, which stay bf16
-    assert terms["dequantized"] == 2 * max(int8[n].numel() for n in matrices)  # one matrix cast at a time
+    largest = 2 * max(int8[n].numel() for n in matrices)  # one matrix cast to bf16 at a time
+    assert terms["largest_dequantized"] == largest
+    # the head's copy lives beside one fp32 logits tensor, in place of the other two of the logits' peak
+    assert terms["dequantized"] == max(0, largest - 2 * 4 * 512 * args.vocab_size)
     tied = plan.plan_memory(args, "1 GPU", 1, 1, 512, 512, torch.bfloat16, tied=True)
     assert tied["weights"] == 2 * sum(p.numel() for n, p in bf16.items() if n != "output.weight")
     chunked = plan.plan_memory(args, "1 GPU", 1, 2, 512, 512, torch.bfloat16, chunk=256)

@@ -190,8 +190,6 @@ def plan_memory(args, parallel, world, micro_batch, length, scored, dtype, gathe
         terms["weights"] = dtype.itemsize * (shard + root + gathered_blocks * block)
     else:
         terms["weights"] = sum(itemsize[name] * math.prod(shape) for name, shape in base.items())  # all of it
-    # int8: each matmul casts its int8 matrix to the activation dtype for the time it runs: the largest, at most, at once
-    terms["dequantized"] = max(math.prod(s) for n, s in base.items() if itemsize[n] == 1) * dtype.itemsize if quantize else 0
     # fp32 prompts and gates, their gradients, AdamW's two moments; DDP also keeps a bucket of gradients
     terms["adapter"] = n_adapter * (4 + 4 + 8 + (4 if parallel == "DDP" else 0))
     activations, n_logits = saved_for_backward(args, micro_batch, length, scored, dtype, quantize, checkpointing)
@@ -200,9 +198,15 @@ def plan_memory(args, parallel, world, micro_batch, length, scored, dtype, gathe
     # gradient beside them: three (scored positions, vocab_size) fp32 tensors at once (forward holds two at most).
     # Chunked: those of one chunk, recomputed in backward, and the final norm's output at every scored position.
     n_scored = micro_batch * scored
-    terms["logits"] = 3 * 4 * n_logits if not chunk else \
-        3 * 4 * min(chunk, n_scored) * args.vocab_size + n_scored * args.dim * dtype.itemsize
+    logits_bytes = 4 * (n_logits if not chunk else min(chunk, n_scored) * args.vocab_size)  # one such tensor
+    terms["logits"] = 3 * logits_bytes + (n_scored * args.dim * dtype.itemsize if chunk else 0)
+    # int8: each matmul casts its int8 matrix to the activation dtype while it runs, the largest at most at once.
+    # The output head's copy exists in its backward, beside the logits' gradient alone (the other two are freed):
+    # it raises the peak above the logits' only by what it exceeds two of them by.
+    largest = max(math.prod(s) for n, s in base.items() if itemsize[n] == 1) * dtype.itemsize if quantize else 0
+    terms["dequantized"] = max(0, largest - 2 * logits_bytes)
     terms["total"] = sum(terms.values())
+    terms["largest_dequantized"] = largest  # not a term of the total: generation's transient (generation_memory)
     return terms
 
 
@@ -435,8 +439,9 @@ def generation_memory(size, batch, cache_len, quantize=""):
     cache = sum(t.nbytes for layer in model.layers for t in (layer.attention.cache_k, layer.attention.cache_v))
     hidden = model.layers[0].feed_forward.w1.out_features
     prefill = batch * cache_len * (3 * hidden + 4 * args.dim) * 2 + batch * args.vocab_size * 4
-    return {"weights": terms["weights"], "kv_cache": cache, "prefill": prefill + terms["dequantized"],
-            "total": terms["weights"] + cache + prefill + terms["dequantized"]}
+    dequantized = terms["largest_dequantized"]
+    return {"weights": terms["weights"], "kv_cache": cache, "prefill": prefill + dequantized,
+            "total": terms["weights"] + cache + prefill + dequantized}
 
 
 def generation_table(cache_len=512, batches=(1, 8, 32), log=print):
