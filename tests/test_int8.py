@@ -106,3 +106,10 @@ def test_an_adapter_trained_on_an_int8_base_loads_and_works_on_the_full_precisio
         on_int8 = lladapter.response_loss(int8, x, labels)
     assert trained < 0.8 * before, "the adapter learnt on the int8 base lowers the loss on the fp32 base too"
     torch.testing.assert_close(trained, on_int8, rtol=0.05, atol=0.0)  # the two bases differ only by rounding
+
+
+def test_compiled_decoding_on_an_int8_base_gives_the_tokens_of_eager_decoding():
+    model = quantize.quantize_model_(tiny_model(open_gates=True).eval())
+    prompts = tokens(bsz=2, seqlen=6).tolist()
+    eager = lladapter.generate(model, prompts, 8, temperature=0)
+    assert lladapter.generate(model, prompts, 8, temperature=0, compile=True) == eager
