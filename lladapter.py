@@ -22,6 +22,9 @@ Where we follow the paper, and where we chose differently:
   (compiled_step, with CUDA graphs on a GPU) and gives the same tokens.
 - Optional image conditioning (paper Sec. 3.3): with image_dim > 0, a projected image feature is added to every
   prompt token of every adapted layer.
+- Beyond the paper: the Llama 3 family runs on the same model (rotary scaling, tied embeddings, a BPE tokenizer);
+  for small cards, activation checkpointing of the adapted blocks and a chunked loss are a flag each, and an int8
+  base lives in quantize.py.
 """
 import itertools
 import math
