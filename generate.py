@@ -113,8 +113,8 @@ checkpoint.require(out_path is None or out_path.parent.is_dir(), f"--out={out}: 
 
 given = {"adapter_len": adapter_len, "adapter_layer": adapter_layer, "image_dim": image_dim}
 model, tokenizer = load_llama(ckpt_dir, tokenizer_path or None, adapter or None, device=device, dtype=base_dtype,
-                              max_seq_len=max_seq_len, quantize=quantize, **({k: v for k, v in given.items() if v} if adapter else
-                                                          {"adapter_layer": 0}))
+                              max_seq_len=max_seq_len, quantize=quantize,
+                              **({k: v for k, v in given.items() if v} if adapter else {"adapter_layer": 0}))
 model_device = model.tok_embeddings.weight.device
 checkpoint.require(template == "alpaca" or hasattr(tokenizer, "special"),
                    f"--template={template}: needs a Llama 3 tokenizer, and {ckpt_dir}'s is SentencePiece")

@@ -104,7 +104,7 @@ checkpoint.require(0 <= val_fraction < 1 and base_lr > 0 and 0 <= beta1 < 1 and 
                    "--val_fraction, --beta1 and --beta2 must lie in [0, 1), --base_lr must be positive")
 checkpoint.require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}: no CUDA device here")
 checkpoint.require(quantize in ("", "int8") and not (quantize and (fsdp or mode == "full")),
-            f"--quantize={quantize}: expected int8 or nothing; an int8 base is frozen (adapter mode) and not sharded")
+                   f"--quantize={quantize}: expected int8 or nothing; an int8 base is frozen (adapter mode) and not sharded")
 checkpoint.require(loss_chunk >= 0, f"--loss_chunk={loss_chunk}: must not be negative")
 checkpoint.require(loss_scale > 0, f"--loss_scale={loss_scale}: must be positive")
 checkpoint.require(not fsdp or "RANK" in os.environ and mode == "adapter" and not compile,
