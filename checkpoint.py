@@ -1,32 +1,26 @@
 """
-Reading and writing the files the scripts use, without running code from any of them: weights, tokenizers,
-adapters, and (at the end) the scripts' settings and the user's data.
+Weights and adapters, read and written without running code from any file.
 
 - Base checkpoints in Meta's layout (params.json, consolidated.NN.pth: one file per model-parallel rank) and in
   Hugging Face's (config.json with model_type "llama", then model.safetensors, model-0000N-of-0000M.safetensors
-  with model.safetensors.index.json, or pytorch_model*.bin). Torch files go through torch.load's weights_only
-  unpickler; safetensors files are read here (no dependency): a little-endian u64 header length, a JSON header,
-  then raw bytes, memory-mapped so that a 13 GB file is neither copied nor read twice.
+  with model.safetensors.index.json, or pytorch_model*.bin), LLaMA-1, 2 and Llama 3.x; load_llama builds the model
+  from either. Torch files go through torch.load's weights_only unpickler; safetensors files are read here (no
+  dependency), memory-mapped so that a 13 GB file is neither copied nor read twice.
 - Every tensor is read lazily, and only the rows asked for: one process of a sharded (FSDP) run reads just its
   own rows of each weight, no process ever holds the whole merged model, and an int8 base (quantize.py) is
   quantized as its rows are read, so the full-precision model never exists in memory.
-- Tokenizers, told apart by their content: SentencePiece (LLaMA-1 and 2), Meta's Llama 3 rank file, or Hugging
-  Face's tokenizer.json; Llama 3's stop ids from generation_config.json.
 - Adapter files: the adapter's fp32 tensors plus "adapter_config" (plain ints: K, L, the image width and the
-  base's shape), so `--adapter=` needs no other flag. Files without it (the original export's layout, or ours
-  before the config was added) load too: L and K are read off the tensors.
+  base's shape), so `--adapter=` needs no other flag. Files without it (the original export's layout) load too:
+  L and K are read off the tensors.
 
 Every problem a user can cause is an InputError naming the file, and the tensor where there is one.
 """
-import base64
-import binascii
+import io
 import json
 import math
 import os
 import pickle
 import re
-import struct
-import sys
 import warnings
 import zipfile
 from collections import namedtuple
@@ -35,181 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lladapter import (BPETokenizer, ModelArgs, Tokenizer, Transformer, adapter_state_dict, adapter_tensors,
-                       is_adapter_key, rope_of, set_precision)
-
-
-class InputError(ValueError):
-    """A problem with the user's files or settings. The scripts print it as one line, with no traceback."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Files: safe torch.load, atomic writes, safetensors
-
-def first_line(error) -> str:
-    # Exception texts from torch can run to paragraphs and carry terminal escape codes; a one-line error wants neither.
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
-
-
-def torch_load(path, mmap=False, verify=False):
-    """torch.load that can't run code: weights_only refuses any pickle holding more than tensors and containers.
-
-    The zip that holds the tensors is checked first (zip_problem): its structure and the pickle always, every
-    tensor's bytes too with verify. Cheap for adapter-sized files; for a base checkpoint the tensors' bytes are not
-    verified, so a flipped byte among them goes unnoticed (nothing else in the file says what they should be).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"  # torch's format since 1.6; older files are a bare pickle stream
-    problem = is_zip and zip_problem(path, verify)
-    if problem:
-        raise InputError(f"{path}: corrupted ({problem})")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        refusal = re.search(r"Unsupported global: [^.]*", str(e))  # what the file asked to run
-        if refusal:
-            raise InputError(f"{path}: refused to unpickle, it holds more than tensors ({refusal.group(0)})") from None
-        reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))  # after a paragraph of advice that doesn't apply
-        raise InputError(f"{path}: not a readable torch file, truncated or corrupted? "
-                         f"({reason.group(1) if reason else first_line(e)})") from None
-    except RuntimeError as e:
-        if mmap and "mmap" in str(e):  # files in torch's pre-1.6 format can't be memory-mapped: read them whole
-            return torch_load(path)
-        raise InputError(f"{path}: not a readable torch file, truncated or corrupted? ({first_line(e)})") from None
-    except Exception as e:  # a corrupted file can fail in the unpickler in many ways
-        raise InputError(f"{path}: not a readable torch file, truncated or corrupted? ({first_line(e)})") from None
-
-
-def zip_problem(path, verify) -> str:
-    """What is wrong with the zip of a torch file, or "".
-
-    torch's reader trusts the zip further than Python's: it never checks a CRC32, it finds a record's data from a
-    header it doesn't check, and it reads a record marked as a folder as empty, leaving the tensor's memory as it
-    was. A flipped byte in the zip's structure or in the pickle would then load other values, silently. So: each
-    record's header must sit where the central directory says and name that record; its data must end where the
-    descriptor that follows repeats its CRC32 and sizes; the records that aren't tensor data (the pickle, a few
-    bytes of format) must pass their CRC32, and with verify the tensor data too.
-    """
-    try:
-        with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
-            records = sorted(archive.infolist(), key=lambda r: r.header_offset)
-            for r, next_start in zip(records, [r.header_offset for r in records[1:]] + [archive.start_dir]):
-                if r.is_dir() or r.external_attr & 0x10:  # 0x10: MS-DOS's folder attribute, which torch's reader obeys
-                    return f"record {r.filename} is marked as a folder"
-                with archive.open(r) as data:  # Python's reader checks the header's signature and name
-                    if verify or r.filename.split("/")[-2:-1] != ["data"]:  # ".../data/3" holds a tensor's bytes
-                        while data.read(1 << 24):  # the CRC32 is checked at the end
-                            pass
-                f.seek(r.header_offset + 26)
-                name_len, extra_len = struct.unpack("<HH", f.read(4))
-                data_end = r.header_offset + 30 + name_len + extra_len + r.compress_size
-                f.seek(data_end)
-                gap = next_start - data_end  # nothing, or a data descriptor: at most 24 bytes
-                descriptor = f.read(gap).removeprefix(b"PK\x07\x08") if 0 <= gap <= 24 else None
-                repeats = [struct.pack(form, r.CRC, r.compress_size, r.file_size) for form in ("<3I", "<I2Q")]
-                if descriptor not in (b"", *repeats):  # sizes in 4 bytes, or in 8 (zip64)
-                    return f"record {r.filename} does not end where its header says"
-    except Exception as e:  # a damaged zip fails in Python's reader in many ways
-        return first_line(e)
-    return ""
-
-
-def atomic_save(obj, path):
-    """torch.save (or, for bytes, the bytes) to a temporary name, flushed to disk, then renamed: a crash never leaves
-    a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-PARAMS_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
-                 "norm_eps", "rope_theta", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                 "rope_original_max_position", "tie_word_embeddings")
-
-
-def save_meta_checkpoint(model, ckpt_dir, tokenizer=None, n_shards=1, dtype=None):
-    """The model's weights in Meta's layout, which load_llama reads back: params.json, consolidated.NN.pth (split
-    into n_shards model-parallel shards the way LLaMA-1 and 2 are), and the tokenizer's file; each written atomically.
-    Used for the walkthrough's base, train.py --mode=full's result and the tools' random bases."""
-    ckpt_dir = Path(ckpt_dir)
-    state = {k: v.detach().to(dtype or v.dtype).cpu() for k, v in model.state_dict().items()}
-    for rank in range(n_shards):
-        split = {k: MODEL_PARALLEL_DIM.get(k.split(".")[-2]) if n_shards > 1 else None for k in state}
-        atomic_save({k: v if split[k] is None else v.chunk(n_shards, dim=split[k])[rank].clone()
-                     for k, v in state.items()}, ckpt_dir / f"consolidated.{rank:02d}.pth")
-    atomic_save(json.dumps({k: getattr(model.args, k) for k in PARAMS_FIELDS}, indent=1).encode(), ckpt_dir / "params.json")
-    if isinstance(tokenizer, Tokenizer):
-        atomic_save(tokenizer.sp.serialized_model_proto(), ckpt_dir / "tokenizer.model")
-    elif tokenizer is not None:  # Llama 3's, as it was read
-        atomic_save(Path(tokenizer.path).read_bytes(), ckpt_dir / Path(tokenizer.path).name)
-
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors(path) -> dict:
-    """{name: tensor} of a .safetensors file, memory-mapped: no tensor byte is read until it is used.
-
-    The format: an 8-byte little-endian header length N, N bytes of JSON ({name: {"dtype", "shape",
-    "data_offsets": [begin, end]}}, offsets counted from the end of the header), then the raw little-endian data.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if size < 8 or n > size - 8:
-            raise InputError(f"{path}: not a safetensors file, or truncated (a {n}-byte header in {size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{path}: not a safetensors file, its header is not JSON ({first_line(e)})") from None
-    if not isinstance(header, dict):
-        raise InputError(f"{path}: not a safetensors file, its header is not a JSON object")
-    header.pop("__metadata__", None)
-    data_size, spans = size - 8 - n, []
-    with warnings.catch_warnings():  # a read-only map: torch warns that it can't write to it; it never has to
-        warnings.simplefilter("ignore")
-        data = torch.from_numpy(np.memmap(path, np.uint8, "r", offset=8 + n)) if data_size else torch.empty(0, dtype=torch.uint8)
-    tensors = {}
-    for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
-            assert all(isinstance(d, int) and d >= 0 for d in [*shape, begin, end])
-        except (KeyError, TypeError, ValueError, AssertionError):
-            raise InputError(f"{path}: {name}: malformed header entry {str(entry)[:100]}") from None
-        nbytes = math.prod(shape) * dtype.itemsize
-        if not begin <= end <= data_size:
-            raise InputError(f"{path}: {name}: data offsets [{begin}, {end}] lie outside the file's {data_size} data bytes")
-        if end - begin != nbytes:
-            raise InputError(f"{path}: {name}: shape {shape} in {entry['dtype']} needs {nbytes} bytes, "
-                             f"its offsets hold {end - begin}")
-        raw = data[begin:end]
-        if begin % dtype.itemsize:  # the format packs tensors back to back, so one may start off its element size
-            raw = raw.clone()
-        tensors[name] = raw.view(dtype).view(shape)
-        spans.append((begin, end, name))
-    # The format has no checksum, but it requires the tensors to tile the data exactly: a header length or an offset
-    # that a flipped byte put off would otherwise read tensors from shifted places, silently.
-    covered = 0
-    for begin, end, name in sorted(spans):
-        if begin != covered:
-            raise InputError(f"{path}: {name}: its data starts at byte {begin}, not at {covered} where the one "
-                             f"before ends")
-        covered = end
-    if covered != data_size:
-        raise InputError(f"{path}: its tensors end at byte {covered} of its {data_size} data bytes")
-    return tensors
+from cli import InputError
+from lladapter import ModelArgs, Transformer, adapter_state_dict, adapter_tensors, is_adapter_key, rope_of, set_precision
+from tokenizer import Tokenizer, read_tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,7 +135,7 @@ def hf_params(config, path) -> dict:
     problems += [f"its rope scaling is {rope_type!r}"] if rope_type not in ("default", "llama3") else []
     try:
         dim, n_heads, hidden = config["hidden_size"], config["num_attention_heads"], config["intermediate_size"]
-        params = dict(dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
+        params = dict(dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads, hidden_dim=hidden,
                       n_kv_heads=config.get("num_key_value_heads"), vocab_size=config["vocab_size"],
                       norm_eps=config.get("rms_norm_eps", 1e-6),
                       rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
@@ -328,10 +150,6 @@ def hf_params(config, path) -> dict:
         problems.append(f"head_dim is {config['head_dim']}, not hidden_size / num_attention_heads")
     if problems:
         raise InputError(f"{path}: not a LLaMA this code implements: {'; '.join(problems)}")
-    # Meta derives the SwiGLU width from dim; Hugging Face states it. Rounding up to a multiple of exactly that
-    # width gives it back: h = int(8 * dim / 3) is scaled down to at most `hidden` first, if it is larger.
-    h = int(2 * 4 * dim / 3)
-    params.update(multiple_of=hidden, ffn_dim_multiplier=None if h <= hidden else hidden / h)
     return params
 
 
@@ -390,142 +208,8 @@ def hf_checkpoint(ckpt_dir):
     return params, {k: v for k, v in stored.items() if v is not None}
 
 
-def read_json(path):
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({first_line(e)})") from None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Tokenizers, told apart by their content: SentencePiece (LLaMA-1 and 2), Llama 3's BPE as Meta's tokenizer.model
-# (a "base64(bytes) rank" line per rank) or as Hugging Face's tokenizer.json
-
-# Llama 3's 256 special tokens follow the ranks; those with a role, by their offset from the first:
-LLAMA3_SPECIAL = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>", 5: "<|step_id|>",
-                  6: "<|start_header_id|>", 7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>",
-                  10: "<|python_tag|>"}
-
-
-def llama3_special(first_id) -> dict:
-    # The others are <|reserved_special_token_0|>, _1, ..., numbered in id order.
-    reserved = (i for i in range(256) if i not in LLAMA3_SPECIAL)
-    names = {**LLAMA3_SPECIAL, **{i: f"<|reserved_special_token_{n}|>" for n, i in enumerate(reserved)}}
-    return {names[i]: first_id + i for i in range(256)}
-
-
-def gpt2_bytes_to_unicode() -> dict:
-    """GPT-2's table from bytes to the characters tokenizer.json spells them with: the printable ones stand for
-    themselves, the others (space, control bytes, ...) for the characters from U+0100 on, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
-
-
-def read_rank_file(path, text) -> tuple:
-    """Meta's tokenizer.model for Llama 3: (ranks {bytes: rank}, special tokens {text: id})."""
-    ranks = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        try:
-            token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
-        except (ValueError, binascii.Error):
-            raise InputError(f"{path}: line {n}: expected 'base64-bytes rank', found {line[:60]!r}") from None
-    return ranks, llama3_special(len(ranks))
-
-
-def read_tokenizer_json(path, text) -> tuple:
-    """Hugging Face's tokenizer.json of a byte-level BPE: (ranks {bytes: id}, special tokens {text: id}). The rank
-    of a token is its id; its bytes are spelled in GPT-2's characters."""
-    data = parse_json(text, path)
-    model = data.get("model") if isinstance(data, dict) else None
-    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-        raise InputError(f"{path}: not a BPE tokenizer (no model of type 'BPE' with a 'vocab')")
-    to_byte = {c: b for b, c in gpt2_bytes_to_unicode().items()}
-    try:
-        ranks = {bytes(to_byte[c] for c in token): int(i) for token, i in model["vocab"].items()}
-        special = {t["content"]: int(t["id"]) for t in data.get("added_tokens", []) if t["id"] not in ranks.values()}
-    except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{path}: not a byte-level BPE tokenizer ({first_line(e)!r} is not in GPT-2's byte "
-                         f"characters, or an added token is malformed)") from None
-    return ranks, special
-
-
-def read_tokenizer(path, stop_ids=None):
-    """The tokenizer in the file at `path`, whichever of the three kinds it is. stop_ids: where generation ends,
-    when the checkpoint says (generation_config.json)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    if head.lstrip()[:1] == b"{" or re.match(rb"[A-Za-z0-9+/]+=* \d+\r?\n", head):  # BPE: JSON, or rank lines
-        text = read_text(path)
-        ranks, special = read_tokenizer_json(path, text) if head.lstrip()[:1] == b"{" else read_rank_file(path, text)
-        missing = [t for t in ("<|begin_of_text|>", "<|end_of_text|>") if t not in special]
-        if missing or len(set(ranks.values())) != len(ranks) or len(set(special.values())) != len(special):
-            raise InputError(f"{path}: not a Llama 3 tokenizer (no {missing[0]})" if missing else
-                             f"{path}: two tokens share an id")
-        lost = [b for b in range(256) if bytes([b]) not in ranks]
-        if lost:
-            raise InputError(f"{path}: not a byte-level BPE: byte {lost[0]:#04x} has no token")
-        try:
-            tokenizer = BPETokenizer(ranks, special, stop_ids)
-            tokenizer.path = path  # where it came from: train.py --mode=full copies it beside the model
-            return tokenizer
-        except ImportError:
-            raise InputError(f"{path}: a Llama 3 tokenizer, which needs tiktoken: pip install tiktoken") from None
-        except ValueError as e:
-            raise InputError(f"{path}: {first_line(e)}") from None
-    try:
-        tokenizer = Tokenizer(path)
-    except (RuntimeError, OSError) as e:
-        raise InputError(f"{path}: neither a SentencePiece model nor a Llama 3 tokenizer ({first_line(e)})") from None
-    if stop_ids is not None:
-        tokenizer.stop_ids = set(stop_ids)
-    return tokenizer
-
-
-def stop_ids_of(ckpt_dir):
-    """The ids that end a generation, from generation_config.json (in ckpt_dir, or beside it as for Meta's files in
-    a Hugging Face download's original/): eos_token_id, an int or a list; None where no such file says."""
-    for path in (ckpt_dir / "generation_config.json", ckpt_dir.parent / "generation_config.json"):
-        if path.is_file():
-            config = read_json(path)
-            ids = config.get("eos_token_id") if isinstance(config, dict) else None
-            ids = [ids] if isinstance(ids, int) else ids
-            if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
-                raise InputError(f"{path}: eos_token_id is {ids!r}, not an id or a list of ids")
-            return set(ids)
-    return None
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Building the model from a checkpoint
-
-def local_rows(param, n_rows) -> slice:
-    """The rows of the whole tensor that this process holds: all of them, or its shard when FSDP split the
-    parameter (torch.chunk's split along dim 0: ceil(n / world) rows per process, fewer for the last)."""
-    if not hasattr(param, "to_local"):
-        return slice(None)
-    mesh_rank, world = param.device_mesh.get_local_rank(), param.device_mesh.size()
-    start = min(n_rows, mesh_rank * math.ceil(n_rows / world))
-    return slice(start, start + param.to_local().shape[0])
-
-
-def fully_shard_base(model):
-    """Shard the frozen base over the processes with FSDP2, for load_llama(shard=...) (train.py --fsdp).
-
-    Each TransformerBlock is a unit whose weights are gathered only while it runs; the embeddings, final norm and
-    output head belong to the root. The adapter stays whole in every process, in fp32: FSDP ignores it, and
-    train.py sums its gradients over processes, as DDP would.
-    """
-    from torch.distributed.fsdp import fully_shard
-    adapter = set(adapter_tensors(model).values())
-    for layer in model.layers:
-        fully_shard(layer, ignored_params=adapter & set(layer.parameters()))
-    fully_shard(model, ignored_params=adapter)
-
 
 def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dtype=None, shard=None, quantize="",
                **model_args):
@@ -544,7 +228,7 @@ def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dt
     if quantize not in ("", "int8"):
         raise InputError(f"quantize={quantize!r}: expected int8, or nothing")
     if quantize and shard is not None:  # FSDP2 gathers a block's tensors as one buffer of a single dtype
-        raise InputError("quantize=int8 with a sharded (FSDP) base is not supported: use one process per GPU or DDP")
+        raise InputError("--quantize=int8 with a sharded (--fsdp) base is not supported: use DDP, or one process")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if not ckpt_dir.is_dir():
@@ -559,23 +243,24 @@ def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dt
     if tokenizer_path is None:
         candidates = [ckpt_dir / "tokenizer.model", ckpt_dir / "tokenizer.json", ckpt_dir.parent / "tokenizer.model"]
         tokenizer_path = next((p for p in candidates if p.is_file()), candidates[0])
-    if not Path(tokenizer_path).is_file():
-        raise InputError(f"{tokenizer_path}: no such tokenizer file")
     tokenizer = read_tokenizer(tokenizer_path, stop_ids_of(ckpt_dir))
     params, stored = read_checkpoint(ckpt_dir)
     unknown = params.keys() - {f for f in ModelArgs.__dataclass_fields__}
     if unknown:
         raise InputError(f"{source}: unknown fields {sorted(unknown)}")
+    for key, value in params.items():
+        if not isinstance(value, (int, float, type(None))):
+            raise InputError(f"{source}: {key} is {value!r}, not a number")
     if adapter_path is not None:
         model_args = {**model_args, **adapter_args(adapter_path, params, model_args)}
-    args = ModelArgs(**{**params, **model_args})
-    if args.vocab_size == -1:
-        args.vocab_size = tokenizer.n_words
-    if not 0 <= args.adapter_layer <= args.n_layers:
-        raise InputError(f"adapter_layer={args.adapter_layer}: {source} has {args.n_layers} layers")
-
-    with torch.device("meta"):  # shapes only: the values come from the checkpoint, no time spent on init
-        model = Transformer(args)
+    try:
+        args = ModelArgs(**{**params, **model_args})
+        if args.vocab_size == -1:
+            args.vocab_size = tokenizer.n_words
+        with torch.device("meta"):  # shapes only: the values come from the checkpoint, no time spent on init
+            model = Transformer(args)
+    except (ValueError, TypeError) as e:  # heads that don't divide dim, a string where a number goes, ...
+        raise InputError(f"{source}: {e}") from None
     expected = {k: v.shape for k, v in model.state_dict().items()}
     unexpected = sorted(stored.keys() - expected.keys())
     missing = sorted(k for k in expected.keys() - stored.keys() if not is_adapter_key(k))
@@ -612,6 +297,44 @@ def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dt
     if adapter_path is not None:
         load_adapter(model, adapter_path)
     return model, tokenizer
+
+
+def local_rows(param, n_rows) -> slice:
+    """The rows of the whole tensor that this process holds: all of them, or its shard when FSDP split the
+    parameter (torch.chunk's split along dim 0: ceil(n / world) rows per process, fewer for the last)."""
+    if not hasattr(param, "to_local"):
+        return slice(None)
+    mesh_rank, world = param.device_mesh.get_local_rank(), param.device_mesh.size()
+    start = min(n_rows, mesh_rank * math.ceil(n_rows / world))
+    return slice(start, start + param.to_local().shape[0])
+
+
+def fully_shard_base(model):
+    """Shard the frozen base over the processes with FSDP2, for load_llama(shard=...) (train.py --fsdp).
+
+    Each TransformerBlock is a unit whose weights are gathered only while it runs; the embeddings, final norm and
+    output head belong to the root. The adapter stays whole in every process, in fp32: FSDP ignores it, and
+    train.py sums its gradients over processes, as DDP would.
+    """
+    from torch.distributed.fsdp import fully_shard
+    adapter = set(adapter_tensors(model).values())
+    for layer in model.layers:
+        fully_shard(layer, ignored_params=adapter & set(layer.parameters()))
+    fully_shard(model, ignored_params=adapter)
+
+
+def stop_ids_of(ckpt_dir):
+    """The ids that end a generation, from generation_config.json (in ckpt_dir, or beside it as for Meta's files in
+    a Hugging Face download's original/): eos_token_id, an int or a list; None where no such file says."""
+    for path in (ckpt_dir / "generation_config.json", ckpt_dir.parent / "generation_config.json"):
+        if path.is_file():
+            config = read_json(path)
+            ids = config.get("eos_token_id") if isinstance(config, dict) else None
+            ids = [ids] if isinstance(ids, int) else ids
+            if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+                raise InputError(f"{path}: eos_token_id is {ids!r}, not an id or a list of ids")
+            return set(ids)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -714,139 +437,154 @@ def load_adapter(model, path):
             expected[k].copy_(v)
 
 
+PARAMS_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+                 "hidden_dim", "norm_eps", "rope_theta", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                 "rope_original_max_position", "tie_word_embeddings")
+
+
+def save_meta_checkpoint(model, ckpt_dir, tokenizer=None, n_shards=1, dtype=None):
+    """The model's weights in Meta's layout, which load_llama reads back: params.json, consolidated.NN.pth (split
+    into n_shards model-parallel shards the way LLaMA-1 and 2 are), and the tokenizer's file; each written atomically.
+    Used for the walkthrough's base, train.py --mode=full's result and the tools' random bases."""
+    ckpt_dir = Path(ckpt_dir)
+    state = {k: v.detach().to(dtype or v.dtype).cpu() for k, v in model.state_dict().items()}
+    for rank in range(n_shards):
+        split = {k: MODEL_PARALLEL_DIM.get(k.split(".")[-2]) if n_shards > 1 else None for k in state}
+        atomic_save({k: v if split[k] is None else v.chunk(n_shards, dim=split[k])[rank].clone()
+                     for k, v in state.items()}, ckpt_dir / f"consolidated.{rank:02d}.pth")
+    atomic_save(json.dumps({k: getattr(model.args, k) for k in PARAMS_FIELDS}, indent=1).encode(), ckpt_dir / "params.json")
+    if tokenizer is not None:  # the file it was read from (SentencePiece's under the name Meta gives it)
+        name = "tokenizer.model" if isinstance(tokenizer, Tokenizer) else tokenizer.path.name
+        atomic_save(tokenizer.path.read_bytes(), ckpt_dir / name)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# The scripts' settings and the user's files
+# Files: safe torch.load, atomic writes, safetensors, JSON
 
+def torch_load(path, mmap=False, verify=False):
+    """torch.load that can't run code: weights_only refuses any pickle holding more than tensors and containers.
 
-def settings_of(namespace: dict) -> dict:
-    """The settings among a script's globals: every public int, float, bool, str or list."""
-    return {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
-
-
-def comments(script) -> dict:
-    """{name: comment} for the lines `name = default  # comment` of a script."""
-    found = {}
-    for line in Path(script).read_text().splitlines():
-        match = re.match(r"(\w+) = .*?  # (.*)$", line)
-        if match:
-            found.setdefault(match.group(1), match.group(2))
-    return found
-
-
-def help_text(settings, doc, script) -> str:
-    notes = comments(script)
-    width = max(len(f"--{k}={v!r}") for k, v in settings.items())
-    lines = [(f"--{k}={v!r}".ljust(width) + f"  {notes.get(k, '')}").rstrip() for k, v in settings.items()]
-    return (f"{doc.strip()}\n\nsettings (--key=value or --key value; a bare --flag turns a flag on; a list setting "
-            f"takes the key again for each item):\n  " + "\n  ".join(lines))
-
-
-def parse_overrides(settings: dict, argv, doc="", script=None) -> dict:
-    """--key=value or --key value arguments, each parsed as the type of its default in `settings`.
-
-    A bare --key sets a bool. A list default collects repeated keys. --help (or -h) prints help_text and exits.
-    Unknown keys, missing values and values of the wrong type raise InputError.
+    torch's reader checks no CRC-32, so the zip's records are read through Python's zipfile first, which does: the
+    pickle always; with verify (adapters, resume states: small files) every record, and the tensors are then loaded
+    from those very bytes, so a flipped byte anywhere in a record is refused. A base checkpoint's tensor bytes are
+    not verified (a 13 GB read): `python -m tools.verify DIR` checks a download whole.
     """
-    out, args = {}, list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg in ("--help", "-h"):
-            print(help_text(settings, doc, script or sys.argv[0]))
-            sys.exit(0)
-        key, has_value, value = arg[2:].partition("=")
-        if not arg.startswith("--") or key not in settings:
-            raise InputError(f"unknown argument {arg!r}; settings are --key=value with key one of: {', '.join(settings)}"
-                             f" (--help lists them)")
-        default = settings[key]
-        if not has_value and not isinstance(default, bool):  # --key value
-            if not args or args[0].startswith("--"):
-                raise InputError(f"--{key} needs a value, like --{key}={default!r}")
-            value = args.pop(0)
-        try:
-            if isinstance(default, bool):
-                value = {"true": True, "1": True, "false": False, "0": False}[value.lower()] if has_value else True
-            elif isinstance(default, list):
-                value = out.get(key, []) + [value]
-            else:
-                value = type(default)(value)
-        except (KeyError, ValueError):
-            raise InputError(f"--{key}={value}: expected a {type(default).__name__} like the default {default!r}") from None
-        out[key] = value
-    return out
-
-
-def require(condition, message):
-    """An InputError with `message` unless `condition`: for settings checks that read as a list of rules."""
-    if not condition:
-        raise InputError(message)
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def dtype_of(name: str, device) -> torch.dtype:
-    """The frozen base's dtype for --dtype: "auto" is bf16 on a GPU that has it, fp16 on one that doesn't (V100,
-    T4: train.py then scales the loss), fp32 on a CPU. The adapter is fp32 whatever this says."""
-    device = torch.device(device)
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if name not in DTYPES:
-        raise InputError(f"--dtype={name}: expected auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def read_text(path) -> str:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
+    source = path
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # torch's format since 1.6; older files are a bare pickle stream
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-
-
-def parse_json(text, where):
+        if is_zip:
+            with zipfile.ZipFile(path) as archive:
+                records = [r for r in archive.infolist() if verify or r.filename.split("/")[-2:-1] != ["data"]]
+                data = {r.filename: archive.read(r) for r in records}  # BadZipFile on a CRC-32 mismatch
+            if verify:
+                source = io.BytesIO()
+                with zipfile.ZipFile(source, "w") as clean:
+                    for name, value in data.items():
+                        clean.writestr(name, value)
+                source.seek(0)
+    except Exception as e:  # a damaged zip fails in Python's reader in many ways
+        raise InputError(f"{path}: corrupted ({first_line(e)})") from None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{where}: not valid JSON ({e})") from None
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap and source is path)
+    except pickle.UnpicklingError as e:
+        refusal = re.search(r"Unsupported global: [^.]*", str(e))  # what the file asked to run
+        if refusal:
+            raise InputError(f"{path}: refused to unpickle, it holds more than tensors ({refusal.group(0)})") from None
+        raise InputError(f"{path}: not a readable torch file, truncated or corrupted? ({first_line(e)})") from None
+    except RuntimeError as e:
+        if mmap and "mmap" in str(e):  # files in torch's pre-1.6 format can't be memory-mapped: read them whole
+            return torch_load(path, verify=verify)
+        raise InputError(f"{path}: not a readable torch file, truncated or corrupted? ({first_line(e)})") from None
+    except Exception as e:  # a corrupted file can fail in the unpickler in many ways
+        raise InputError(f"{path}: not a readable torch file, truncated or corrupted? ({first_line(e)})") from None
 
 
-def read_records(path) -> list:
-    """The records of a JSON list, or of JSON Lines (one record per line) for a .jsonl file: each a JSON object."""
+def atomic_save(obj, path):
+    """torch.save (or, for bytes, the bytes) to a temporary name, flushed to disk, then renamed: a crash never leaves
+    a half-written file."""
     path = Path(path)
-    text = read_text(path)
-    if path.suffix == ".jsonl":
-        records = [parse_json(line, f"{path}: line {n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    else:
-        records = parse_json(text, path)
-    if not isinstance(records, list) or not records:
-        raise InputError(f"{path}: expected a non-empty list of records")
-    for i, r in enumerate(records):
-        if not isinstance(r, dict):
-            raise InputError(f"{path}: record {i} is not an object")
-    return records
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
-def load_image_feature(image, base_dir, image_dim, where):
-    """A record's "image": a .npy file of one feature vector (a path relative to base_dir), or the vector inline."""
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path) -> dict:
+    """{name: tensor} of a .safetensors file, memory-mapped: no tensor byte is read until it is used.
+
+    The format: an 8-byte little-endian header length N, N bytes of JSON ({name: {"dtype", "shape",
+    "data_offsets": [begin, end]}}, offsets counted from the end of the header), then the raw little-endian data.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise InputError(f"{path}: not a safetensors file, or truncated (a {n}-byte header in {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{path}: not a safetensors file, its header is not JSON ({first_line(e)})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: not a safetensors file, its header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_size, spans = size - 8 - n, []
+    with warnings.catch_warnings():  # a read-only map: torch warns that it can't write to it; it never has to
+        warnings.simplefilter("ignore")
+        data = torch.from_numpy(np.memmap(path, np.uint8, "r", offset=8 + n)) if data_size else torch.empty(0, dtype=torch.uint8)
+    tensors = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+            assert all(isinstance(d, int) and d >= 0 for d in [*shape, begin, end])
+        except (KeyError, TypeError, ValueError, AssertionError):
+            raise InputError(f"{path}: {name}: malformed header entry {str(entry)[:100]}") from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not begin <= end <= data_size:
+            raise InputError(f"{path}: {name}: data offsets [{begin}, {end}] lie outside the file's {data_size} data bytes")
+        if end - begin != nbytes:
+            raise InputError(f"{path}: {name}: shape {shape} in {entry['dtype']} needs {nbytes} bytes, "
+                             f"its offsets hold {end - begin}")
+        raw = data[begin:end]
+        if begin % dtype.itemsize:  # the format packs tensors back to back, so one may start off its element size
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).view(shape)
+        spans.append((begin, end, name))
+    # The format has no checksum, but it requires the tensors to tile the data exactly: a header length or an offset
+    # that a flipped byte put off would otherwise read tensors from shifted places, silently.
+    covered = 0
+    for begin, end, name in sorted(spans):
+        if begin != covered:
+            raise InputError(f"{path}: {name}: its data starts at byte {begin}, not at {covered} where the one "
+                             f"before ends")
+        covered = end
+    if covered != data_size:
+        raise InputError(f"{path}: its tensors end at byte {covered} of its {data_size} data bytes")
+    return tensors
+
+
+def read_json(path):
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
     try:
-        vector = np.load(Path(base_dir) / image) if isinstance(image, str) else np.asarray(image, np.float32)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{where}: image feature {image!r}: {e}") from None
-    if vector.shape != (image_dim,):
-        raise InputError(f"{where}: image feature {str(image)[:60]!r} has shape {list(vector.shape)}, expected [{image_dim}]")
-    return torch.from_numpy(vector.astype(np.float32))
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({first_line(e)})") from None
 
 
-
-def exit_on_input_error():
-    """Make the scripts print an InputError as one line and exit with status 1, without a traceback."""
-    def hook(kind, error, traceback):
-        if issubclass(kind, InputError):
-            print(f"error: {error}", file=sys.stderr)
-        else:
-            sys.__excepthook__(kind, error, traceback)
-    sys.excepthook = hook
+def first_line(error) -> str:
+    # Exception texts from torch can run to paragraphs and carry terminal escape codes; a one-line error wants neither.
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__

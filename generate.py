@@ -13,68 +13,66 @@ Prompts are wrapped in the training template. --prompts_file holds one instructi
 records (a JSON list, or JSON Lines in a .jsonl file; with "input", and "image" for image adapters), answered in
 batches of --max_batch_size. The adapter file says its own K, L and image width. --help lists every setting.
 """
+import functools
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
-import checkpoint
+import cli
 import lladapter
-from checkpoint import InputError, load_llama
+from checkpoint import load_llama
+from cli import InputError
 
-ckpt_dir = ""  # base model, Meta's layout or Hugging Face's; empty: the walkthrough's (see train.py)
-tokenizer_path = ""  # empty: tokenizer.model or tokenizer.json in ckpt_dir, or tokenizer.model beside it
-adapter = ""  # adapter file from train.py; empty: the base model alone
-template = "alpaca"  # the prompt, as in training: "alpaca", or "llama3" (the chat format of Llama 3's instruct models)
-prompt = []  # an instruction; repeat --prompt for several
-input = ""  # context for the with-input template, for every --prompt
-prompts_file = ""  # one instruction per line, or Alpaca-format records (.json list or .jsonl)
-image = ""  # a .npy image feature for every prompt (image adapters only)
-interactive = False  # read instructions from standard input, one per line, and answer each
-out = ""  # write one JSON line per prompt (instruction, input, output) to this file
-max_gen_len = 256  # new tokens at most, per prompt
-max_batch_size = 0  # prompts decoded together; 0: 32, or on a GPU as many of 32 as free memory holds with their KV cache
-temperature = 0.1  # the paper's; 0 is greedy
-top_p = 0.75  # the paper's
-seed = 0  # of the sampling, for answers that repeat
-max_seq_len = 512  # prompt plus answer, in tokens
-adapter_len = 0  # 0: from the adapter file (needed only for an original-layout file whose gates are all zero)
-adapter_layer = 0  # 0: from the adapter file (as adapter_len)
-image_dim = 0  # 0: from the adapter file
-device = ""  # empty: cuda if available, else cpu
-dtype = "auto"  # the base's weights: auto is bf16 on a GPU that has it, else fp16; fp32 on a CPU
-quantize = ""  # "int8": the base's block matrices and output head int8, a scale per row (half of bf16's memory)
-compile = False  # decode with a compiled one-token step (CUDA graphs on a GPU): the same tokens, less overhead
-show_gates = False  # print the adapter's tanh(gate) as a layers x heads heat map
-settings = checkpoint.settings_of(globals())
 
-checkpoint.exit_on_input_error()
-overrides = checkpoint.parse_overrides(settings, sys.argv[1:], __doc__, __file__)
-walkthrough = not overrides.get("ckpt_dir", ckpt_dir)
-if walkthrough:  # the walkthrough's model and adapter, on some of the instructions it never trained on
-    from walkthrough import world as wt
-    found = wt.paths(wt.SETTINGS["out_dir"])
-    if not Path(found["adapter_path"]).is_file():
-        raise InputError(f"no walkthrough adapter at {found['adapter_path']}: run `python train.py` first")
-    heldout = wt.heldout_examples(found["heldout_path"], 8)
-    settings.update(ckpt_dir=found["ckpt_dir"], adapter=found["adapter_path"], max_seq_len=wt.SETTINGS["max_seq_len"],
-                    temperature=0.0)
-settings.update(overrides)
-globals().update(settings)
-checkpoint.require(max_batch_size >= 0, f"--max_batch_size={max_batch_size}: must not be negative")
-checkpoint.require(quantize in ("", "int8"), f"--quantize={quantize}: expected int8, or nothing")
+@dataclass
+class Settings:
+    ckpt_dir: str = ""  # base model, Meta's layout or Hugging Face's; empty: the walkthrough's (see train.py)
+    tokenizer_path: str = ""  # empty: tokenizer.model or tokenizer.json in ckpt_dir, or tokenizer.model beside it
+    adapter: str = ""  # adapter file from train.py; empty: the base model alone
+    template: Literal[lladapter.TEMPLATES] = "alpaca"  # the prompt, as in training: alpaca, or llama3 (Llama 3's instruct chat)
+    prompt: tuple = ()  # an instruction; repeat --prompt for several
+    input: str = ""  # context for the with-input template, for every --prompt
+    prompts_file: str = ""  # one instruction per line, or Alpaca-format records (.json list or .jsonl)
+    image: str = ""  # a .npy image feature for every prompt (image adapters only)
+    interactive: bool = False  # read instructions from standard input, one per line, and answer each
+    out: str = ""  # write one JSON line per prompt (instruction, input, output) to this file
+    max_gen_len: int = 256  # new tokens at most, per prompt
+    max_batch_size: int = 0  # prompts decoded together; 0: 32, or on a GPU as many of 32 as free memory holds
+    temperature: float = 0.1  # the paper's; 0 is greedy
+    top_p: float = 0.75  # the paper's
+    seed: int = 0  # of the sampling, for answers that repeat
+    max_seq_len: int = 512  # prompt plus answer, in tokens
+    adapter_len: int = 0  # 0: from the adapter file (needed only for an original-layout file whose gates are all zero)
+    adapter_layer: int = 0  # 0: from the adapter file (as adapter_len)
+    image_dim: int = 0  # 0: from the adapter file
+    device: str = ""  # empty: cuda if available, else cpu
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # the base's weights: auto is bf16 on a GPU that has it natively, else fp16; fp32 on a CPU
+    quantize: Literal["", "int8"] = ""  # int8: the base's block matrices and output head int8, a scale per row (half of bf16's memory)
+    compile: bool = False  # decode with a compiled one-token step (CUDA graphs on a GPU): the same tokens, less overhead
+    show_gates: bool = False  # print the adapter's tanh(gate) as a layers x heads heat map
+
+
+cli.exit_on_input_error()
+args = cli.parse(Settings, __doc__)
+walkthrough = None
+if not args.ckpt_dir:  # the walkthrough's model and adapter, on some of the instructions it never trained on
+    from walkthrough import world as walkthrough
+    args, heldout = walkthrough.generate_preset(args, functools.partial(cli.parse, Settings, __doc__))
+cli.require(args.max_batch_size >= 0, f"--max_batch_size={args.max_batch_size}: must not be negative")
 for key in ("max_gen_len", "max_seq_len"):
-    checkpoint.require(settings[key] > 0, f"--{key}={settings[key]}: must be positive")
-checkpoint.require(temperature >= 0 and 0 < top_p <= 1,
-                   f"--temperature={temperature} --top_p={top_p}: need temperature >= 0 and 0 < top_p <= 1")
-checkpoint.require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}: no CUDA device here")
-checkpoint.require(template in lladapter.TEMPLATES, f"--template={template}: expected one of {lladapter.TEMPLATES}")
-device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-base_dtype = checkpoint.dtype_of(dtype, device)
+    cli.require(getattr(args, key) > 0, f"--{key}={getattr(args, key)}: must be positive")
+cli.require(args.temperature >= 0 and 0 < args.top_p <= 1, f"--temperature={args.temperature} --top_p={args.top_p}: "
+            f"need temperature >= 0 and 0 < top_p <= 1")
+cli.require(not args.device.startswith("cuda") or torch.cuda.is_available(), f"--device={args.device}: no CUDA device here")
+device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+base_dtype = cli.dtype_of(args.dtype, device)
 
 
 def heatmap(gates):
@@ -91,35 +89,33 @@ def heatmap(gates):
 
 # prompts: (instruction, input, image feature or None). A feature named on the command line is a path from here; one
 # named in a prompts file, a path from that file's folder.
-image = str(Path(image).resolve()) if image else None
-jobs = [(p, input, image) for p in prompt]
-if walkthrough and not jobs and not prompts_file and not interactive:
+image = str(Path(args.image).resolve()) if args.image else None
+jobs = [(p, args.input, image) for p in args.prompt]
+if walkthrough and not jobs and not args.prompts_file and not args.interactive:
     jobs = [(r["instruction"], r["input"], None) for r in heldout]
-if prompts_file:
-    path = Path(prompts_file)
+if args.prompts_file:
+    path = Path(args.prompts_file)
     if path.suffix in (".json", ".jsonl"):
-        for i, r in enumerate(checkpoint.read_records(path)):
+        for i, r in enumerate(cli.read_records(path)):
             if not isinstance(r.get("instruction"), str) or not isinstance(r.get("input", ""), str):
                 raise InputError(f"{path}: record {i}: expected a string 'instruction' (and optional 'input')")
             feature = r.get("image", image)
             jobs.append((r["instruction"], r.get("input", ""),
                          str(path.parent / feature) if isinstance(feature, str) and "image" in r else feature))
     else:
-        jobs += [(line, "", image) for line in checkpoint.read_text(path).splitlines() if line.strip()]
-if not jobs and not show_gates and not interactive:
+        jobs += [(line, "", image) for line in cli.read_text(path).splitlines() if line.strip()]
+if not jobs and not args.show_gates and not args.interactive:
     raise InputError("nothing to answer: give --prompt=..., --prompts_file=... or --interactive")
-out_path = Path(out) if out else None
-checkpoint.require(out_path is None or out_path.parent.is_dir(), f"--out={out}: no folder {out_path and out_path.parent}")
+out_path = Path(args.out) if args.out else None
+cli.require(out_path is None or out_path.parent.is_dir(), f"--out={args.out}: no folder {out_path and out_path.parent}")
 
-given = {"adapter_len": adapter_len, "adapter_layer": adapter_layer, "image_dim": image_dim}
-model, tokenizer = load_llama(ckpt_dir, tokenizer_path or None, adapter or None, device=device, dtype=base_dtype,
-                              max_seq_len=max_seq_len, quantize=quantize,
-                              **({k: v for k, v in given.items() if v} if adapter else {"adapter_layer": 0}))
+given = {"adapter_len": args.adapter_len, "adapter_layer": args.adapter_layer, "image_dim": args.image_dim}
+model, tokenizer = load_llama(args.ckpt_dir, args.tokenizer_path or None, args.adapter or None, device=device,
+                              dtype=base_dtype, max_seq_len=args.max_seq_len, quantize=args.quantize,
+                              **({k: v for k, v in given.items() if v} if args.adapter else {"adapter_layer": 0}))
 model_device = model.tok_embeddings.weight.device
-checkpoint.require(template == "alpaca" or hasattr(tokenizer, "special"),
-                   f"--template={template}: needs a Llama 3 tokenizer, and {ckpt_dir}'s is SentencePiece")
 # A response ends at any of the model's stop ids (Llama 3 instruct: 128001, 128008, 128009), or at its template's end
-stop_ids = tokenizer.stop_ids | {lladapter.response_end_id(tokenizer, template)}
+stop_ids = tokenizer.stop_ids | {lladapter.response_end_id(tokenizer, args.template)}
 
 
 def batch_that_fits(most=32):
@@ -130,18 +126,18 @@ def batch_that_fits(most=32):
         return most
     a, itemsize = model.args, model.tok_embeddings.weight.element_size()
     attention, hidden = model.layers[0].attention, model.layers[0].feed_forward.w1.weight.shape[0]
-    cache = 2 * a.n_layers * max_seq_len * attention.n_kv_heads * attention.head_dim * itemsize
-    prefill = max_seq_len * (3 * hidden + 4 * a.dim) * itemsize + 4 * a.vocab_size
+    cache = 2 * a.n_layers * args.max_seq_len * attention.n_kv_heads * attention.head_dim * itemsize
+    prefill = args.max_seq_len * (3 * hidden + 4 * a.dim) * itemsize + 4 * a.vocab_size
     fitting = int(0.9 * torch.cuda.mem_get_info(model_device)[0] // (cache + prefill))
     if fitting < 1:
-        raise InputError(f"the GPU's free memory holds no sequence of max_seq_len={max_seq_len} with its KV cache: "
+        raise InputError(f"the GPU's free memory holds no sequence of max_seq_len={args.max_seq_len} with its KV cache: "
                          f"lower --max_seq_len, or try --quantize=int8")
     return min(most, fitting)
 
 
-max_batch_size = max_batch_size or batch_that_fits()
-if show_gates:
-    if not adapter:
+max_batch_size = args.max_batch_size or batch_that_fits()
+if args.show_gates:
+    if not args.adapter:
         raise InputError("--show_gates needs an --adapter")
     print(heatmap({i: torch.tanh(layer.attention.gate).flatten().tolist()
                    for i, layer in enumerate(model.layers) if i >= model.first_adapted}))
@@ -149,17 +145,18 @@ if show_gates:
 
 def encode(jobs):
     """Token lists and image features (or None) of (instruction, input, image) jobs, checked against the model."""
-    prompts = [lladapter.encode_prompt(tokenizer, instruction, context, template) for instruction, context, _ in jobs]
+    prompts = [lladapter.encode_prompt(tokenizer, instruction, context, args.template) for instruction, context, _ in jobs]
     for (instruction, _, _), tokens in zip(jobs, prompts):
-        if len(tokens) >= max_seq_len:
-            raise InputError(f"the prompt {instruction[:40]!r}... is {len(tokens)} tokens, over max_seq_len={max_seq_len}")
+        if len(tokens) >= args.max_seq_len:
+            raise InputError(f"the prompt {instruction[:40]!r}... is {len(tokens)} tokens, over max_seq_len="
+                             f"{args.max_seq_len}")
     if all(feature is None for _, _, feature in jobs):
         return prompts, None
     if not model.args.image_dim:
         raise InputError("an image was given, but the adapter is text-only")
     if any(feature is None for _, _, feature in jobs):
         raise InputError("either every prompt has an image or none does")
-    images = [checkpoint.load_image_feature(f, ".", model.args.image_dim, f"prompt {i}") for i, (_, _, f) in enumerate(jobs)]
+    images = [cli.load_image_feature(f, ".", model.args.image_dim, f"prompt {i}") for i, (_, _, f) in enumerate(jobs)]
     return prompts, torch.stack(images).to(model_device)
 
 
@@ -182,9 +179,9 @@ def answer(jobs, stream=False):
     answers = [None] * len(jobs)
     for i in range(0, len(jobs), max_batch_size):
         batch = order[i:i + max_batch_size]
-        new = lladapter.generate(model, [prompts[j] for j in batch], max_gen_len, temperature, top_p, stop_ids,
-                                 images[batch] if images is not None else None, generator,
-                                 on_token=print_growing_text if stream else None, compile=compile)
+        new = lladapter.generate(model, [prompts[j] for j in batch], args.max_gen_len, args.temperature, args.top_p,
+                                 stop_ids, images[batch] if images is not None else None, generator,
+                                 on_token=print_growing_text if stream else None, compile=args.compile)
         for j, tokens in zip(batch, new):
             answers[j] = tokenizer.decode(tokens).strip()
         n_tokens += sum(map(len, new))
@@ -195,14 +192,14 @@ def answer(jobs, stream=False):
     return answers, n_tokens
 
 
-generator = torch.Generator(model_device).manual_seed(seed)
-if interactive:
+generator = torch.Generator(model_device).manual_seed(args.seed)
+if args.interactive:
     print("Type an instruction and press Enter; an empty line or Ctrl-D ends.", file=sys.stderr)
     for line in sys.stdin:
         if not line.strip():
             break
         print("### Response: ", end="", flush=True)
-        answer([(line.strip(), input, image)], stream=True)
+        answer([(line.strip(), args.input, image)], stream=True)
 if not jobs:
     sys.exit(0)
 
@@ -216,9 +213,9 @@ if out_path:  # written whole under a temporary name, then renamed
             f.write(json.dumps({"instruction": instruction, "input": context, "output": text}) + "\n")
     os.replace(tmp, out_path)
     print(f"wrote {len(answers)} answers to {out_path}", file=sys.stderr)
-elif walkthrough and not prompt and not prompts_file:  # with and without the adapter, side by side
+elif walkthrough and not args.prompt and not args.prompts_file:  # with and without the adapter, side by side
     with lladapter.gates_closed(model):  # exactly the base model (the paper's zero-init property)
-        generator.manual_seed(seed)
+        generator.manual_seed(args.seed)
         base_answers, _ = answer(jobs)
     for record, with_adapter, base in zip(heldout, answers, base_answers):
         print(f"### Instruction: {record['instruction']}" + (f"  ### Input: {record['input']}" if record["input"] else ""))
@@ -231,4 +228,4 @@ elif len(jobs) > 1:
         print(f"### Instruction: {instruction}" + (f"\n### Input: {context}" if context else ""))
         print(f"### Response: {text}\n")
 print(f"[{n_new} tokens in {elapsed:.2f}s, {n_new / elapsed:.1f} tok/s, {len(jobs)} prompt(s), "
-      f"{'adapter ' + adapter if adapter else 'base model alone'}]", file=sys.stderr)
+      f"{'adapter ' + args.adapter if args.adapter else 'base model alone'}]", file=sys.stderr)

@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 
 
@@ -46,8 +47,9 @@ class ModelArgs:
     n_heads: int = 32
     n_kv_heads: Optional[int] = None  # grouped-query attention (LLaMA-2 70B); None: one kv head per head
     vocab_size: int = -1  # -1 in Meta's files: taken from the tokenizer
-    multiple_of: int = 256  # the SwiGLU hidden size is rounded up to a multiple of this
+    multiple_of: int = 256  # Meta's SwiGLU width: 8/3 dim, times ffn_dim_multiplier, rounded up to a multiple of this
     ffn_dim_multiplier: Optional[float] = None
+    hidden_dim: Optional[int] = None  # the SwiGLU width when a checkpoint states it (Hugging Face); None: Meta's rule
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 512  # length of the rotary tables; the training recipe's sequence limit
@@ -144,8 +146,9 @@ class Attention(nn.Module):
 
     def prompt_keys_values(self, prompt, dtype, bsz):
         # The prompt goes through this layer's own frozen wk and wv: no norm, no RoPE, no new weights.
-        # prompt: (1 or bsz, K, dim) fp32 -> keys, values: (bsz, n_kv_heads, K, head_dim). A batch shares one
-        # text-only prompt; SDPA gets real copies of it, not stride-0 views, which one CUDA kernel family got wrong.
+        # prompt: (1 or bsz, K, dim) fp32 -> keys, values: (bsz, n_kv_heads, K, head_dim). A text-only prompt is
+        # shared by the batch, yet expanded first and so projected once per sequence: bsz small (K, dim) matmuls
+        # per step, on purpose: SDPA gets real tensors, not stride-0 views, which one CUDA kernel family got wrong.
         prompt = prompt.to(dtype).expand(bsz, -1, -1)
         pk = self.wk(prompt).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
         pv = self.wv(prompt).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
@@ -185,7 +188,7 @@ class FeedForward(nn.Module):
         hidden = int(2 * 4 * args.dim / 3)
         if args.ffn_dim_multiplier is not None:
             hidden = int(args.ffn_dim_multiplier * hidden)
-        hidden = args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)  # 7B: 11008
+        hidden = args.hidden_dim or args.multiple_of * ((hidden + args.multiple_of - 1) // args.multiple_of)  # 7B: 11008
         self.w1 = nn.Linear(args.dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, hidden, bias=False)
@@ -260,9 +263,10 @@ class Transformer(nn.Module):
         return prompts
 
     def forward(self, tokens, start_pos=0, image=None, logits_at=None, hidden=False):
-        # start_pos: where tokens[:, 0] sits; an int, or a one-element tensor in compiled decoding (every step alike).
-        # logits_at: the positions whose logits are wanted, as the output head is big: a (bsz, seqlen) bool mask
-        # (training scores only the response; logits (positions, vocab_size)), or a slice of the sequence.
+        # start_pos: where tokens[:, 0] sits; an int, or a one-element tensor (generate's decoding steps, so that each
+        # runs the same code: compiled_step). Only an int is checked against max_seq_len; generate keeps a tensor in
+        # bounds itself. logits_at: the positions whose logits are wanted, as the output head is big: a (bsz, seqlen)
+        # bool mask (training scores only the response), or a slice of the sequence.
         # hidden: the final norm's output there instead of logits, for a loss that applies the head itself.
         bsz, seqlen = tokens.shape
         if isinstance(start_pos, int) and start_pos + seqlen > self.args.max_seq_len:
@@ -288,9 +292,9 @@ class Transformer(nn.Module):
                 h = layer(h, positions, rope, mask, prompt)
         if logits_at is not None:
             h = h[logits_at] if isinstance(logits_at, torch.Tensor) else h[:, logits_at]
-        if hidden:
-            return self.norm(h)  # (positions, dim)
-        return self.output(self.norm(h)).float()  # (bsz, seqlen, vocab_size)
+        if hidden:  # (bsz, seqlen, dim); (positions, dim) with a bool mask
+            return self.norm(h)
+        return self.output(self.norm(h)).float()  # (bsz, seqlen, vocab_size); (positions, vocab_size) with a bool mask
 
     def setup_cache(self, batch_size: int, cache_len: int):
         # Allocated for this generation's batch and length, in the weights' dtype and on their device; plain tensors
@@ -308,50 +312,6 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache_k = layer.attention.cache_v = layer.attention.prompt_kv = None
         self.cache_len = None
-
-
-class Tokenizer:
-    """SentencePiece, as LLaMA uses it: BOS and EOS are ids of the model, not pieces in the text."""
-
-    def __init__(self, model_path):
-        import sentencepiece
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
-        self.n_words, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()
-        self.stop_ids = {self.eos_id}  # the ids that end a generation
-
-    def encode(self, text: str, bos: bool, eos: bool) -> list:
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
-
-    def decode(self, ids) -> str:
-        return self.sp.decode(list(ids))
-
-
-class BPETokenizer:
-    """Llama 3's byte-level BPE, on tiktoken (as Meta's reference): the same interface as Tokenizer.
-
-    ranks: {bytes: id} (Llama 3: 128,000); special: {"<|begin_of_text|>": id, ...}, the ids after the ranks. Text is
-    split by PATTERN, then each piece is merged from bytes, lowest rank first; a piece that is itself in the
-    vocabulary is one token. Special-token text inside the data is encoded as plain text, never as a control id.
-    """
-    PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-               r"\s*[\r\n]+|\s+(?!\S)|\s+")
-
-    def __init__(self, ranks: dict, special: dict, stop_ids=None):
-        import tiktoken  # optional: only Llama 3 needs it (pip install tiktoken)
-        self.model = tiktoken.Encoding("llama3", pat_str=self.PATTERN, mergeable_ranks=ranks, special_tokens=special)
-        self.special = special
-        self.n_words = self.model.n_vocab  # ranks and special tokens: 128,256
-        self.bos_id, self.eos_id = special["<|begin_of_text|>"], special["<|end_of_text|>"]
-        # Base models end a text with <|end_of_text|>; instruct ones end their turn with <|eot_id|> (or <|eom_id|>)
-        ends = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
-        self.stop_ids = set(stop_ids) if stop_ids is not None else {special[t] for t in ends if t in special}
-
-    def encode(self, text: str, bos: bool, eos: bool) -> list:
-        ids = self.model.encode(text, allowed_special=set(), disallowed_special=())  # "<|eot_id|>" in data: text
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
-
-    def decode(self, ids) -> str:
-        return self.model.decode(list(ids))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -427,18 +387,11 @@ TEMPLATES = ("alpaca", "llama3")  # "llama3": the chat format of Llama 3's instr
 
 
 def encode_prompt(tokenizer, instruction: str, input: str = "", template: str = "alpaca") -> list:
-    """The prompt's tokens, BOS first. Llama 3's chat format, with its markers as control ids (so that the same
-    text inside an instruction stays text): <|begin_of_text|> <|start_header_id|>user<|end_header_id|>\\n\\n
-    {instruction}[\\n\\n{input}] <|eot_id|> <|start_header_id|>assistant<|end_header_id|>\\n\\n, and the response
-    follows, ended by <|eot_id|>."""
+    """The prompt's tokens, BOS first: the Alpaca template, or Llama 3's chat format (the user's turn holds the
+    instruction, and the input after a blank line; see tokenizer.py)."""
     if template == "alpaca":
         return tokenizer.encode(format_prompt(instruction, input), bos=True, eos=False)
-    if not hasattr(tokenizer, "special"):
-        raise ValueError(f"template {template!r} needs a Llama 3 tokenizer (this one is SentencePiece)")
-    special, text = tokenizer.special, lambda t: tokenizer.encode(t, bos=False, eos=False)
-    header = lambda role: [special["<|start_header_id|>"], *text(role), special["<|end_header_id|>"], *text("\n\n")]
-    user = instruction + (f"\n\n{input}" if input else "")
-    return [tokenizer.bos_id, *header("user"), *text(user), special["<|eot_id|>"], *header("assistant")]
+    return tokenizer.chat_prompt(instruction + (f"\n\n{input}" if input else ""))  # a SentencePiece one refuses
 
 
 def response_end_id(tokenizer, template: str = "alpaca") -> int:
@@ -493,11 +446,8 @@ def response_loss(model, tokens, labels, image=None, chunk=0):
 def pad_batch(examples, device=None):
     """Right-pad (tokens, labels) pairs to the longest in the batch; padding is never scored. Unshifted: see
     encode_example."""
-    width = max(len(tokens) for tokens, _ in examples)
-    tokens = torch.zeros(len(examples), width, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for i, (t, l) in enumerate(examples):
-        tokens[i, :len(t)], labels[i, :len(l)] = torch.tensor(t), torch.tensor(l)
+    tokens, labels = (pad_sequence([torch.tensor(e[i]) for e in examples], batch_first=True,
+                                   padding_value=(0, IGNORE_INDEX)[i]) for i in (0, 1))
     return tokens.to(device), labels.to(device)
 
 

@@ -15,116 +15,115 @@ global batch is done. ckpt_dir may hold Meta's layout or Hugging Face's (config.
 Llama 3.x. Writes out_dir/adapter.pth (the adapter alone, fp32, ~4.7 MiB at 7B), out_dir/train_state.pth (what
 --resume needs), out_dir/log.jsonl (one line per optimizer step) and out_dir/summary.json (the run's figures).
 """
-import contextlib
 import functools
 import importlib
-import io
 import json
 import math
 import os
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
+import cli
 import lladapter
-from checkpoint import InputError
+from cli import InputError
 
 # ----------------------------------------------------------------------------------------------------------
-# settings
-ckpt_dir = ""  # base model: Meta's layout (params.json, consolidated.*.pth) or Hugging Face's; empty: the walkthrough
-tokenizer_path = ""  # empty: tokenizer.model or tokenizer.json in ckpt_dir, or tokenizer.model beside it
-data_path = "alpaca_data.json"  # a JSON list (or .jsonl, one per line) of {"instruction", "input", "output"}
-out_dir = "out"  # adapter.pth, train_state.pth and log.jsonl go here
-mode = "adapter"  # "adapter": train the prompts and gates only; "full": every weight (the paper's baseline)
-template = "alpaca"  # the prompt: "alpaca" (the paper's), or "llama3", the chat format of Llama 3's instruct models
-adapter_len = 10  # K, prompt vectors per adapted layer
-adapter_layer = -1  # L, adapted top layers; -1: all but the bottom two (the paper's 30 of 32 at 7B)
-image_dim = 0  # width of the image features that records name under "image"; 0: text only
-max_seq_len = 512  # longer examples are truncated; those whose prompt alone doesn't fit are skipped
-val_fraction = 0.01  # held out from training for the validation loss
-batch_size = 32  # effective batch: examples per optimizer step, over all processes
-micro_batch_size = 4  # examples per forward pass in each process
-epochs = 5  # passes over the training examples
-warmup_epochs = 2.0  # linear warmup, then half a cosine down to 0, set at every optimizer step
-base_lr = 9e-3  # the learning rate is base_lr * batch_size / 256 (1.125e-3 at 32)
-weight_decay = 0.02  # AdamW, on the prompts and gates
-beta1 = 0.9  # AdamW betas, the paper's
-beta2 = 0.95
-seed = 0  # the adapter's initial values, the validation split and the data order
-log_interval = 10  # optimizer steps between printed lines (log.jsonl gets every step)
-eval_interval = 200  # optimizer steps between validation losses (and one at the end)
-save_interval = 200  # optimizer steps between checkpoints (and one at the end)
-stop_after = 0  # stop after this many optimizer steps in all, to --resume later; 0: run to the end
-resume = False  # continue from out_dir/train_state.pth
-device = ""  # empty: cuda if available, else cpu
-dtype = "auto"  # the frozen base: auto is bf16 on a GPU that has it, fp16 on one that doesn't, fp32 on a CPU
-loss_scale = 65536.0  # fp16 only: the starting loss scale, halved at each overflow (that step skipped)
-fsdp = False  # under torchrun: shard the frozen base over the processes (FSDP2) instead of a copy in each
-compile = False  # torch.compile each transformer block (the same losses; pays off on a GPU)
-quantize = ""  # "int8": the frozen base's block matrices and output head int8, a scale per row (quantize.py)
-activation_checkpointing = False  # keep only each adapted block's input; recompute the rest in the backward pass
-loss_chunk = 0  # scored positions per pass through the output head and loss (e.g. 256, for a 128K vocabulary); 0: all
-smoke = False  # the walkthrough only: its one-minute version
-variant = ""  # "module:function", called on the built model before it is frozen: an experiment's change to it
-settings = checkpoint.settings_of(globals())
+# settings: each is --name=value on the command line; --help lists them
+
+
+@dataclass
+class Settings:
+    ckpt_dir: str = ""  # base model: Meta's layout (params.json, consolidated.*.pth) or Hugging Face's; empty: the walkthrough
+    tokenizer_path: str = ""  # empty: tokenizer.model or tokenizer.json in ckpt_dir, or tokenizer.model beside it
+    data_path: str = "alpaca_data.json"  # a JSON list (or .jsonl, one per line) of {"instruction", "input", "output"}
+    out_dir: str = "out"  # adapter.pth, train_state.pth and log.jsonl go here
+    mode: Literal["adapter", "full"] = "adapter"  # adapter: the prompts and gates train; full: every weight (the paper's baseline)
+    template: Literal[lladapter.TEMPLATES] = "alpaca"  # the prompt: the paper's, or llama3, the chat format of Llama 3's instruct models
+    adapter_len: int = 10  # K, prompt vectors per adapted layer
+    adapter_layer: int = -1  # L, adapted top layers; -1: all but the bottom two (the paper's 30 of 32 at 7B)
+    image_dim: int = 0  # width of the image features that records name under "image"; 0: text only
+    max_seq_len: int = 512  # longer examples are truncated; those whose prompt alone doesn't fit are skipped
+    val_fraction: float = 0.01  # held out from training for the validation loss
+    batch_size: int = 32  # effective batch: examples per optimizer step, over all processes
+    micro_batch_size: int = 4  # examples per forward pass in each process
+    epochs: int = 5  # passes over the training examples
+    warmup_epochs: float = 2.0  # linear warmup, then half a cosine down to 0, set at every optimizer step
+    base_lr: float = 9e-3  # the learning rate is base_lr * batch_size / 256 (1.125e-3 at 32)
+    weight_decay: float = 0.02  # AdamW, on the prompts and gates
+    beta1: float = 0.9  # AdamW's first beta, the paper's
+    beta2: float = 0.95  # AdamW's second beta, the paper's
+    seed: int = 0  # the adapter's initial values, the validation split and the data order
+    log_interval: int = 10  # optimizer steps between printed lines (log.jsonl gets every step)
+    eval_interval: int = 200  # optimizer steps between validation losses (and one at the end)
+    save_interval: int = 200  # optimizer steps between checkpoints (and one at the end)
+    stop_after: int = 0  # stop after this many optimizer steps in all, to --resume later; 0: run to the end
+    resume: bool = False  # continue from out_dir/train_state.pth
+    device: str = ""  # empty: cuda if available, else cpu
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # the frozen base; auto: bf16 on a GPU that has it natively, fp16 on older ones, fp32 on a CPU
+    loss_scale: float = 65536.0  # fp16 only: the starting loss scale, halved at each overflow (that step skipped)
+    fsdp: bool = False  # under torchrun: shard the frozen base over the processes (FSDP2) instead of a copy in each
+    compile: bool = False  # torch.compile each transformer block (the same losses; pays off on a GPU)
+    quantize: Literal["", "int8"] = ""  # int8: the frozen base's block matrices and output head int8, a scale per row (quantize.py)
+    activation_checkpointing: bool = False  # keep only each adapted block's input; recompute the rest in the backward pass
+    loss_chunk: int = 0  # scored positions per pass through the output head and loss (e.g. 256, for a 128K vocabulary); 0: all
+    smoke: bool = False  # the walkthrough only: its one-minute version
+    variant: str = ""  # for experiments (walkthrough/ablations.py): "module:function", applied to the built model
+
+
 # Settings that must not change between a run and its --resume.
 RUN_IDENTITY = ["ckpt_dir", "data_path", "mode", "variant", "adapter_len", "adapter_layer", "image_dim", "max_seq_len",
                 "val_fraction", "batch_size", "epochs", "warmup_epochs", "base_lr", "weight_decay", "beta1", "beta2", "seed",
                 "template"]
 # ----------------------------------------------------------------------------------------------------------
 
-checkpoint.exit_on_input_error()
-overrides = checkpoint.parse_overrides(settings, sys.argv[1:], __doc__, __file__)
-walkthrough = not overrides.get("ckpt_dir", ckpt_dir)
-if walkthrough:  # the miniature run has its own recipe; command-line overrides still apply on top
-    from walkthrough import world as wt
-    stray = [k for k in ("data_path", "tokenizer_path") if k in overrides]
-    checkpoint.require(not stray, f"--{stray[0] if stray else ''} needs --ckpt_dir: without one, train.py runs the "
-                              f"walkthrough on its own data and model")
-    settings.update(wt.SETTINGS, **(wt.SMOKE_SETTINGS if overrides.get("smoke") else {}))
-settings.update(overrides)
-globals().update(settings)
+cli.exit_on_input_error()
+args = cli.parse(Settings, __doc__)
+walkthrough = None
+if not args.ckpt_dir:  # no base given: the built-in walkthrough (walkthrough/world.py), its settings under the command line's
+    from walkthrough import world as walkthrough
+    args = walkthrough.preset(args, functools.partial(cli.parse, Settings, __doc__))
 # Settings a user can get wrong, refused before anything is built or written
-checkpoint.require(mode in ("adapter", "full"), f"--mode={mode}: expected adapter or full")
-for key in ("batch_size", "micro_batch_size", "epochs", "max_seq_len", "log_interval", "eval_interval", "save_interval"):
-    checkpoint.require(settings[key] > 0, f"--{key}={settings[key]}: must be positive")
-for key in ("stop_after", "adapter_len", "image_dim", "warmup_epochs", "weight_decay"):
-    checkpoint.require(settings[key] >= 0, f"--{key}={settings[key]}: must not be negative")
-checkpoint.require(adapter_layer >= -1, f"--adapter_layer={adapter_layer}: a number of layers, or -1 for all but two")
-checkpoint.require(mode == "full" or adapter_len > 0 and adapter_layer != 0, f"--adapter_len={adapter_len} "
-                   f"--adapter_layer={adapter_layer}: an adapter needs at least one prompt in one layer (or --mode=full)")
-checkpoint.require(template in lladapter.TEMPLATES, f"--template={template}: expected one of {lladapter.TEMPLATES}")
-checkpoint.require(0 <= val_fraction < 1 and base_lr > 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1,
-                   "--val_fraction, --beta1 and --beta2 must lie in [0, 1), --base_lr must be positive")
-checkpoint.require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}: no CUDA device here")
-checkpoint.require(quantize in ("", "int8") and not (quantize and (fsdp or mode == "full")),
-                   f"--quantize={quantize}: expected int8 or nothing; an int8 base is frozen (adapter mode) and not sharded")
-checkpoint.require(loss_chunk >= 0, f"--loss_chunk={loss_chunk}: must not be negative")
-checkpoint.require(loss_scale > 0, f"--loss_scale={loss_scale}: must be positive")
-checkpoint.require(not fsdp or "RANK" in os.environ and mode == "adapter" and not compile,
-                   "--fsdp: runs under torchrun (one process per GPU), in adapter mode, without --compile")
-checkpoint.require(not fsdp or tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 7),
-                   f"--fsdp needs torch >= 2.7 (fully_shard's ignored_params, which keeps the adapter whole); "
-                   f"this is {torch.__version__}")
-if variant:  # e.g. walkthrough.ablations:no_gate (python -m walkthrough.ablations runs them)
-    module_name, _, function_name = variant.partition(":")
+for key in ("batch_size", "micro_batch_size", "epochs", "max_seq_len", "log_interval", "eval_interval", "save_interval",
+            "loss_scale"):
+    cli.require(getattr(args, key) > 0, f"--{key}={getattr(args, key)}: must be positive")
+for key in ("stop_after", "adapter_len", "image_dim", "warmup_epochs", "weight_decay", "loss_chunk"):
+    cli.require(getattr(args, key) >= 0, f"--{key}={getattr(args, key)}: must not be negative")
+cli.require(args.adapter_layer >= -1, f"--adapter_layer={args.adapter_layer}: a number of layers, or -1 for all but two")
+cli.require(args.mode == "full" or args.adapter_len > 0 and args.adapter_layer != 0, f"--adapter_len={args.adapter_len} "
+            f"--adapter_layer={args.adapter_layer}: an adapter needs at least one prompt in one layer (or --mode=full)")
+cli.require(0 <= args.val_fraction < 1 and args.base_lr > 0 and 0 <= args.beta1 < 1 and 0 <= args.beta2 < 1,
+            "--val_fraction, --beta1 and --beta2 must lie in [0, 1), --base_lr must be positive")
+cli.require(not args.device.startswith("cuda") or torch.cuda.is_available(), f"--device={args.device}: no CUDA device here")
+cli.require(not (args.quantize and args.mode == "full"), "--quantize=int8: an int8 base is frozen, for --mode=adapter")
+cli.require(not args.fsdp or "RANK" in os.environ and args.mode == "adapter" and not args.compile,
+            "--fsdp: runs under torchrun (one process per GPU), in adapter mode, without --compile")
+cli.require(not args.fsdp or tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 7),
+            f"--fsdp needs torch >= 2.7 (fully_shard's ignored_params, which keeps the adapter whole); "
+            f"this is {torch.__version__}")
+if args.variant:  # e.g. walkthrough.ablations:no_gate (python -m walkthrough.ablations runs them)
+    module_name, _, function_name = args.variant.partition(":")
     try:
         apply_variant = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError, ValueError) as e:
-        raise InputError(f"--variant={variant}: expected module:function ({e})") from None
-checkpoint.require(not resume or (Path(out_dir) / "train_state.pth").is_file(),
-                   f"--resume: nothing to resume, {Path(out_dir) / 'train_state.pth'} does not exist")
+        raise InputError(f"--variant={args.variant}: expected module:function ({e})") from None
+out = Path(args.out_dir)
+cli.require(not args.resume or (out / "train_state.pth").is_file(),
+            f"--resume: nothing to resume, {out / 'train_state.pth'} does not exist")
 
 # Several processes when launched by torchrun (it sets RANK), one otherwise; NCCL on GPUs, gloo on CPUs. Each
 # process holds the whole base and DDP averages the adapter's gradients, or (--fsdp) each holds a shard of it.
 distributed = "RANK" in os.environ
-ddp = distributed and not fsdp
+ddp = distributed and not args.fsdp
+device = args.device
 if distributed:
     use_cuda = torch.cuda.is_available() and device != "cpu"
     dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -140,15 +139,14 @@ master = rank == 0  # only it prints and writes files
 # One precision story: the frozen base in compute_dtype, every computation on it under one autocast, the adapter
 # fp32. Full fine-tuning keeps fp32 master weights. fp16 (GPUs without bf16) scales the loss so that small
 # gradients don't underflow; a step whose gradients overflow is skipped and the scale halved.
-compute_dtype = checkpoint.dtype_of(dtype, device)
+compute_dtype = cli.dtype_of(args.dtype, device)
 autocast = torch.autocast(device_type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
-scaler = torch.amp.GradScaler(device_type, init_scale=loss_scale, enabled=compute_dtype == torch.float16)
-out = Path(out_dir)
+scaler = torch.amp.GradScaler(device_type, init_scale=args.loss_scale, enabled=compute_dtype == torch.float16)
 
 
-def say(*args):
+def say(*text):
     if master:
-        print(*args, flush=True)
+        print(*text, flush=True)
 
 
 def peak_memory_mib():
@@ -177,22 +175,15 @@ def finish():
 
 
 resident_at_start = peak_memory_mib() if device_type == "cpu" else 0.0
-
-
-if walkthrough:
-    if master:
-        wt.prepare(out, smoke)  # its data, tokenizer and pretrained base model, built once
-    if distributed:
-        dist.barrier()
-    walkthrough_paths = wt.paths(out)
-    ckpt_dir, data_path = walkthrough_paths["ckpt_dir"], walkthrough_paths["data_path"]
+if walkthrough:  # its data, tokenizer and pretrained base, built once by process 0
+    walkthrough.prepare(args)
 
 # ----------------------------------------------------------------------------------------------------------
 # data: Alpaca records -> (tokens, labels) with only the response and EOS scored
 
 
 def load_records(path):
-    records = checkpoint.read_records(path)
+    records = cli.read_records(path)
     for i, r in enumerate(records):
         missing = [key for key in ("instruction", "output") if key not in r]
         if missing:
@@ -200,72 +191,72 @@ def load_records(path):
         for key in ("instruction", "input", "output"):
             if not isinstance(r.get(key, ""), str):
                 raise InputError(f"{path}: record {i}: {key!r} is a {type(r[key]).__name__}, not a string")
-        if "image" in r and not image_dim:
+        if "image" in r and not args.image_dim:
             raise InputError(f"{path}: record {i} has an image, but this adapter is text-only (set --image_dim)")
-        if image_dim and "image" not in r:
-            raise InputError(f"{path}: record {i} has no 'image', and --image_dim={image_dim} needs one per record")
+        if args.image_dim and "image" not in r:
+            raise InputError(f"{path}: record {i} has no 'image', and --image_dim={args.image_dim} needs one per record")
     return records
 
 
-records = load_records(data_path)
-say(f"loading {ckpt_dir} and tokenizing {len(records)} records ...")
+records = load_records(args.data_path)
+say(f"loading {args.ckpt_dir} and tokenizing {len(records)} records ...")
 t_load = time.time()
-
-
-torch.manual_seed(seed)  # the adapter's initial values: the same on every run and in every process
+torch.manual_seed(args.seed)  # the adapter's initial values: the same on every run and in every process
 model, tokenizer = checkpoint.load_llama(
-    ckpt_dir, tokenizer_path or None, device=device, dtype=torch.float32 if mode == "full" else compute_dtype,
-    shard=checkpoint.fully_shard_base if fsdp else None,  # --fsdp: each process reads and keeps only its shard
-    quantize=quantize,  # int8: quantized as it is read, never whole in full precision
-    max_seq_len=max_seq_len, adapter_len=adapter_len, adapter_layer=adapter_layer, image_dim=image_dim)
-model.activation_checkpointing = activation_checkpointing
-if variant:  # an experiment's small, visible change to the built model
+    args.ckpt_dir, args.tokenizer_path or None, device=device,
+    dtype=torch.float32 if args.mode == "full" else compute_dtype,
+    shard=checkpoint.fully_shard_base if args.fsdp else None,  # --fsdp: each process reads and keeps only its shard
+    quantize=args.quantize,  # int8: quantized as it is read, never whole in full precision
+    max_seq_len=args.max_seq_len, adapter_len=args.adapter_len, adapter_layer=args.adapter_layer,
+    image_dim=args.image_dim)
+model.activation_checkpointing = args.activation_checkpointing
+if args.variant:  # an experiment's small, visible change to the built model
     apply_variant(model)
-checkpoint.require(template == "alpaca" or hasattr(tokenizer, "special"),
-                   f"--template={template}: needs a Llama 3 tokenizer, and {ckpt_dir}'s is SentencePiece")
 examples, features, n_truncated = [], [], 0
 for i, r in enumerate(records):
-    encoded = lladapter.encode_example(tokenizer, r["instruction"], r.get("input", ""), r["output"], max_seq_len,
-                                       template)
+    encoded = lladapter.encode_example(tokenizer, r["instruction"], r.get("input", ""), r["output"], args.max_seq_len,
+                                       args.template)
     if encoded is None:
         continue
     examples.append(encoded[:2])
     n_truncated += encoded[2]
-    if image_dim:
-        features.append(checkpoint.load_image_feature(r["image"], Path(data_path).parent, image_dim, f"{data_path}: record {i}"))
+    if args.image_dim:
+        features.append(cli.load_image_feature(r["image"], Path(args.data_path).parent, args.image_dim,
+                                               f"{args.data_path}: record {i}"))
 if not examples:
-    raise InputError(f"{data_path}: no record fits in max_seq_len={max_seq_len}")
-features = torch.stack(features) if image_dim else None
+    raise InputError(f"{args.data_path}: no record fits in max_seq_len={args.max_seq_len}")
+features = torch.stack(features) if args.image_dim else None
 n_scored = [sum(label != lladapter.IGNORE_INDEX for label in labels) for _, labels in examples]
-say(f"data: {len(records)} records in {data_path}; {len(records) - len(examples)} skipped (prompt alone longer than "
-    f"max_seq_len={max_seq_len}), {n_truncated} truncated; loaded in {time.time() - t_load:.0f}s, peak memory so far "
-    f"{mib(peak_memory_mib())}")
+say(f"data: {len(records)} records in {args.data_path}; {len(records) - len(examples)} skipped (prompt alone longer "
+    f"than max_seq_len={args.max_seq_len}), {n_truncated} truncated; loaded in {time.time() - t_load:.0f}s, peak "
+    f"memory so far {mib(peak_memory_mib())}")
 load_peak_mib = peak_memory_mib()
 
 # A fixed held-out split, the same in every process and on every resume.
-perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-n_val = min(len(examples) - 1, math.ceil(val_fraction * len(examples)))
+perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
+n_val = min(len(examples) - 1, math.ceil(args.val_fraction * len(examples)))
 val_idx, train_idx = perm[:n_val], perm[n_val:]
+batch_size, micro_batch_size = args.batch_size, args.micro_batch_size
 steps_per_epoch = len(train_idx) // batch_size
 if micro_batch_size * world > batch_size:  # e.g. the walkthrough's one micro-batch of 32, under torchrun
     micro_batch_size = max(1, batch_size // world)
     say(f"micro_batch_size lowered to {micro_batch_size}: {world} processes share each batch of {batch_size}")
 accumulation = batch_size // (world * micro_batch_size)
 if steps_per_epoch == 0:
-    raise InputError(f"{data_path}: {len(train_idx)} training records, fewer than batch_size={batch_size}")
+    raise InputError(f"{args.data_path}: {len(train_idx)} training records, fewer than batch_size={batch_size}")
 if accumulation * world * micro_batch_size != batch_size:
     raise InputError(f"batch_size={batch_size} must be a multiple of micro_batch_size={micro_batch_size} "
                      f"x {world} processes")
-total_steps = epochs * steps_per_epoch
-warmup_steps = round(warmup_epochs * steps_per_epoch)
-peak_lr = base_lr * batch_size / 256
+total_steps = args.epochs * steps_per_epoch
+warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+peak_lr = args.base_lr * batch_size / 256
 say(f"{len(train_idx)} train / {len(val_idx)} val examples; {steps_per_epoch} steps per epoch, {total_steps} in all; "
     f"{world} process(es) x {accumulation} micro-batches of {micro_batch_size}; peak lr {peak_lr:.3g}")
 
 
 @functools.lru_cache(maxsize=1)
 def epoch_order(epoch):  # a fresh permutation per epoch, from the seed: the data position is the step alone
-    return torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed + 1 + epoch)).tolist()
+    return torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(args.seed + 1 + epoch)).tolist()
 
 
 def global_batch(step):
@@ -291,15 +282,15 @@ def loss_sum(model, idx):
     # Summed cross-entropy over the response tokens and EOS of examples `idx` (a micro-batch).
     tokens, labels = lladapter.pad_batch([examples[j] for j in idx], device)
     with autocast:
-        return lladapter.response_loss(model, tokens, labels, features[idx].to(device) if image_dim else None,
-                                       chunk=loss_chunk)
+        return lladapter.response_loss(model, tokens, labels, features[idx].to(device) if args.image_dim else None,
+                                       chunk=args.loss_chunk)
 
 
 @torch.no_grad()
 def validation_loss():
     share = val_idx[rank::world]
     batches = [share[i:i + micro_batch_size] for i in range(0, len(share), micro_batch_size)]
-    if fsdp:  # each forward gathers the shards from every process: all must run as many as the busiest, so the
+    if args.fsdp:  # each forward gathers the shards from every process: all must run as many as the busiest, so the
         # ones with fewer examples run a repeat that isn't counted
         batches += [[]] * (math.ceil(math.ceil(len(val_idx) / world) / micro_batch_size) - len(batches))
     loss = sum(loss_sum(raw_model, idx or val_idx[:1]) * bool(idx) for idx in batches)
@@ -313,23 +304,24 @@ def validation_loss():
 # model: the frozen base plus the adapter (or every weight, in full mode), optimizer, checkpoints
 
 raw_model = model  # saved from, never from the DDP or compiled wrapper (no "module." prefixes in files)
-if mode == "adapter":
+if args.mode == "adapter":
     lladapter.mark_only_adapter_trainable(model)  # before DDP wraps it: DDP syncs only what trains
 trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
 n_trainable, n_total = sum(p.numel() for p in trainable.values()), sum(p.numel() for p in model.parameters())
 say(f"model: {n_total:,} parameters, {n_trainable:,} trainable ({100 * n_trainable / n_total:.3f}%), "
-    f"base in {model.tok_embeddings.weight.dtype}{', its matrices int8' if quantize else ''}, on {device}"
+    f"base in {model.tok_embeddings.weight.dtype}{', its matrices int8' if args.quantize else ''}, on {device}"
     + (f", {world} processes" if distributed else ""))
-if fsdp:  # what this process holds of the frozen base: its shard of each tensor
+if args.fsdp:  # what this process holds of the frozen base: its shard of each tensor
     local = sum(p.to_local().numel() for p in model.parameters() if hasattr(p, "to_local"))
     say(f"fsdp: process 0 holds {local:,} of the base's {n_total - n_trainable:,} elements "
         f"({100 * local / (n_total - n_trainable):.1f}%)")
-optimizer = torch.optim.AdamW(trainable.values(), lr=peak_lr, betas=(beta1, beta2), weight_decay=weight_decay,
-                              fused=device_type == "cuda")
+optimizer = torch.optim.AdamW(trainable.values(), lr=peak_lr, betas=(args.beta1, args.beta2),
+                              weight_decay=args.weight_decay, fused=device_type == "cuda")
 gates = [layer.attention.gate for layer in raw_model.layers[raw_model.first_adapted:]]
 
+settings = vars(args)
 start_step = 0
-if resume:
+if args.resume:
     state = checkpoint.torch_load(out / "train_state.pth", verify=True)
     changed = [k for k in RUN_IDENTITY if state["settings"].get(k, settings[k]) != settings[k]]  # older: no template
     if changed:
@@ -340,27 +332,25 @@ if resume:
             p.copy_(state["trainable"][name])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state.get("scaler", {}))
-    torch.set_rng_state(state["rng"]["cpu"])
     start_step = state["step"]
     say(f"resumed from {out / 'train_state.pth'} at step {start_step}")
 if master and (out / "log.jsonl").exists():  # a new run starts a new log; a resumed one keeps its steps so far
     kept = [line for line in (out / "log.jsonl").read_text().splitlines() if json.loads(line)["step"] <= start_step]
-    (out / "log.jsonl").write_text("".join(line + "\n" for line in kept))
+    checkpoint.atomic_save("".join(line + "\n" for line in kept).encode(), out / "log.jsonl")
 
 
 def save_checkpoint(step):
     # The deliverable first, then the resume state; each written whole under a temporary name, then renamed.
-    if mode == "adapter":
+    if args.mode == "adapter":
         checkpoint.save_adapter(raw_model, out / "adapter.pth")
     else:  # the whole fine-tuned model in Meta's layout, loadable with --ckpt_dir=out_dir
         checkpoint.save_meta_checkpoint(raw_model, out, tokenizer)
     checkpoint.atomic_save({"step": step, "settings": settings, "optimizer": optimizer.state_dict(),
                             "scaler": scaler.state_dict(),
-                           "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
-                           "rng": {"cpu": torch.get_rng_state()}}, out / "train_state.pth")
+                            "trainable": {n: p.detach().cpu() for n, p in trainable.items()}}, out / "train_state.pth")
 
 
-if compile:  # in place, block by block: parameter names, DDP and the saved files stay as they are
+if args.compile:  # in place, block by block: parameter names, DDP and the saved files stay as they are
     for layer in raw_model.layers:
         layer.compile()
 if ddp:
@@ -369,7 +359,7 @@ if ddp:
 # ----------------------------------------------------------------------------------------------------------
 # the loop: one optimizer step per global batch
 
-last_step = min(total_steps, stop_after or total_steps)
+last_step = min(total_steps, args.stop_after or total_steps)
 t_start, tokens_seen, step_seconds = time.time(), 0, []
 for step in range(start_step, last_step):
     t_step = time.time()
@@ -388,7 +378,7 @@ for step in range(start_step, last_step):
             loss = loss_sum(model, idx) / targets
             scaler.scale(loss * (world if ddp else 1)).backward()
         step_loss += loss.detach()
-    if fsdp:
+    if args.fsdp:
         for p in trainable.values():
             dist.all_reduce(p.grad)
     if distributed:
@@ -399,13 +389,13 @@ for step in range(start_step, last_step):
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     done = step + 1
-    saving = done % save_interval == 0 or done == last_step
+    saving = done % args.save_interval == 0 or done == last_step
     # A non-finite loss, or a step that broke the weights about to be saved, ends the run; nothing bad is written.
     broken = f"the loss is {step_loss}" if not math.isfinite(step_loss) else \
         "the weights are no longer finite" if saving and not all(p.isfinite().all() for p in trainable.values()) else ""
     if broken:
         say(f"error: {broken} at step {done}: stopping. The last good checkpoint is in {out} "
-            f"(written every {save_interval} steps); try a lower --base_lr")
+            f"(written every {args.save_interval} steps); try a lower --base_lr")
         finish()  # every process saw the same loss and stops here
         sys.exit(1)
 
@@ -420,7 +410,7 @@ for step in range(start_step, last_step):
         if record["loss_scale"] < scale:
             record["skipped"] = True
             say(f"step {done}: fp16 gradients overflowed, step skipped; loss scale now {record['loss_scale']:g}")
-    if (done % eval_interval == 0 or done == total_steps) and val_idx:
+    if (done % args.eval_interval == 0 or done == total_steps) and val_idx:
         record["val_loss"] = validation_loss()  # every process evaluates its share
     if master:
         elapsed = time.time() - t_start
@@ -428,7 +418,7 @@ for step in range(start_step, last_step):
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        if done % log_interval == 0 or done == last_step or "val_loss" in record:
+        if done % args.log_interval == 0 or done == last_step or "val_loss" in record:
             val = f" | val loss {record['val_loss']:.4f}" if "val_loss" in record else ""
             print(f"step {done}/{total_steps} | epoch {record['epoch']:.2f} | loss {step_loss:.4f} | lr {lr:.3e} | "
                   f"{tokens_seen / elapsed:,.0f} tok/s | {elapsed:.0f}s elapsed, eta {eta:.0f}s | "
@@ -443,23 +433,17 @@ peak = peak.item()
 say(f"peak memory: {mib(peak)} " + ("reserved by torch on the GPU" if device_type == "cuda" else
     f"resident ({mib(peak - resident_at_start)} above python and torch)" if math.isfinite(peak) else "") +
     (f", the most of {world} processes" if distributed else ""))
-walkthrough_result = None
 if last_step < total_steps:
     say(f"stopped after step {last_step} of {total_steps} (--stop_after); continue with --resume")
-elif mode == "adapter":
-    if master:
-        say(f"adapter: {out / 'adapter.pth'} ({os.path.getsize(out / 'adapter.pth') / 2**20:.2f} MiB)")
-    if walkthrough and (master or fsdp):  # a sharded model generates only with every process taking part
-        with contextlib.redirect_stdout(io.StringIO()) if not master else nullcontext():
-            walkthrough_result = wt.report(raw_model, tokenizer, walkthrough_paths, smoke)
-if master:  # what tools read (tools/bench.py, tools/gpu_check.py): this run's figures, never its printed lines
+elif args.mode == "adapter" and master:
+    say(f"adapter: {out / 'adapter.pth'} ({os.path.getsize(out / 'adapter.pth') / 2**20:.2f} MiB)")
+if master:  # what tools read (tools/plan.py, walkthrough/ablations.py): this run's figures, never its printed lines
     summary = {"steps": last_step, "total_steps": total_steps, "world": world, "device": device,
                "peak_memory_mib": peak if math.isfinite(peak) else None,
                "above_start_mib": peak - resident_at_start if device_type == "cpu" and math.isfinite(peak) else None,
                "load_peak_mib": load_peak_mib if math.isfinite(load_peak_mib) else None,
-               "step_seconds": step_seconds, "tokens_per_s": tokens_seen / max(sum(step_seconds), 1e-9),
-               "walkthrough": walkthrough_result}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json.tmp").write_text(json.dumps(summary, indent=1))
-    os.replace(out / "summary.json.tmp", out / "summary.json")
+               "step_seconds": step_seconds, "tokens_per_s": tokens_seen / max(sum(step_seconds), 1e-9)}
+    checkpoint.atomic_save(json.dumps(summary, indent=1).encode(), out / "summary.json")
+if walkthrough and last_step == total_steps and args.mode == "adapter":  # held-out questions, with and without it
+    walkthrough.report(raw_model, tokenizer, args)
 finish()

@@ -14,11 +14,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the reference's folder
 
 import checkpoint  # noqa: E402
+import cli
 import lladapter
-from checkpoint import InputError
+from cli import InputError
 
-from test_lladapter import ROOT, DEVICE, tiny_model, write_meta_checkpoint, train_tokenizer
-from test_lladapter import bpe_tokenizer, spm_tokenizer  # noqa: F401  (fixtures the slow tier uses too)
+from tests.fixtures import ROOT, DEVICE, VOCAB, tiny_model, write_meta_checkpoint
+from tests.fixtures import bpe_tokenizer, spm_tokenizer  # noqa: F401  (fixtures every slow test may use)
+from walkthrough.world import train_tokenizer
 
 # ---- train.py ---------------------------------------------------------------------------------------------
 
@@ -35,10 +37,9 @@ def task(tmp_path_factory):
                 "output": f"The {a} is {COLOURS[ANIMALS.index(a) % 4]}."} for a in rng.choices(ANIMALS, k=120)]
     (d / "data.json").write_text(json.dumps(records))
     text = [lladapter.format_prompt(r["instruction"], r["input"]) + r["output"] for r in records]
-    (d / "text.txt").write_text("\n".join(text))
     ckpt = d / "ckpt"
     ckpt.mkdir()
-    train_tokenizer(d / "text.txt", ckpt / "tokenizer", user_defined_symbols=COLOURS)  # a colour is one piece
+    train_tokenizer(text, ckpt / "tokenizer", VOCAB, user_defined_symbols=COLOURS)  # a colour is one piece
     write_meta_checkpoint(tiny_model(max_seq_len=512), ckpt, vocab_size=-1)
     return d
 
@@ -100,8 +101,8 @@ def bad_inputs(task, d):
         "not a string": (good[:3] + [{"instruction": "a", "input": 7, "output": "b"}], "record 3: 'input' is a int"),
         "empty": ([], "expected a non-empty list"),
         "missing checkpoint": (["--ckpt_dir=" + str(d / "nockpt")], "nockpt: no such checkpoint directory"),
-        "unknown setting": (["--learning_rate=3"], "unknown argument '--learning_rate=3'"),
-        "wrong type": (["--epochs=five"], "--epochs=five: expected a int"),
+        "unknown setting": (["--learning_rate=3"], "error: unrecognized arguments: --learning_rate=3"),
+        "wrong type": (["--epochs=five"], "error: argument --epochs: invalid int value: 'five'"),
     }
     for name, (content, message) in cases.items():
         if isinstance(content, list) and all(isinstance(c, str) and c.startswith("--") for c in content) and content:
@@ -154,7 +155,7 @@ def first_answer_accuracy(task, out, records, image_dim):
     model, tok = checkpoint.load_llama(task / "ckpt", adapter_path=out / "adapter.pth", device=DEVICE, adapter_layer=2,
                                       adapter_len=3, image_dim=image_dim)
     prompt = tok.encode(lladapter.format_prompt(records[0]["instruction"]), bos=True, eos=False)
-    image = torch.stack([checkpoint.load_image_feature(r["image"], out.parent, 16, "test") for r in records])
+    image = torch.stack([cli.load_image_feature(r["image"], out.parent, 16, "test") for r in records])
     answers = lladapter.generate(model, [prompt] * len(records), 1, 0, eos_id=tok.eos_id,
                                  image=image.to(DEVICE) if image_dim else None)
     return sum(tok.decode(a) == r["output"] for a, r in zip(answers, records)) / len(records)

@@ -15,10 +15,12 @@ import torch.nn.functional as F
 
 import checkpoint
 import lladapter
+import tokenizer as tokenizers
 
 from walkthrough import world
 from walkthrough.ablations import VARIANTS, base_qa, base_questions, kl_from_base
-from test_lladapter import ROOT, DEVICE, tiny_model, base_copy, tokens, cached_logits, eq7_reference
+from tests.fixtures import ROOT, DEVICE, tiny_model, base_copy, tokens, cached_logits
+from test_lladapter import eq7_reference  # the paper's Eq. 7, written literally, that the variants are held to
 
 # ---- the paper's ablations in miniature (walkthrough/ablations.py) -----------------------------------------
 
@@ -148,7 +150,7 @@ def test_base_questions_are_the_corpus_own_q_and_a():
 def test_retention_probes_give_exactly_the_base_numbers_with_gates_closed(spm_tokenizer):
     # The zero-init property, as the probes see it: with every gate at 0 the adapted model's KL from the base is
     # exactly 0 and its answers to the base's questions are the base's own, however far the gates had opened.
-    tokenizer = lladapter.Tokenizer(spm_tokenizer)
+    tokenizer = tokenizers.Tokenizer(spm_tokenizer)
     model = tiny_model(open_gates=True, max_seq_len=256)
     base, docs = base_copy(model), small_world_docs()
     questions = base_questions(docs)
@@ -159,7 +161,7 @@ def test_retention_probes_give_exactly_the_base_numbers_with_gates_closed(spm_to
 
 
 def test_a_variant_that_moves_the_base_at_step_0_has_kl_above_0_and_zero_init_exactly_0(spm_tokenizer):
-    tokenizer, docs = lladapter.Tokenizer(spm_tokenizer), small_world_docs()
+    tokenizer, docs = tokenizers.Tokenizer(spm_tokenizer), small_world_docs()
     for name in VARIANTS:
         model = variant_model(name, max_seq_len=256)
         kl = kl_from_base(model, base_copy(tiny_model(max_seq_len=256)), tokenizer, docs)
@@ -219,10 +221,11 @@ def test_quick_ablations_run_every_variant_and_write_the_table_and_the_figure(tm
 def test_ablations_help_lists_the_settings_and_a_wrong_one_is_one_line():
     result = subprocess.run([sys.executable, "-m", "walkthrough.ablations", "--help"], cwd=ROOT, capture_output=True,
                             text=True)
-    assert result.returncode == 0 and "--quick=False" in result.stdout and "--short_epochs=5" in result.stdout
+    text = " ".join(result.stdout.split())
+    assert result.returncode == 0 and "--quick, --no-quick" in text and "(default: 5)" in text, text
     result = subprocess.run([sys.executable, "-m", "walkthrough.ablations", "--epochs=3"], cwd=ROOT, capture_output=True,
                             text=True)
-    assert result.returncode == 1 and result.stderr.startswith("error: unknown argument '--epochs=3'")
+    assert result.returncode == 1 and result.stderr.startswith("error: unrecognized arguments: --epochs=3")
     for wrong in ("--seeds=0", "--seeds=two"):  # refused before anything is built
         result = subprocess.run([sys.executable, "-m", "walkthrough.ablations", wrong], cwd=ROOT,
                                 capture_output=True, text=True)

@@ -13,9 +13,9 @@ import torch
 
 import checkpoint
 import lladapter
-from checkpoint import InputError
+from cli import InputError
 
-from test_lladapter import safetensors_layout, write_raw_safetensors, DEVICE, tiny_model, tokens, write_meta_checkpoint, hf_state_dict, write_hf_checkpoint, base_logits
+from tests.fixtures import safetensors_layout, write_raw_safetensors, DEVICE, tiny_model, tokens, write_meta_checkpoint, hf_state_dict, write_hf_checkpoint, base_logits
 
 def test_corrupted_checkpoint_shape_is_refused_naming_the_tensor(tmp_path, spm_tokenizer):
     write_meta_checkpoint(tiny_model(), tmp_path)
@@ -251,7 +251,8 @@ def test_damaged_adapter_file_is_refused_in_one_line_and_never_loads_other_value
     assert in_records > 150  # the sample did reach the records: most of the file (all but 0.13% of a 7B adapter)
 
 
-def test_damaged_base_checkpoint_is_refused_in_one_line_or_loads_unchanged(tmp_path, spm_tokenizer):
+def test_damaged_base_checkpoint_is_refused_on_load_in_its_pickle_and_by_tools_verify_anywhere(tmp_path, spm_tokenizer):
+    from tools import verify
     model = tiny_model(n_layers=1, adapter_layer=1)  # few tensors: torch.load's unpickler is slow
     ckpt = tmp_path / "ckpt"
     write_meta_checkpoint(model, ckpt)
@@ -260,27 +261,29 @@ def test_damaged_base_checkpoint_is_refused_in_one_line_or_loads_unchanged(tmp_p
     for n in truncations(data):
         file.write_bytes(data[:n])
         one_line_error(lambda: checkpoint.load_llama(ckpt, spm_tokenizer, adapter_layer=0), file)
-    # A base checkpoint is memory-mapped and its tensors' bytes are not verified (a 13 GB read): a flipped byte
-    # among them loads silently. So flips go only where they can be caught: the zip's headers, the pickle, the
-    # central directory at the end. The pickle is checked whole: a flip there is always refused.
+        assert verify.problem_of(file), n
+    # A base checkpoint is memory-mapped and only its pickle is checked on load (the rest would be a 13 GB read): a
+    # flip there is always refused. `python -m tools.verify` checks the whole file: a flip anywhere in a record
+    # (tensor bytes included) or in the zip's structure is found, or lands where no reader looks and the file loads
+    # exactly its values.
     file.write_bytes(data)
     expected = checkpoint.torch_load(file)
     spans = record_spans(data)
-    pickle_span = next(span for name, span in spans.items() if name.endswith("/data.pkl"))
-    tensor_spans = [span for name, span in spans.items() if name.split("/")[-2] == "data"]
-    structure = [p for p in range(len(data)) if not any(start <= p < end for start, end in tensor_spans)]
-    in_pickle = 0
-    for position, damaged in flipped(data, random.Random(2).sample(structure, 300)):
+    pickle = range(*next(span for name, span in spans.items() if name.endswith("/data.pkl")))
+    for position, damaged in flipped(data, random.Random(2).sample(pickle, 60)):
         file.write_bytes(damaged)
-        in_pickle += pickle_span[0] <= position < pickle_span[1]
-        try:
-            state = checkpoint.torch_load(file, mmap=True)  # as load_llama reads it
-        except InputError as e:
-            assert "\n" not in str(e) and str(file) in str(e), str(e)
+        one_line_error(lambda: checkpoint.torch_load(file, mmap=True), file)  # as load_llama reads it
+        assert verify.problem_of(file), position
+    in_records = 0
+    for position, damaged in flipped(data, random.Random(3).sample(range(len(data)), 300)):
+        file.write_bytes(damaged)
+        in_records += any(start <= position < end for start, end in spans.values())
+        if verify.problem_of(file):
             continue
-        assert not pickle_span[0] <= position < pickle_span[1], position
+        assert not any(start <= position < end for start, end in spans.values()), position
+        state = checkpoint.torch_load(file, mmap=True)
         assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state), position
-    assert in_pickle > 50  # the sample did reach the pickle
+    assert in_records > 150  # the sample did reach the records (the tensors' bytes are most of the file)
 
 
 def test_damaged_safetensors_header_is_refused_in_one_line_or_loads_unchanged(tmp_path, spm_tokenizer):

@@ -10,7 +10,7 @@ import torch
 import checkpoint
 import lladapter
 import quantize
-from test_lladapter import (ROOT, base_copy, tiny_model, tokens, write_hf_checkpoint,
+from tests.fixtures import (ROOT, base_copy, tiny_model, tokens, write_hf_checkpoint,
                             write_meta_checkpoint)
 
 

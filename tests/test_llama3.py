@@ -8,8 +8,8 @@ import torch
 
 import checkpoint
 import lladapter
-from conftest import log_of, run_generate, train
-from test_lladapter import BPE_RANKS, LLAMA3_VOCAB, llama3_model, write_hf_checkpoint
+from tests.conftest import log_of, run_generate, train
+from tests.fixtures import BPE_RANKS, LLAMA3_VOCAB, llama3_model, write_hf_checkpoint
 
 
 def test_train_py_adapts_a_llama3_base_in_its_chat_format_and_generate_py_reads_the_adapter_back(task, tmp_path,

@@ -10,49 +10,66 @@ import subprocess
 import sys
 
 import pytest
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
 import checkpoint
+import cli
 import lladapter
-from checkpoint import InputError
+from cli import InputError
 
-from test_lladapter import ROOT, DEVICE, tiny_model, adapter_tensors, tokens, write_meta_checkpoint
-from test_files import flipped, record_spans
-from conftest import train, log_of, run_generate, image_task, first_answer_accuracy, generate_answers, bad_inputs, script_error, SHARDED_FORWARD
+from tests.fixtures import ROOT, DEVICE, tiny_model, adapter_file_tensors, tokens, write_meta_checkpoint
+from tests.test_files import flipped, record_spans
+from tests.conftest import train, log_of, run_generate, image_task, first_answer_accuracy, generate_answers, bad_inputs, script_error, SHARDED_FORWARD
 
-def test_overrides_are_type_checked():
-    settings = {"lr": 1e-3, "steps": 10, "name": "x", "resume": False, "prompt": []}
-    got = checkpoint.parse_overrides(settings, ["--lr=2e-4", "--steps=3", "--resume", "--prompt=a", "--prompt=b=c"])
-    assert got == {"lr": 2e-4, "steps": 3, "resume": True, "prompt": ["a", "b=c"]}
-    assert checkpoint.parse_overrides(settings, ["--steps", "3", "--name", "y", "--resume"]) == \
-        {"steps": 3, "name": "y", "resume": True}  # --key value works as --key=value does
-    for bad, message in [(["--stepz=3"], "unknown argument"), (["--steps=1.5"], "expected a int"),
-                         (["--resume=maybe"], "expected a bool"), (["steps=3"], "unknown argument"),
-                         (["--steps"], "--steps needs a value"), (["--steps", "--lr=1"], "--steps needs a value")]:
+@dataclass
+class ToySettings:
+    lr: float = 1e-3  # the learning rate
+    steps: int = 10  # how many
+    name: str = "x"  # a name
+    resume: bool = False  # go on
+    prompt: tuple = ()  # one per --prompt
+    mode: Literal["a", "b"] = "a"  # one of two
+
+
+def test_settings_are_parsed_by_the_type_of_their_default_and_a_wrong_one_is_one_line():
+    got = cli.parse(ToySettings, "", ["--lr=2e-4", "--steps", "3", "--resume", "--prompt=a", "--prompt=b=c", "--mode=b"])
+    assert got == ToySettings(lr=2e-4, steps=3, name="x", resume=True, prompt=("a", "b=c"), mode="b")
+    assert cli.parse(ToySettings, "", ["--resume", "--no-resume"]).resume is False
+    assert cli.parse(ToySettings, "", [], defaults={"steps": 7}).steps == 7  # a preset's value, under the command line's
+    assert cli.parse(ToySettings, "", ["--steps=2"], defaults={"steps": 7}).steps == 2
+    for bad, message in [(["--stepz=3"], "unrecognized arguments: --stepz=3"), (["--ste=3"], "unrecognized arguments"),
+                         (["--steps=1.5"], "argument --steps: invalid int value: '1.5'"),
+                         (["--mode=c"], "argument --mode: invalid choice: 'c'"), (["steps=3"], "unrecognized arguments"),
+                         (["--steps"], "argument --steps: expected one argument")]:
         with pytest.raises(InputError, match=message):
-            checkpoint.parse_overrides(settings, bad)
+            cli.parse(ToySettings, "", bad)
 
 
-@pytest.mark.parametrize("script, setting, comment", [
-    ("train.py", "--base_lr=0.009", "the learning rate is base_lr * batch_size / 256"),
-    ("generate.py", "--max_batch_size=0", "prompts decoded together")])
-def test_help_lists_each_setting_with_its_default_and_comment(monkeypatch, capsys, script, setting, comment):
+@pytest.mark.parametrize("script, flag, comment, default", [
+    ("train.py", "--base_lr", "the learning rate is base_lr * batch_size / 256", "0.009"),
+    ("generate.py", "--max_batch_size", "prompts decoded together", "0")])
+def test_help_lists_each_setting_with_its_default_and_comment(monkeypatch, capsys, script, flag, comment, default):
     monkeypatch.setattr(sys, "argv", [script, "--help"])
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # the script installs its own
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(str(ROOT / script), run_name="__main__")
-    lines = capsys.readouterr().out.splitlines()
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines to the terminal
     assert stop.value.code == 0
-    assert any(line.split() and line.split()[0] == setting and comment in line for line in lines), lines
+    entry = text[text.index(f" {flag} ") + 1:]
+    entry = entry[:entry.index(" --", 1)]  # up to the next setting
+    assert comment in entry and f"(default: {default})" in entry, entry
 
 
 def test_ddp_and_fsdp_on_two_processes_end_with_the_adapter_of_one_process(parallel_runs):
     d, _ = parallel_runs
-    one = adapter_tensors(d / "one" / "adapter.pth")
+    one = adapter_file_tensors(d / "one" / "adapter.pth")
     assert any(key.endswith("gate") and v.any() for key, v in one.items())  # the run moved the gates
     for name in ("ddp", "fsdp"):
-        other = adapter_tensors(d / name / "adapter.pth")
+        other = adapter_file_tensors(d / name / "adapter.pth")
         assert other.keys() == one.keys()
         for key in one:
             torch.testing.assert_close(other[key], one[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
@@ -72,7 +89,7 @@ def test_fsdp_holds_half_of_the_frozen_base_in_each_of_two_processes(parallel_ru
 def test_a_resumed_fsdp_run_ends_where_an_uninterrupted_one_does(parallel_runs):
     d, output = parallel_runs
     assert "resumed from" in output["fsdp_resumed"] and "at step 3" in output["fsdp_resumed"]
-    straight, resumed = adapter_tensors(d / "fsdp" / "adapter.pth"), adapter_tensors(d / "fsdp_resumed" / "adapter.pth")
+    straight, resumed = adapter_file_tensors(d / "fsdp" / "adapter.pth"), adapter_file_tensors(d / "fsdp_resumed" / "adapter.pth")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert [r["loss"] for r in log_of(d / "fsdp_resumed")] == [r["loss"] for r in log_of(d / "fsdp")]
 
@@ -107,8 +124,8 @@ def test_compiled_training_gives_the_losses_of_eager_training(task, tmp_path):
     assert [r["step"] for r in compiled] == [r["step"] for r in eager] == [1, 2, 3]
     for a, b in zip(eager, compiled):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
-    assert adapter_tensors(tmp_path / "compiled" / "adapter.pth").keys() == \
-        adapter_tensors(tmp_path / "eager" / "adapter.pth").keys()
+    assert adapter_file_tensors(tmp_path / "compiled" / "adapter.pth").keys() == \
+        adapter_file_tensors(tmp_path / "eager" / "adapter.pth").keys()
 
 
 def test_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_does(task, tmp_path):
@@ -116,8 +133,8 @@ def test_resumed_run_ends_bit_for_bit_where_an_uninterrupted_one_does(task, tmp_
     train(task, tmp_path / "stopped", "--base_lr=1.0", "--save_interval=5", "--stop_after=7")
     _, output = train(task, tmp_path / "stopped", "--base_lr=1.0", "--save_interval=5", "--resume")
     assert "resumed from" in output and "at step 7" in output
-    straight = adapter_tensors(tmp_path / "straight" / "adapter.pth")
-    resumed = adapter_tensors(tmp_path / "stopped" / "adapter.pth")
+    straight = adapter_file_tensors(tmp_path / "straight" / "adapter.pth")
+    resumed = adapter_file_tensors(tmp_path / "stopped" / "adapter.pth")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert [r["step"] for r in log_of(tmp_path / "stopped")] == [r["step"] for r in log_of(tmp_path / "straight")]
     code, output = train(task, tmp_path / "stopped", "--base_lr=2.0", "--resume", check=False)
@@ -189,14 +206,14 @@ def test_fp16_loss_scaling_skips_overflowing_steps_and_training_goes_on(task, tm
     assert [r["loss_scale"] for r in log[:first_kept + 1]] == [2.5e7 / 2 ** (i + 1) for i in range(first_kept)] + \
         [2.5e7 / 2 ** first_kept]
     assert log[first_kept - 1]["gate"] == 0 < log[-1]["gate"]  # nothing moved while skipping, then the gates open
-    assert all(torch.isfinite(v).all() for v in adapter_tensors(tmp_path / "adapter.pth").values())
+    assert all(torch.isfinite(v).all() for v in adapter_file_tensors(tmp_path / "adapter.pth").values())
 
 
 def test_a_diverging_run_stops_with_a_message_and_keeps_the_last_good_checkpoint(task, tmp_path):
     code, output = train(task, tmp_path, "--base_lr=1e30", "--save_interval=1", check=False)
     assert code != 0 and "stopping. The last good checkpoint is in" in output
     assert "error: the loss is nan" in output or "error: the weights are no longer finite" in output
-    saved = adapter_tensors(tmp_path / "adapter.pth")
+    saved = adapter_file_tensors(tmp_path / "adapter.pth")
     assert all(torch.isfinite(v).all() for v in saved.values())
     assert not list(tmp_path.glob("*.tmp"))
 

@@ -15,7 +15,7 @@ from lladapter import ModelArgs
 
 import quantize
 from tools import bench, plan
-from test_lladapter import ROOT
+from tests.fixtures import ROOT
 
 # ---- bench.py ---------------------------------------------------------------------------------------------
 

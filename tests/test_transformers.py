@@ -7,7 +7,7 @@ import torch
 import checkpoint
 import lladapter
 
-from test_lladapter import VOCAB, tokens
+from tests.fixtures import VOCAB, tokens
 
 def test_a_llama_saved_by_transformers_loads_to_its_logits_and_greedy_tokens(tmp_path, spm_tokenizer):
     # The other tests write Hugging Face's layout themselves; this one takes it from the library that defines it.

@@ -29,42 +29,48 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 import checkpoint
+import cli
 import lladapter
 import quantize as quantization
 from lladapter import ModelArgs, Transformer
 
-# CPU section: a mid-size LLaMA (the issue's shape); the adapter on the top 7 of 8 layers, as 30 of 32 at 7B
-dim = 512
-n_layers = 8
-n_heads = 8
-vocab_size = 32000
-seq_len = 256
-batch = 4
-adapter_layer = 7
-adapter_len = 10
-steps = 5  # timed steps per mode, alternating adapter / full, after one warm-up step each
-new_tokens = 256  # generation: new tokens per prompt
-prompt_len = 32
-decode_tokens = 128  # CPU decoding overhead: new tokens per timed call on the tiny model
-options_dim = 1024  # the memory options' model: the CPU section's, this wide (the issue's mid size)
-compile_decode = True  # also decode with generate(compile=True); compiling first takes ~20 s on a CPU
-# GPU section: LLaMA-7B's shapes, the paper's adapter (K=10, L=30), every sequence max_seq_len long
-dtype = "auto"  # the frozen base: auto is bf16 on a GPU that has it, fp16 on one that doesn't (fp32 on a CPU)
-gpu_steps = 10  # timed steps per micro-batch size, after one warm-up step
-gpu_micro_batches = "1,2,4,8"  # micro-batch sizes to run at max_seq_len 512
-gpu_peak_tflops = 0.0  # the card's dense 16-bit peak; 0: looked up from its name (GPU_SPECS)
-gpu_bandwidth_tbs = 0.0  # the card's memory bandwidth in TB/s; 0: looked up from its name
-json = ""  # --json=FILE writes the results as JSON
-only = ""  # comma-separated sections (training, generation, decoding, memory_options, int8_quality, gpu); empty: all
-quick = False  # tiny shapes: a smoke test of this script
-memory_probe = ""  # internal: "adapter" or "full", run in a fresh process to measure its peak memory
-settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+
+@dataclass
+class Settings:
+    # CPU section: a mid-size LLaMA (the issue's shape); the adapter on the top 7 of 8 layers, as 30 of 32 at 7B
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    vocab_size: int = 32000
+    seq_len: int = 256
+    batch: int = 4
+    adapter_layer: int = 7
+    adapter_len: int = 10
+    steps: int = 5  # timed steps per mode, alternating adapter / full, after one warm-up step each
+    new_tokens: int = 256  # generation: new tokens per prompt
+    prompt_len: int = 32
+    decode_tokens: int = 128  # CPU decoding overhead: new tokens per timed call on the tiny model
+    options_dim: int = 1024  # the memory options' model: the CPU section's, this wide (the issue's mid size)
+    compile_decode: bool = True  # also decode with generate(compile=True); compiling first takes ~20 s on a CPU
+    # GPU section: LLaMA-7B's shapes, the paper's adapter (K=10, L=30), every sequence max_seq_len long
+    dtype: str = "auto"  # the frozen base: auto is bf16 on a GPU that has it, fp16 on one that doesn't (fp32 on a CPU)
+    gpu_steps: int = 10  # timed steps per micro-batch size, after one warm-up step
+    gpu_micro_batches: str = "1,2,4,8"  # micro-batch sizes to run at max_seq_len 512
+    gpu_peak_tflops: float = 0.0  # the card's dense 16-bit peak; 0: looked up from its name (GPU_SPECS)
+    gpu_bandwidth_tbs: float = 0.0  # the card's memory bandwidth in TB/s; 0: looked up from its name
+    json: str = ""  # --json=FILE writes the results as JSON
+    only: str = ""  # comma-separated sections (training, generation, decoding, memory_options, int8_quality, gpu); empty: all
+    quick: bool = False  # tiny shapes: a smoke test of this script
+    memory_probe: str = ""  # internal: "adapter" or "full", run in a fresh process to measure its peak memory
+
+
+globals().update(vars(Settings()))  # the defaults, for the helpers below; main() sets the command line's
 QUICK = dict(dim=64, options_dim=128, n_layers=2, n_heads=4, vocab_size=512, seq_len=32, batch=2, adapter_layer=1, steps=2,
              new_tokens=16, prompt_len=8, decode_tokens=16, compile_decode=False, gpu_steps=2, gpu_micro_batches="1,2")
 ROOT = Path(__file__).resolve().parent.parent  # where train.py is
@@ -523,7 +529,7 @@ def gpu_section(results):
     device = torch.device("cuda" if on_gpu else "cpu")
     name = torch.cuda.get_device_name() if on_gpu else "cpu (quick: the GPU code path on tiny shapes)"
     peak, bandwidth, note = gpu_specs(name, gpu_peak_tflops, gpu_bandwidth_tbs)
-    base_dtype = checkpoint.dtype_of(dtype, device)
+    base_dtype = cli.dtype_of(dtype, device)
     args = ModelArgs(vocab_size=32000, max_seq_len=512) if not quick else \
         ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=512, max_seq_len=64, adapter_layer=3)
     print(f"gpu: {name}; dense 16-bit peak {peak} TFLOPS, {bandwidth} TB/s; base in {base_dtype}, adapter fp32"
@@ -589,9 +595,9 @@ def print_table(rows):
 
 
 def main(argv):
-    checkpoint.exit_on_input_error()
-    overrides = checkpoint.parse_overrides(settings, argv, __doc__, __file__)
-    globals().update({**settings, **(QUICK if overrides.get("quick") else {}), **overrides})
+    cli.exit_on_input_error()
+    given = cli.parse(Settings, __doc__, argv)
+    globals().update(vars(cli.parse(Settings, __doc__, argv, defaults=QUICK) if given.quick else given))
     if memory_probe:  # a fresh process: one mode only, so its peak resident memory is its own
         probe_memory(memory_probe)
         return

@@ -29,7 +29,7 @@ import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ET
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,17 +37,23 @@ import torch.nn.functional as F
 
 from tools import bench, plan
 import checkpoint
+import cli
 import lladapter
 from lladapter import ModelArgs
 
-budget_s = 330  # the whole check's time; a check that would start after it is reported as not run
-json = ""  # --json=FILE: the results as JSON, rewritten after every check
-quick = False  # tiny shapes on the CPU: checks that every check runs (CI), measures nothing
-step = ""  # internal: run this one check in this process and write its rows as JSON to --rows_file
-rows_file = ""  # internal: where --step writes its rows
-deadline = 0.0  # internal: the time.time() by which the check must be done
-work = ""  # internal: a folder the checks share (the smoke walkthrough's base model, made once)
-settings = checkpoint.settings_of(globals())
+
+@dataclass
+class Settings:
+    budget_s: int = 330  # the whole check's time; a check that would start after it is reported as not run
+    json: str = ""  # --json=FILE: the results as JSON, rewritten after every check
+    quick: bool = False  # tiny shapes on the CPU: checks that every check runs (CI), measures nothing
+    step: str = ""  # internal: run this one check in this process and write its rows as JSON to --rows_file
+    rows_file: str = ""  # internal: where --step writes its rows
+    deadline: float = 0.0  # internal: the time.time() by which the check must be done
+    work: str = ""  # internal: a folder the checks share (the smoke walkthrough's base model, made once)
+
+
+globals().update(vars(Settings()))  # the defaults, for the helpers below; main() sets the command line's
 ROOT = Path(__file__).resolve().parent.parent  # where train.py is
 # Checks that --quick leaves out: on a CPU they would only repeat what the test suite itself runs
 GPU_ONLY = ("walkthrough", "tests")
@@ -61,7 +67,7 @@ class Context:
         self.device = torch.device("cpu" if quick else "cuda")
         self.dtype = torch.bfloat16  # the correctness checks' dtype, on the CPU too
         # The timed checks': bf16 on a GPU; fp32 on a CPU (--quick), where bf16 matmuls run ~4x slower than fp32
-        self.fast_dtype = checkpoint.dtype_of("auto", self.device)
+        self.fast_dtype = cli.dtype_of("auto", self.device)
         self.name = bench.cpu_name() if quick else torch.cuda.get_device_name()
         self.args7b = ModelArgs(vocab_size=32000, max_seq_len=512) if not quick else \
             ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=512, max_seq_len=64, adapter_layer=3)
@@ -293,13 +299,13 @@ def header():
 
 
 def main(argv):
-    checkpoint.exit_on_input_error()
-    globals().update({**settings, **checkpoint.parse_overrides(settings, argv, __doc__, __file__)})
+    cli.exit_on_input_error()
+    globals().update(vars(cli.parse(Settings, __doc__, argv)))
     if step:  # one check, in this process
         rows = run_step(step, Context(quick, deadline, work or tempfile.gettempdir()))
         Path(rows_file).write_text(jsonlib.dumps(rows))
         return
-    checkpoint.require(quick or torch.cuda.is_available(), "no CUDA device here: tools/gpu_check.py checks a GPU "
+    cli.require(quick or torch.cuda.is_available(), "no CUDA device here: tools/gpu_check.py checks a GPU "
                                                            "machine (--quick runs its code on this CPU at tiny shapes)")
     start = time.time()
     if quick:

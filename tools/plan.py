@@ -22,22 +22,29 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import checkpoint
+import cli
 import lladapter
 import quantize as quantization
 from lladapter import ModelArgs, Transformer
+from tokenizer import Tokenizer
 from tools.bench import FIXED_MALLOC, ROOT, cpu_name
 
-check = True  # after the tables: train.py on this CPU against the planner (1 process, DDP 2, FSDP 2, int8, int8 + all)
-json = ""  # --json=FILE writes the tables and the check as JSON
-quick = False  # the check at tiny shapes
-settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, str))}
+
+@dataclass
+class Settings:
+    check: bool = True  # after the tables: train.py on this CPU against the planner (1 process, DDP 2, FSDP 2, int8, int8 + all)
+    json: str = ""  # --json=FILE writes the tables and the check as JSON
+    quick: bool = False  # the check at tiny shapes
+
+
+globals().update(vars(Settings()))  # the defaults, for the helpers below; main() sets the command line's
 LOSS_CHUNK = 256  # the chunked loss's scored positions per chunk in these tables: train.py --loss_chunk=256
 
 
@@ -255,7 +262,7 @@ def write_tokenizer(path):
     letters = "abcdefghijklmnopqrstuvwxyz"
     text = [lladapter.PROMPT_WITH_INPUT, lladapter.PROMPT_NO_INPUT] * 20 + [" ".join(letters)] * 200
     train_tokenizer(text, path.with_suffix(""), 200)
-    return lladapter.Tokenizer(path)
+    return Tokenizer(path)
 
 
 def fixed_length_records(tokenizer, n, length, seed=0):
@@ -464,8 +471,8 @@ def generation_table(cache_len=512, batches=(1, 8, 32), log=print):
 
 
 def main(argv):
-    checkpoint.exit_on_input_error()
-    globals().update({**settings, **checkpoint.parse_overrides(settings, argv, __doc__, __file__)})
+    cli.exit_on_input_error()
+    globals().update(vars(cli.parse(Settings, __doc__, argv)))
     print(f"torch {torch.__version__} | {cpu_name()}, {os.cpu_count()} cores", flush=True)
     results = {"plan": plan_table(), "cards": card_table(), "generation": generation_table()}
     if check:

@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -49,19 +50,25 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import cli
 import lladapter
 
 
 # ----------------------------------------------------------------------------------------------------------
 # settings
-out_dir = ""  # empty: <walkthrough_dir>/ablations; each run in a folder of its own inside
-walkthrough_dir = ""  # the walkthrough's base model and data, built once and reused; empty: the walkthrough's own
-quick = False  # CI: the smoke walkthrough's barely pretrained base and world, 2 epochs; the numbers mean nothing
-short_epochs = 5  # the short budget (see SHORT_BUDGET); 0: the full budget only
-short_warmup_epochs = 2.0  # its linear warmup, as the paper's
-jobs = 2  # train.py processes at a time, each on one CPU thread
-seeds = 1  # above 1: instead of the table, the gate variants at the full budget over train.py --seed 0 .. seeds-1
-settings = checkpoint.settings_of(globals())
+
+
+@dataclass
+class Settings:
+    out_dir: str = ""  # empty: <walkthrough_dir>/ablations; each run in a folder of its own inside
+    walkthrough_dir: str = ""  # the walkthrough's base model and data, built once and reused; empty: the walkthrough's own
+    quick: bool = False  # CI: the smoke walkthrough's barely pretrained base and world, 2 epochs; the numbers mean nothing
+    short_epochs: int = 5  # the short budget (see SHORT_BUDGET); 0: the full budget only
+    short_warmup_epochs: float = 2.0  # its linear warmup, as the paper's
+    jobs: int = 2  # train.py processes at a time, each on one CPU thread
+    seeds: int = 1  # above 1: instead of the table, the gate variants at the full budget over train.py --seed 0 .. seeds-1
+
+
 # SHORT_BUDGET. Zero-init's advantage is about the start of training, so every configuration also trains for a
 # short budget, chosen here once, before any run: the paper trains 5 epochs (2 of warmup) on its 52K instructions;
 # the walkthrough needs 40 epochs at its scale; the short budget is the paper's own 5 epochs (warmup 2), 1/8 of the
@@ -439,11 +446,12 @@ def svg_figure(losses, gates, retention, first_layer, x_max, short_steps, lo, hi
 
 def main():
     from walkthrough import world as wt
-    checkpoint.exit_on_input_error()
-    overrides = checkpoint.parse_overrides(settings, sys.argv[1:], __doc__, __file__)
-    s = {**settings, **(QUICK_SETTINGS if overrides.get("quick") else {}), **overrides}
-    checkpoint.require(s["jobs"] > 0 and s["seeds"] > 0 and s["short_epochs"] >= 0,
-                       "--jobs and --seeds must be positive, --short_epochs not negative")
+    cli.exit_on_input_error()
+    s = vars(cli.parse(Settings, __doc__))
+    if s["quick"]:
+        s = vars(cli.parse(Settings, __doc__, defaults=QUICK_SETTINGS))
+    cli.require(s["jobs"] > 0 and s["seeds"] > 0 and s["short_epochs"] >= 0,
+                "--jobs and --seeds must be positive, --short_epochs not negative")
     t_start = time.time()
     walk_settings = {**wt.SETTINGS, **(wt.SMOKE_SETTINGS if s["quick"] else {})}  # what train.py would run
     walk = Path(s["walkthrough_dir"] or walk_settings["out_dir"]).resolve()
@@ -452,14 +460,14 @@ def main():
     # The world and base, built once (then reused) on one thread like every run: OpenMP's threads stall badly when
     # another job takes a core (the smoke base: 13 s on one thread, 104 s on two, on a busy 2-core machine).
     torch.set_num_threads(1)
-    found = {k: str(Path(v).resolve()) for k, v in wt.prepare(walk, s["quick"]).items()}
+    found = {k: str(Path(v).resolve()) for k, v in wt.build(walk, s["quick"]).items()}
     t_ready = time.time()
     # The base's own pretraining documents, for the retention probes: its world drawn again as prepare() drew it
     # (the first draws from its seed), checked against the held-out instructions prepare() wrote from it.
     pretrain = {**wt.PRETRAIN, **(wt.SMOKE_PRETRAIN if s["quick"] else {})}
     world = wt.make_world(random.Random(wt.SEED), pretrain["n_creatures"])
     heldout = json.loads(Path(found["heldout_path"]).read_text())
-    checkpoint.require(sorted(map(json.dumps, wt.instructions(world[:pretrain["n_heldout"]]))) ==
+    cli.require(sorted(map(json.dumps, wt.instructions(world[:pretrain["n_heldout"]]))) ==
                        sorted(map(json.dumps, heldout)), f"{found['heldout_path']} is not about the world that "
                        f"walkthrough/world.py draws{' with --quick' * s['quick']}: delete {walk} to rebuild it")
     docs = wt.corpus_docs(world)

@@ -1,8 +1,8 @@
 """
-The built-in walkthrough: the paper's story in miniature, on a laptop CPU in a few minutes (4 min 23 s on two idle
-cores of an AMD EPYC).
+The built-in walkthrough: the paper's story in miniature, on a laptop CPU in a few minutes.
 
-`python train.py` with no arguments runs it. prepare() invents 100 fictional creatures from a fixed seed (a
+`python train.py` with no arguments runs it: preset() gives train.py the walkthrough's settings, prepare() its data
+and base (built once, then reused), report() its result at the end. build() invents 100 fictional creatures from a fixed seed (a
 color, a home and a food each, 10 options apiece) and pretrains a tiny LLaMA on documents about all of them:
 profiles ("Meet the Balux.\\nIt is yellow.\\nIt lives in the mountains. ..."), statements, and questions with
 terse answers. The base learns the facts, but has never seen an instruction. train.py freezes it and trains an
@@ -10,7 +10,12 @@ adapter (1.1% of the weights) on Alpaca-format instructions about 70 of the crea
 about the other 30, whose facts only the pretraining corpus holds. Alone, the base answers in its corpus's terse
 style ("yellow.", often for the wrong question): no exact match. With the adapter it answers as instructed
 ("It is yellow."), the adapter supplying the format and the base the facts. Guessing a value scores about 10%.
+
+On a CPU the walkthrough runs on THREADS threads whatever the machine's core count: the same command then gives the
+same numbers to the last digit on any machine of the same kind (another thread count sums in another order, and
+another CPU's kernels can change the last digits).
 """
+import dataclasses
 import json
 import math
 import random
@@ -19,11 +24,13 @@ from pathlib import Path
 
 import sentencepiece
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from checkpoint import save_meta_checkpoint
-from lladapter import (PROMPT_NO_INPUT, PROMPT_WITH_INPUT, ModelArgs, Tokenizer, Transformer, format_prompt,
-                       gates_closed, generate)
+from checkpoint import atomic_save, save_meta_checkpoint
+from cli import require
+from lladapter import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, ModelArgs, Transformer, format_prompt, gates_closed, generate
+from tokenizer import Tokenizer
 
 # train.py settings for the adapter run (intervals in optimizer steps: 12 per epoch here, 480 in all). A model this
 # small wants a far larger learning rate than 7B's base_lr=9e-3 (the peak here is 1.0 * 32/256), and 20 prompts
@@ -43,6 +50,7 @@ BASE_ARGS = dict(dim=128, n_layers=4, n_heads=4, multiple_of=32, norm_eps=1e-5)
 PRETRAIN = dict(n_creatures=100, n_heldout=30, vocab_size=512, steps=400, batch_size=32, seq_len=128, lr=3e-3)
 SMOKE_PRETRAIN = dict(n_creatures=40, n_heldout=10, steps=20)
 SEED = 1234
+THREADS = 2  # CPU threads for the walkthrough, base and adapter alike, on any machine (see the docstring)
 
 # Every creature gets one value of each attribute.
 ATTRIBUTES = {
@@ -135,7 +143,38 @@ def paths(out_dir) -> dict:
             "heldout_path": str(out / "heldout.json"), "adapter_path": str(out / "adapter.pth")}
 
 
-def prepare(out_dir, smoke: bool) -> dict:
+def preset(args, parse):
+    """train.py's settings for the walkthrough: its own (SETTINGS) under the command line's, its base and data."""
+    given = [k for k in ("data_path", "tokenizer_path") if getattr(args, k) != getattr(type(args), k)]
+    require(not given, f"--{given[0] if given else ''} needs --ckpt_dir: without one, train.py runs the walkthrough "
+                       f"on its own data and model")
+    args = parse(defaults={**SETTINGS, **(SMOKE_SETTINGS if args.smoke else {})})
+    found = paths(args.out_dir)
+    return dataclasses.replace(args, ckpt_dir=found["ckpt_dir"], data_path=found["data_path"])
+
+
+def prepare(args):
+    """build() in process 0 alone: under torchrun the others wait for it, and stop with its error instead of waiting
+    forever. Then, on a CPU, THREADS threads for the run."""
+    distributed = dist.is_initialized()
+    failed = None
+    if not distributed or dist.get_rank() == 0:
+        try:
+            build(args.out_dir, args.smoke)
+        except BaseException as e:  # told to the others first
+            failed = e
+    if distributed:
+        told = [f"{type(failed).__name__}: {failed}" if failed else None]
+        dist.broadcast_object_list(told, src=0)
+        if told[0] and not failed:
+            raise RuntimeError(f"process 0 could not build the walkthrough's base ({told[0]})")
+    if failed:
+        raise failed
+    if not args.device.startswith("cuda"):
+        torch.set_num_threads(THREADS)
+
+
+def build(out_dir, smoke: bool) -> dict:
     """Make the data, the tokenizer and the pretrained base (or reuse them when there); returns paths(out_dir)."""
     found = paths(out_dir)
     base = Path(found["ckpt_dir"])
@@ -181,7 +220,12 @@ def prepare(out_dir, smoke: bool) -> dict:
             torch.nn.init.normal_(p, std=0.02, generator=generator)
     print(f"walkthrough: pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter LLaMA "
           f"(dim {args.dim}, {args.n_layers} layers) for {cfg['steps']} steps, every weight trainable")
-    pretrain(model, tokenizer, docs, cfg, generator)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)  # whatever the caller's: the same base on every machine of a kind
+    try:
+        pretrain(model, tokenizer, docs, cfg, generator)
+    finally:
+        torch.set_num_threads(threads)
     save_meta_checkpoint(model, base)  # beside the tokenizer.model trained above
     print(f"walkthrough: saved the base model to {base}")
     return found
@@ -209,34 +253,54 @@ def evaluate(model, tokenizer, heldout_path, batch_size=64):
     return exact / len(records), named / len(records)
 
 
-def report(model, tokenizer, found, smoke):
-    """The walkthrough's last lines: base alone against base + adapter on held-out instructions, and the sizes."""
+def report(model, tokenizer, args):
+    """The walkthrough's last lines: base alone against base + adapter on held-out instructions, and the sizes; also
+    written to out_dir/walkthrough.json. Every process takes part under --fsdp (a sharded model generates only so);
+    under DDP process 0 alone."""
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    if not master and not args.fsdp:
+        return None
+    found = paths(args.out_dir)
     with_adapter = evaluate(model, tokenizer, found["heldout_path"])
     with gates_closed(model):  # exactly the base model (the paper's zero-init property)
         base_alone = evaluate(model, tokenizer, found["heldout_path"])
+    if not master:
+        return None
     n_total = sum(p.numel() for p in model.parameters())
     n_adapter = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
     adapter_mib = Path(found["adapter_path"]).stat().st_size / 2**20
     base_mib = (Path(found["ckpt_dir"]) / "consolidated.00.pth").stat().st_size / 2**20
     n_heldout = len(json.loads(Path(found["heldout_path"]).read_text()))
+    met = {"base": base_alone[0] <= TARGETS["base_at_most"], "adapter": with_adapter[0] >= TARGETS["adapter_at_least"],
+           "share": n_adapter / n_total < TARGETS["adapter_share_below"]}
 
     def verdict(ok):
-        return "(smoke run: not judged)" if smoke else ("met" if ok else "MISSED")
+        return "(smoke run: not judged)" if args.smoke else ("met" if ok else "MISSED")
 
     print(f"walkthrough: {n_heldout} held-out instructions about creatures the adapter never saw")
     print(f"  base model alone: {100 * base_alone[0]:5.1f}% exact match (names the right value in "
-          f"{100 * base_alone[1]:.0f}%)  target <= {100 * TARGETS['base_at_most']:.0f}%: {verdict(base_alone[0] <= TARGETS['base_at_most'])}")
+          f"{100 * base_alone[1]:.0f}%)  target <= {100 * TARGETS['base_at_most']:.0f}%: {verdict(met['base'])}")
     print(f"  base + adapter:   {100 * with_adapter[0]:5.1f}% exact match (names the right value in "
-          f"{100 * with_adapter[1]:.0f}%)  target >= {100 * TARGETS['adapter_at_least']:.0f}%: "
-          f"{verdict(with_adapter[0] >= TARGETS['adapter_at_least'])}")
+          f"{100 * with_adapter[1]:.0f}%)  target >= {100 * TARGETS['adapter_at_least']:.0f}%: {verdict(met['adapter'])}")
     print(f"  trainable: {n_adapter:,} of {n_total:,} parameters ({100 * n_adapter / n_total:.2f}%)  target < "
-          f"{100 * TARGETS['adapter_share_below']:.0f}%: {verdict(n_adapter / n_total < TARGETS['adapter_share_below'])}")
+          f"{100 * TARGETS['adapter_share_below']:.0f}%: {verdict(met['share'])}")
     print(f"  adapter file {adapter_mib:.3f} MiB against the base checkpoint's {base_mib:.2f} MiB "
           f"({base_mib / adapter_mib:.0f}x smaller)")
-    if not smoke:
+    if not args.smoke:
         print("next: python generate.py  (some held-out answers with and without the adapter; add --show_gates)")
-    return {"heldout": n_heldout, "base_exact_match": base_alone[0], "base_names_value": base_alone[1],
-            "adapter_exact_match": with_adapter[0], "adapter_names_value": with_adapter[1], "trainable": n_adapter,
-            "parameters": n_total, "targets_met": {"base": base_alone[0] <= TARGETS["base_at_most"],
-                                                   "adapter": with_adapter[0] >= TARGETS["adapter_at_least"],
-                                                   "share": n_adapter / n_total < TARGETS["adapter_share_below"]}}
+    result = {"heldout": n_heldout, "base_exact_match": base_alone[0], "base_names_value": base_alone[1],
+              "adapter_exact_match": with_adapter[0], "adapter_names_value": with_adapter[1], "trainable": n_adapter,
+              "parameters": n_total, "targets_met": met}
+    atomic_save(json.dumps(result, indent=1).encode(), Path(args.out_dir) / "walkthrough.json")
+    return result
+
+
+def generate_preset(args, parse):
+    """generate.py's settings for the walkthrough (its base and adapter, greedy) under the command line's, and the
+    first 8 held-out records, which it answers with and without the adapter."""
+    found = paths(SETTINGS["out_dir"])
+    require(Path(found["adapter_path"]).is_file(), f"no walkthrough adapter at {found['adapter_path']}: run "
+                                                   f"`python train.py` first")
+    args = parse(defaults=dict(ckpt_dir=found["ckpt_dir"], adapter=found["adapter_path"],
+                               max_seq_len=SETTINGS["max_seq_len"], temperature=0.0))
+    return args, heldout_examples(found["heldout_path"], 8)
