@@ -66,6 +66,13 @@ def require(condition, message):
         raise InputError(message)
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def dtype_name(dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
 def dtype_of(name: str, device) -> torch.dtype:
     """The frozen base's dtype for --dtype: "auto" is bf16 on a GPU of compute capability 8.0 or more (A100, H100,
     RTX 30xx on), fp16 below it (V100, T4: train.py then scales the loss), fp32 on a CPU. Not
@@ -75,7 +82,7 @@ def dtype_of(name: str, device) -> torch.dtype:
         return torch.float32
     if name == "auto":
         return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    return DTYPES[name]
 
 
 def read_text(path) -> str:

@@ -72,6 +72,8 @@ cli.require(args.temperature >= 0 and 0 < args.top_p <= 1, f"--temperature={args
             f"need temperature >= 0 and 0 < top_p <= 1")
 cli.require(not args.device.startswith("cuda") or torch.cuda.is_available(), f"--device={args.device}: no CUDA device here")
 device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+if device.startswith("cuda"):  # this GPU, not GPU 0, for the dtype, the free memory and every kernel
+    torch.cuda.set_device(device)
 base_dtype = cli.dtype_of(args.dtype, device)
 
 
@@ -118,24 +120,11 @@ model_device = model.tok_embeddings.weight.device
 stop_ids = tokenizer.stop_ids | {lladapter.response_end_id(tokenizer, args.template)}
 
 
-def batch_that_fits(most=32):
-    """Sequences decoded at once when --max_batch_size=0: `most` on a CPU; on a GPU, as many as fit in 90% of its
-    free memory, each with its KV cache (2 x layers x max_seq_len x kv heads x head_dim) and the largest transient of
-    its prefill (the feed-forward's hidden activations at every position, and one row of fp32 logits)."""
-    if model_device.type != "cuda":
-        return most
-    a, itemsize = model.args, model.tok_embeddings.weight.element_size()
-    attention, hidden = model.layers[0].attention, model.layers[0].feed_forward.w1.weight.shape[0]
-    cache = 2 * a.n_layers * args.max_seq_len * attention.n_kv_heads * attention.head_dim * itemsize
-    prefill = args.max_seq_len * (3 * hidden + 4 * a.dim) * itemsize + 4 * a.vocab_size
-    fitting = int(0.9 * torch.cuda.mem_get_info(model_device)[0] // (cache + prefill))
-    if fitting < 1:
-        raise InputError(f"the GPU's free memory holds no sequence of max_seq_len={args.max_seq_len} with its KV cache: "
-                         f"lower --max_seq_len, or try --quantize=int8")
-    return min(most, fitting)
-
-
-max_batch_size = args.max_batch_size or batch_that_fits()
+# --max_batch_size=0: on a GPU as many as 90% of its free memory holds (lladapter.batch_that_fits says what it counts)
+free = torch.cuda.mem_get_info(model_device)[0] if model_device.type == "cuda" else float("inf")
+max_batch_size = args.max_batch_size or lladapter.batch_that_fits(model, args.max_seq_len, 0.9 * free)
+cli.require(max_batch_size > 0, f"the GPU's free memory holds no sequence of max_seq_len={args.max_seq_len} with its "
+                                f"KV cache: lower --max_seq_len, or try --quantize=int8")
 if args.show_gates:
     if not args.adapter:
         raise InputError("--show_gates needs an --adapter")
@@ -179,8 +168,11 @@ def answer(jobs, stream=False):
     answers = [None] * len(jobs)
     for i in range(0, len(jobs), max_batch_size):
         batch = order[i:i + max_batch_size]
-        new = lladapter.generate(model, [prompts[j] for j in batch], args.max_gen_len, args.temperature, args.top_p,
-                                 stop_ids, images[batch] if images is not None else None, generator,
+        # Compiled: a short last batch filled up with copies of its last prompt, whose answers are dropped, so that
+        # the compiled step keeps its one batch size (another would compile again, and capture another graph).
+        rows = batch + batch[-1:] * (max_batch_size - len(batch)) if args.compile and len(jobs) > max_batch_size else batch
+        new = lladapter.generate(model, [prompts[j] for j in rows], args.max_gen_len, args.temperature, args.top_p,
+                                 stop_ids, images[rows] if images is not None else None, generator,
                                  on_token=print_growing_text if stream else None, compile=args.compile)
         for j, tokens in zip(batch, new):
             answers[j] = tokenizer.decode(tokens).strip()

@@ -125,20 +125,28 @@ class Attention(nn.Module):
         # --- LLaMA-Adapter: the gate, one scalar per head, used as tanh(gate); it starts at zero (reset_adapter) ---
         if adapted:
             self.gate = nn.Parameter(torch.empty(1, self.n_heads, 1, 1))
-        # Generation-only state, set by Transformer.setup_cache; a training forward never touches it.
+        # Generation's state, set by Transformer.setup_cache; a training forward (start_pos None) never reads it.
         self.register_buffer("cache_k", None, persistent=False)  # (bsz, cache_len, n_kv_heads, head_dim)
         self.register_buffer("cache_v", None, persistent=False)
-        self.prompt_kv = None  # this layer's prompt keys/values, reused within one generation call
+        self.prompt_kv = None  # (keys, values, gate): this layer's prompt for the batch, projected once per call
 
-    def qkv(self, x, positions, rope):
+    def qkv(self, x, start_pos, rope):
         """Queries, and the keys and values they attend to, as (bsz, heads, length, head_dim), the layout of
-        scaled_dot_product_attention. In generation the keys and values are the whole cache, this chunk's written in."""
+        scaled_dot_product_attention. start_pos None (training): the keys are the chunk's own. In generation the
+        chunk goes into the cache at its positions and the keys are the cache up to the chunk's end, as Meta slices
+        it; with start_pos a tensor (the compiled step, whose shapes never change), the whole cache."""
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         xq, xk = apply_rope(xq, rope), apply_rope(xk, rope)
-        if self.cache_k is not None:  # generation: store this chunk at its positions, read every position back
+        if isinstance(start_pos, int):
+            end = start_pos + seqlen
+            self.cache_k[:, start_pos:end] = xk
+            self.cache_v[:, start_pos:end] = xv
+            xk, xv = self.cache_k[:, :end], self.cache_v[:, :end]  # (bsz, end, n_kv_heads, head_dim)
+        elif start_pos is not None:
+            positions = start_pos + torch.arange(seqlen, device=x.device)
             self.cache_k[:, positions] = xk
             self.cache_v[:, positions] = xv
             xk, xv = self.cache_k, self.cache_v  # (bsz, cache_len, n_kv_heads, head_dim)
@@ -154,28 +162,28 @@ class Attention(nn.Module):
         pv = self.wv(prompt).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
         return pk, pv
 
-    def forward(self, x, positions, rope, mask=None, prompt=None):
+    def forward(self, x, start_pos, rope, mask=None, prompt=None):
         bsz, seqlen, _ = x.shape
-        q, k, v = self.qkv(x, positions, rope)
+        q, k, v = self.qkv(x, start_pos, rope)
         gqa = self.n_kv_heads != self.n_heads  # SDPA shares each kv head among n_heads / n_kv_heads queries
-        # LLaMA's word attention: softmax(q k^T / sqrt(head_dim) + causal mask) v. Causal with no mask tensor in
-        # training; in generation, the mask (0 or -inf, added to the scores) hides the cache beyond each query
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        # LLaMA's word attention: softmax(q k^T / sqrt(head_dim) + causal mask) v. No mask tensor where the keys are
+        # the queries' own (training, a prefill from position 0: is_causal) or one query sees every key (a decoding
+        # step), so that the fused kernels take it, grouped-query attention included; `mask` (True: seen) otherwise.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and not start_pos,
+                                             enable_gqa=gqa)
 
-        if prompt is not None:
+        if prompt is not None or start_pos is not None and self.prompt_kv is not None:
             # --- LLaMA-Adapter, paper Eq. 7: zero-initialized attention ---
             # Scores over [prompt; words] are softmaxed in two separate parts, so the prompt never takes
             # probability mass from the words; the prompt part is scaled by tanh(gate), per head:
             #   out = softmax(q k^T / sqrt(d)) v + tanh(gate) * softmax(q pk^T / sqrt(d)) pv
             # Every position sees all K prompts (no mask). The prompt keys are not rotated: they have no position.
-            if self.cache_k is None:  # training: rebuild every time, so the prompt keeps receiving gradients
-                pk, pv = self.prompt_keys_values(prompt, x.dtype, bsz)
-            else:  # generation: the prompt is fixed, project it once per call
-                if self.prompt_kv is None:
-                    self.prompt_kv = self.prompt_keys_values(prompt, x.dtype, bsz)
-                pk, pv = self.prompt_kv
+            if prompt is not None:  # training: rebuilt every time, so the prompt keeps receiving gradients
+                pk, pv, gate = *self.prompt_keys_values(prompt, x.dtype, bsz), self.gate
+            else:  # generation: the prompt is fixed, projected once per call (Transformer.setup_cache)
+                pk, pv, gate = self.prompt_kv
             prompt_out = F.scaled_dot_product_attention(q, pk, pv, enable_gqa=gqa)  # (bsz, heads, seqlen, head_dim)
-            out = out + (torch.tanh(self.gate) * prompt_out).type_as(out)  # gate: (1, heads, 1, 1), fp32
+            out = out + (torch.tanh(gate) * prompt_out).type_as(out)  # gate: (1, heads, 1, 1), fp32
 
         out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim)
         return self.wo(out)
@@ -205,8 +213,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, positions, rope, mask=None, prompt=None):
-        h = x + self.attention(self.attention_norm(x), positions, rope, mask, prompt)
+    def forward(self, x, start_pos, rope, mask=None, prompt=None):
+        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask, prompt)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -229,7 +237,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         # The rotary table is derived from args, so it is not saved with the weights.
         self.register_buffer("rope", rope_of(args), persistent=False)
-        self.cache_len = None  # set while generating: the length of every layer's KV cache
+        self.cache_len = None  # set by setup_cache: the length of every layer's KV cache
         self.activation_checkpointing = False  # train.py --activation_checkpointing: see forward
         # --- LLaMA-Adapter: the adaption prompts, K vectors for each of the top L layers ---
         # Row l*K + j is prompt j of layer first_adapted + l.
@@ -262,51 +270,65 @@ class Transformer(nn.Module):
             prompts = prompts + image_prompt[:, None, None, :]  # P_l + repeat(I_p, K), for every adapted layer
         return prompts
 
-    def forward(self, tokens, start_pos=0, image=None, logits_at=None, hidden=False):
-        # start_pos: where tokens[:, 0] sits; an int, or a one-element tensor (generate's decoding steps, so that each
-        # runs the same code: compiled_step). Only an int is checked against max_seq_len; generate keeps a tensor in
-        # bounds itself. logits_at: the positions whose logits are wanted, as the output head is big: a (bsz, seqlen)
-        # bool mask (training scores only the response), or a slice of the sequence.
+    def forward(self, tokens, start_pos=None, image=None, logits_at=None, hidden=False):
+        # start_pos None: the whole sequence at once (training, scoring). In generation, after setup_cache: where
+        # tokens[:, 0] sits, an int (generate's prefill and eager steps), or a one-element tensor (compiled_step: the
+        # same code and shapes at every step). Only an int is checked against max_seq_len; generate keeps a tensor in
+        # bounds itself. image: (bsz, image_dim) features, in training (generation takes them in setup_cache).
+        # logits_at: the positions whose logits are wanted, as the output head is big: a (bsz, seqlen) bool mask or
+        # its (rows, columns) indices (training scores only the response), or a slice of the sequence.
         # hidden: the final norm's output there instead of logits, for a loss that applies the head itself.
         bsz, seqlen = tokens.shape
-        if isinstance(start_pos, int) and start_pos + seqlen > self.args.max_seq_len:
-            raise ValueError(f"{start_pos + seqlen} positions exceed max_seq_len={self.args.max_seq_len}")
+        start = 0 if start_pos is None else start_pos
+        if isinstance(start, int) and start + seqlen > self.args.max_seq_len:
+            raise ValueError(f"{start + seqlen} positions exceed max_seq_len={self.args.max_seq_len}")
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
-        positions = torch.arange(seqlen, device=tokens.device) + start_pos
+        positions = torch.arange(seqlen, device=tokens.device) + start
         rope = self.rope[positions]  # (seqlen, head_dim/2, 2)
-        mask = None  # training: causal
-        if self.cache_len is not None:  # generation: the query at position p sees the cached keys 0 .. p
-            seen = positions[:, None] >= torch.arange(self.cache_len, device=tokens.device)  # (seqlen, cache_len)
-            mask = torch.zeros(seen.shape, dtype=h.dtype, device=h.device).masked_fill_(~seen, float("-inf"))
-        prompts = self.adapter_prompts(image) if self.args.adapter_layer else None
+        mask = None  # causal, or one query that sees every key: see Attention.forward
+        if isinstance(start_pos, torch.Tensor) or start_pos and seqlen > 1:  # keys a query must not see are cached
+            keys = self.cache_len if isinstance(start_pos, torch.Tensor) else start_pos + seqlen
+            mask = positions[:, None] >= torch.arange(keys, device=tokens.device)  # (seqlen, keys): key <= query
+        prompts = self.adapter_prompts(image) if self.args.adapter_layer and start_pos is None else None
         # Frozen layers below the first adapted one build no autograd graph and keep no activations:
         # nothing they compute requires a gradient until the first prompt enters.
         for i, layer in enumerate(self.layers):
-            prompt = prompts[:, i - self.first_adapted] if i >= self.first_adapted else None
+            prompt = prompts[:, i - self.first_adapted] if prompts is not None and i >= self.first_adapted else None
             if self.activation_checkpointing and prompt is not None and torch.is_grad_enabled():
                 # Keep only the adapted block's input; its activations are recomputed in the backward pass.
                 # Non-reentrant: the reentrant kind gives no gradient to the prompt when the block's input
                 # (the frozen layers' output) does not require one.
-                h = checkpoint(layer, h, positions, rope, mask, prompt, use_reentrant=False)
+                h = checkpoint(layer, h, start_pos, rope, mask, prompt, use_reentrant=False)
             else:
-                h = layer(h, positions, rope, mask, prompt)
+                h = layer(h, start_pos, rope, mask, prompt)
         if logits_at is not None:
-            h = h[logits_at] if isinstance(logits_at, torch.Tensor) else h[:, logits_at]
-        if hidden:  # (bsz, seqlen, dim); (positions, dim) with a bool mask
+            h = h[:, logits_at] if isinstance(logits_at, slice) else h[logits_at]
+        if hidden:  # (bsz, seqlen, dim), or (positions, dim) for a mask or indices
             return self.norm(h)
-        return self.output(self.norm(h)).float()  # (bsz, seqlen, vocab_size); (positions, vocab_size) with a bool mask
+        return self.output(self.norm(h)).float()  # (bsz, seqlen, vocab_size), or (positions, vocab_size)
 
-    def setup_cache(self, batch_size: int, cache_len: int):
-        # Allocated for this generation's batch and length, in the weights' dtype and on their device; plain tensors
-        # even when the weights are sharded (FSDP). Buffers, so that a compiled step may treat them as static.
+    def setup_cache(self, batch_size: int, cache_len: int, image=None):
+        """Generation's state for a batch: each layer's KV cache (batch_size, cache_len, n_kv_heads, head_dim) in the
+        weights' dtype and on their device (plain tensors even when the weights are sharded), and each adapted
+        layer's prompt keys, values and gate, projected once (from each row's image for an image adapter). Tensors
+        of the last call's shapes are reused in place: the CUDA graph of a compiled step, recorded on their
+        addresses, then replays instead of recording again. Their stale values are never read: a position is
+        written before any query sees it."""
         weight = self.tok_embeddings.weight
         for layer in self.layers:
             a = layer.attention
-            a.cache_k = torch.zeros(batch_size, cache_len, a.n_kv_heads, a.head_dim, dtype=weight.dtype,
-                                    device=weight.device)
-            a.cache_v = torch.zeros_like(a.cache_k)
-            a.prompt_kv = None
+            shape = (batch_size, cache_len, a.n_kv_heads, a.head_dim)
+            if a.cache_k is None or a.cache_k.shape != shape or a.cache_k.dtype != weight.dtype:
+                a.cache_k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+                a.cache_v = torch.zeros_like(a.cache_k)
         self.cache_len = cache_len
+        prompts = self.adapter_prompts(image) if self.args.adapter_layer else None
+        for l, layer in enumerate(self.layers[self.first_adapted:] if prompts is not None else []):
+            a = layer.attention
+            pk, pv = a.prompt_keys_values(prompts[:, l], weight.dtype, batch_size)
+            if a.prompt_kv is not None and a.prompt_kv[0].shape == pk.shape:
+                pk, pv = a.prompt_kv[0].copy_(pk), a.prompt_kv[1].copy_(pv)
+            a.prompt_kv = (pk, pv, a.gate)
 
     def clear_cache(self):
         for layer in self.layers:
@@ -424,31 +446,40 @@ def encode_example(tokenizer, instruction, input, output, max_seq_len, template=
 def response_loss(model, tokens, labels, image=None, chunk=0):
     """Summed next-token cross-entropy over the scored tokens of a padded batch (see encode_example).
 
-    The logits at position i predict token i + 1; only the scored positions go through the output head.
+    The logits at position i predict token i + 1; only the scored positions go through the output head, found
+    where the labels are: on the CPU (as pad_batch leaves them) the host never waits for the device here.
     chunk: that many scored positions at a time through the head and the loss, each chunk recomputed in the
     backward pass, so that the fp32 logits of only one chunk exist at once (at a 128K vocabulary, 0.5 MB per
     position); 0: all at once.
     """
     targets = labels[:, 1:]
-    scored = targets != IGNORE_INDEX
+    scored = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # (rows, columns) of the scored positions
+    targets, scored = to_device(targets[scored], tokens.device), tuple(to_device(i, tokens.device) for i in scored)
     if not chunk:
         logits = model(tokens[:, :-1], image=image, logits_at=scored)  # (scored positions, vocab_size)
-        return F.cross_entropy(logits, targets[scored], reduction="sum")
+        return F.cross_entropy(logits, targets, reduction="sum")
     h = model(tokens[:, :-1], image=image, logits_at=scored, hidden=True)  # (scored positions, dim)
     head = getattr(model, "module", model).output  # the head itself, also under DDP
 
     def chunk_loss(h, y):
         return F.cross_entropy(head(h).float(), y, reduction="sum")
     return sum(checkpoint(chunk_loss, h_part, y_part, use_reentrant=False)
-               for h_part, y_part in zip(h.split(chunk), targets[scored].split(chunk)))
+               for h_part, y_part in zip(h.split(chunk), targets.split(chunk)))
 
 
-def pad_batch(examples, device=None):
+def pad_batch(examples, device="cpu"):
     """Right-pad (tokens, labels) pairs to the longest in the batch; padding is never scored. Unshifted: see
-    encode_example."""
+    encode_example. The tokens go to `device`, the labels stay on the CPU (see response_loss)."""
     tokens, labels = (pad_sequence([torch.tensor(e[i]) for e in examples], batch_first=True,
                                    padding_value=(0, IGNORE_INDEX)[i]) for i in (0, 1))
-    return tokens.to(device), labels.to(device)
+    return to_device(tokens, device), labels
+
+
+def to_device(tensor, device):
+    """A CPU tensor on `device`; to a GPU through pinned memory, so the copy doesn't wait for the work queued there."""
+    if torch.device(device).type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -465,7 +496,7 @@ def sample_next(logits, temperature: float, top_p: float, generator=None):
     return order.gather(-1, choice).squeeze(-1)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(model, prompts, max_gen_len, temperature=0.1, top_p=0.75, eos_id=None, image=None,
              generator=None, on_token=None, compile=False):
     """Continue each token list in `prompts`; returns the new tokens of each, up to and excluding EOS.
@@ -477,7 +508,8 @@ def generate(model, prompts, max_gen_len, temperature=0.1, top_p=0.75, eos_id=No
     prompt's end, and a sequence still inside its prompt is fed its own next token instead of a sample, so each
     gets what it would get alone. on_token(step_tokens) sees each step's (bsz,) new tokens as they come.
     The loop never waits for the device except every few tokens, to see whether every sequence has ended.
-    compile: run the one-token steps compiled (see compiled_step), with a cache of the static length max_seq_len.
+    compile: run the one-token steps compiled (see compiled_step) over a cache of the static length max_seq_len,
+    which the model keeps for the next call of the same batch size (model.clear_cache() frees it).
     """
     bsz, lengths = len(prompts), [len(p) for p in prompts]
     max_seq_len = model.args.max_seq_len
@@ -494,12 +526,11 @@ def generate(model, prompts, max_gen_len, temperature=0.1, top_p=0.75, eos_id=No
     in_prompt = tokens != -1
     ends = torch.tensor(lengths, device=device) + max_gen_len  # where each sequence's budget runs out
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
-    model.setup_cache(bsz, max_seq_len if compile else end)
-    step = compiled_step(model) if compile else model
+    model.setup_cache(bsz, max_seq_len if compile else end, image)
     try:
         # The prompts' common part in one forward, then one token at a time; logits only at the last position.
-        logits = model(tokens[:, :start], 0, image, logits_at=slice(-1, None))  # (bsz, 1, vocab_size)
-        position = torch.tensor([start], device=device)  # a tensor, not an int: every step runs the same code
+        logits = model(tokens[:, :start], 0, logits_at=slice(-1, None))  # (bsz, 1, vocab_size)
+        position = torch.tensor([start], device=device)  # the compiled step's: a tensor, the same code every step
         for cur in range(start, end):
             next_token = sample_next(logits[:, -1], temperature, top_p, generator)
             next_token = torch.where(in_prompt[:, cur], tokens[:, cur], next_token)  # still in its prompt: feed that
@@ -509,10 +540,12 @@ def generate(model, prompts, max_gen_len, temperature=0.1, top_p=0.75, eos_id=No
             done |= ~in_prompt[:, cur] & (torch.isin(next_token, stop_ids) | (cur + 1 >= ends))
             if cur + 1 == end or (cur - start) % 8 == 7 and done.all():  # a host sync every 8 tokens, not each
                 break
-            logits = step(tokens[:, cur:cur + 1], position, image)
+            step = tokens[:, cur:cur + 1].contiguous()  # (bsz, 1), the same strides at every call
+            logits = compiled_step(model)(step, position) if compile else model(step, cur)
             position += 1
     finally:
-        model.clear_cache()
+        if not compile:  # a compiled step's cache stays, for the next call (see setup_cache)
+            model.clear_cache()
     out = []
     for i, p in enumerate(tokens.tolist()):
         new = p[lengths[i]:min(lengths[i] + max_gen_len, end)]
@@ -521,11 +554,29 @@ def generate(model, prompts, max_gen_len, temperature=0.1, top_p=0.75, eos_id=No
     return out
 
 
+def batch_that_fits(model, cache_len, free_bytes, most=32):
+    """How many sequences generate() decodes at once in free_bytes, `most` at the most: each with its KV cache, its
+    prefill's largest transients (the feed-forward's hidden activations, a row of fp32 logits) and, where no fused
+    attention kernel takes the prefill (then torch's math kernel runs it, in fp32: grouped-query attention on some
+    GPUs, and so on), the math kernel's scores and weights, 2 x n_heads x cache_len^2 fp32 values per sequence."""
+    a, weight = model.layers[0].attention, model.tok_embeddings.weight
+    cache = 2 * model.args.n_layers * cache_len * a.n_kv_heads * a.head_dim * weight.element_size()
+    hidden = model.layers[0].feed_forward.w1.weight.shape[0]
+    prefill = cache_len * (3 * hidden + 4 * model.args.dim) * weight.element_size()
+    q, k = (torch.zeros(1, heads, 8, a.head_dim, dtype=weight.dtype, device=weight.device) for heads in (a.n_heads, a.n_kv_heads))
+    params = torch.backends.cuda.SDPAParams(q, k, k, None, 0.0, True, a.n_kv_heads != a.n_heads)
+    fused = weight.is_cuda and any(can(params) for can in (torch.backends.cuda.can_use_flash_attention,
+                                                          torch.backends.cuda.can_use_efficient_attention,
+                                                          torch.backends.cuda.can_use_cudnn_attention))
+    attention = 0 if fused else 2 * a.n_heads * cache_len ** 2 * 4
+    return int(min(most, free_bytes / (cache + prefill + 4 * model.args.vocab_size + attention)))
+
+
 def compiled_step(model):
-    """The model compiled for one-token steps over a static cache: same shapes every step, so it compiles once. On a
-    GPU with CUDA graphs ("reduce-overhead"): each step replays as one graph instead of launching every kernel
-    (about 1,700 per token at 7B, which would leave batch-1 decoding bound by launch overhead, not memory).
-    Kept in the model's __dict__ (not as a submodule, so not in its state_dict): it goes when the model goes."""
+    """The model compiled for one-token steps over a static cache: same shapes every step, so it compiles once per
+    batch size. On a GPU with CUDA graphs ("reduce-overhead"): each step replays as one graph instead of launching
+    every kernel (about 1,700 per token at 7B, which would leave batch-1 decoding bound by launch overhead, not
+    memory). Kept in the model's __dict__ (not as a submodule, so not in its state_dict): it goes when the model goes."""
     if "compiled_step" not in model.__dict__:
         mode = "reduce-overhead" if model.tok_embeddings.weight.is_cuda else "default"
         model.__dict__["compiled_step"] = torch.compile(model, mode=mode, dynamic=False, fullgraph=True)

@@ -123,18 +123,18 @@ cli.require(not args.resume or (out / "train_state.pth").is_file(),
 # process holds the whole base and DDP averages the adapter's gradients, or (--fsdp) each holds a shard of it.
 distributed = "RANK" in os.environ
 ddp = distributed and not args.fsdp
-device = args.device
-if distributed:
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+device_type = torch.device(device).type
+if distributed and device_type == "cuda":  # this process's GPU (a scheduler may show each process fewer than all)
+    device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+if device_type == "cuda":  # before anything touches the GPU: the dtype, the memory figures and NCCL read this one
+    torch.cuda.set_device(device)
+if distributed:  # the device given, so that NCCL never guesses it
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
+                            device_id=torch.device(device) if device_type == "cuda" else None)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if use_cuda:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
 else:
     rank, world = 0, 1
-device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-device_type = torch.device(device).type
 master = rank == 0  # only it prints and writes files
 # One precision story: the frozen base in compute_dtype, every computation on it under one autocast, the adapter
 # fp32. Full fine-tuning keeps fp32 master weights. fp16 (GPUs without bf16) scales the loss so that small
@@ -282,8 +282,8 @@ def loss_sum(model, idx):
     # Summed cross-entropy over the response tokens and EOS of examples `idx` (a micro-batch).
     tokens, labels = lladapter.pad_batch([examples[j] for j in idx], device)
     with autocast:
-        return lladapter.response_loss(model, tokens, labels, features[idx].to(device) if args.image_dim else None,
-                                       chunk=args.loss_chunk)
+        image = lladapter.to_device(features[idx], device) if args.image_dim else None
+        return lladapter.response_loss(model, tokens, labels, image, chunk=args.loss_chunk)
 
 
 @torch.no_grad()
@@ -307,6 +307,10 @@ raw_model = model  # saved from, never from the DDP or compiled wrapper (no "mod
 if args.mode == "adapter":
     lladapter.mark_only_adapter_trainable(model)  # before DDP wraps it: DDP syncs only what trains
 trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+if args.fsdp:  # FSDP leaves the adapter whole in every process: all start from process 0's values (GPUs of two
+    # kinds can draw different ones from the same seed). DDP does the same for what trains when it wraps the model.
+    for p in trainable.values():
+        dist.broadcast(p.data, src=0)
 n_trainable, n_total = sum(p.numel() for p in trainable.values()), sum(p.numel() for p in model.parameters())
 say(f"model: {n_total:,} parameters, {n_trainable:,} trainable ({100 * n_trainable / n_total:.3f}%), "
     f"base in {model.tok_embeddings.weight.dtype}{', its matrices int8' if args.quantize else ''}, on {device}"
@@ -319,7 +323,7 @@ optimizer = torch.optim.AdamW(trainable.values(), lr=peak_lr, betas=(args.beta1,
                               weight_decay=args.weight_decay, fused=device_type == "cuda")
 gates = [layer.attention.gate for layer in raw_model.layers[raw_model.first_adapted:]]
 
-settings = vars(args)
+settings = {**vars(args), "base_dtype": cli.dtype_name(compute_dtype)}  # the dtype --dtype=auto chose on this machine
 start_step = 0
 if args.resume:
     state = checkpoint.torch_load(out / "train_state.pth", verify=True)
@@ -327,6 +331,10 @@ if args.resume:
     if changed:
         raise InputError(f"{out / 'train_state.pth'} was written with other settings: " +
                          ", ".join(f"{k}={state['settings'][k]!r} (now {settings[k]!r})" for k in changed))
+    saved = state["settings"].get("base_dtype", settings["base_dtype"])
+    if saved != settings["base_dtype"]:  # the loss scaler's state, and the numbers, belong to the dtype
+        raise InputError(f"{out / 'train_state.pth'} was trained with the base in {saved}, here --dtype={args.dtype} "
+                         f"is {settings['base_dtype']}: resume with --dtype={saved}, or start again in another --out_dir")
     with torch.no_grad():
         for name, p in trainable.items():
             p.copy_(state["trainable"][name])
@@ -350,11 +358,16 @@ def save_checkpoint(step):
                             "trainable": {n: p.detach().cpu() for n, p in trainable.items()}}, out / "train_state.pth")
 
 
-if args.compile:  # in place, block by block: parameter names, DDP and the saved files stay as they are
+if args.compile:  # in place, block by block: parameter names, DDP and the saved files stay as they are. Dynamic
+    # shapes from the start: micro-batches and validation of every length then share a few graphs, where a graph
+    # per length would soon pass dynamo's recompile limit (8) and run the blocks eagerly, silently.
     for layer in raw_model.layers:
-        layer.compile()
-if ddp:
-    model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
+        layer.compile(dynamic=True)
+if ddp:  # DDP syncs what trains and nothing else: the frozen base was read from the same file by every process, and
+    # the rotary table is computed from the settings (the default would broadcast both, the table at every step)
+    DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, p in model.named_parameters() if not p.requires_grad])
+    model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None,
+                broadcast_buffers=False)
 
 # ----------------------------------------------------------------------------------------------------------
 # the loop: one optimizer step per global batch

@@ -44,14 +44,14 @@ def task(tmp_path_factory):
     return d
 
 
-def train(task, out, *args, nproc=1, check=True, script="train.py"):
+def train(task, out, *args, nproc=1, check=True, script="train.py", env=None):
     """Run train.py (or a script that runs it) as a user would; returns (returncode, stdout + stderr)."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     cmd = [sys.executable, *launcher, script, f"--ckpt_dir={task / 'ckpt'}", f"--data_path={task / 'data.json'}",
            f"--out_dir={out}", "--adapter_layer=2", "--adapter_len=3", "--batch_size=8", "--micro_batch_size=2",
            "--epochs=2", "--warmup_epochs=0.5", "--val_fraction=0.05", "--log_interval=5", "--dtype=fp32",
            f"--device={DEVICE if nproc == 1 else 'cpu'}", *args]  # several processes: gloo on the CPU
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # deterministic kernels, and no oversubscription under torchrun
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}  # deterministic kernels, no oversubscription
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed:\n{result.stdout}\n{result.stderr}")

@@ -62,9 +62,9 @@ def tokens(bsz=2, seqlen=12, seed=1):
     return torch.randint(3, VOCAB, (bsz, seqlen), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
-def cached_logits(model, toks, chunks):
-    """Logits from feeding `toks` through the KV cache in chunks of the given lengths."""
-    model.setup_cache(toks.shape[0], toks.shape[1])
+def cached_logits(model, toks, chunks, image=None):
+    """Logits from feeding `toks` through the KV cache in chunks of the given lengths (an int start_pos each)."""
+    model.setup_cache(toks.shape[0], toks.shape[1], image)
     out, pos = [], 0
     with torch.no_grad():
         for n in chunks:

@@ -69,7 +69,7 @@ def test_no_gate_adds_the_prompt_branch_at_weight_one_and_trains_the_prompts_alo
     attn, a = model.layers[-1].attention, model.args
     x, prompt = last_layer_input(model)
     with torch.no_grad():
-        ours = attn(x, torch.arange(9), model.rope[:9], prompt=prompt[None])
+        ours = attn(x, None, model.rope[:9], prompt=prompt[None])
     assert torch.equal(torch.tanh(attn.gate), torch.ones(1, a.n_heads, 1, 1))  # eq7_reference reads tanh(gate) = 1
     torch.testing.assert_close(ours, eq7_reference(attn, x, prompt), rtol=1e-5, atol=1e-5)
     lladapter.mark_only_adapter_trainable(model)
@@ -107,7 +107,7 @@ def test_prefix_variant_is_one_softmax_over_prompts_and_words(n_kv_heads):
     attn = model.layers[-1].attention
     x, prompt = last_layer_input(model)
     with torch.no_grad():
-        ours = attn(x, torch.arange(9), model.rope[:9], prompt=prompt[None])
+        ours = attn(x, None, model.rope[:9], prompt=prompt[None])
         torch.testing.assert_close(ours, prefix_reference(attn, x, prompt), rtol=1e-5, atol=1e-5)
         # not Eq. 7 with the gate at 1: in one softmax the prompts take attention from the words
         assert not torch.allclose(ours, eq7_reference(attn, x, prompt), atol=1e-3)

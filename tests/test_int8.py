@@ -23,7 +23,7 @@ def test_int8_load_from_every_layout_gives_the_int8_of_the_full_precision_weight
         write_hf_checkpoint(model, tmp_path, spm_tokenizer, layout)
     loaded, _ = checkpoint.load_llama(tmp_path, tokenizer_path=spm_tokenizer, device="cpu", quantize="int8",
                                       adapter_layer=0)
-    expected = quantize.quantize_model_(base_copy(model))  # quantized in place from the whole fp32 weights
+    expected = quantize.int8_linears(base_copy(model), quantize_from_weights=True)  # from the whole fp32 weights
     int8 = {n: p for n, p in loaded.named_parameters() if p.dtype == torch.int8}
     assert len(int8) == 7 * model.args.n_layers + 1 and loaded.tok_embeddings.weight.dtype == torch.float32
     x = tokens()
@@ -109,7 +109,7 @@ def test_an_adapter_trained_on_an_int8_base_loads_and_works_on_the_full_precisio
 
 
 def test_compiled_decoding_on_an_int8_base_gives_the_tokens_of_eager_decoding():
-    model = quantize.quantize_model_(tiny_model(open_gates=True).eval())
+    model = quantize.int8_linears(tiny_model(open_gates=True).eval(), quantize_from_weights=True)
     prompts = tokens(bsz=2, seqlen=6).tolist()
     eager = lladapter.generate(model, prompts, 8, temperature=0)
     assert lladapter.generate(model, prompts, 8, temperature=0, compile=True) == eager

@@ -126,7 +126,7 @@ def real_saved_bytes(args, dtype, micro_batch, length, scored, quantized=False):
     """What autograd keeps in a real adapter training forward on this CPU (the kernels train.py runs here)."""
     model = bench.random_model(args, torch.device("cpu"), dtype)
     if quantized:
-        quantize.quantize_model_(model)
+        quantize.int8_linears(model, quantize_from_weights=True)
     lladapter.mark_only_adapter_trainable(model)
     weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     saved = {}

@@ -116,7 +116,7 @@ class Trainer:
     def __init__(self, args, mode, device, dtype, quantize="", checkpointing=False, chunk=0):
         self.model = random_model(args, device, dtype)
         if quantize:  # train.py --quantize=int8 (there quantized while loading)
-            quantization.quantize_model_(self.model)
+            quantization.int8_linears(self.model, quantize_from_weights=True)
         self.model.activation_checkpointing, self.chunk = checkpointing, chunk
         if mode == "adapter":
             lladapter.mark_only_adapter_trainable(self.model)
@@ -145,9 +145,10 @@ def mid_args(adapter=True):
 
 
 def random_batch(bsz, length, vocab, device):
-    # `length` tokens per sequence (+1, as train.py feeds tokens[:, :-1]); the first third is an unscored prompt
-    tokens = torch.randint(3, vocab, (bsz, length + 1), device=device)
-    labels = tokens.clone()
+    # `length` tokens per sequence (+1, as train.py feeds tokens[:, :-1]); the first third is an unscored prompt.
+    # The labels stay on the CPU, as train.py's (lladapter.pad_batch)
+    labels = torch.randint(3, vocab, (bsz, length + 1))
+    tokens = labels.to(device, copy=True)
     labels[:, :length // 3] = lladapter.IGNORE_INDEX
     return tokens, labels
 
@@ -300,7 +301,7 @@ def base_bytes(model):
 def memory_options(argv):
     cpu, args, row = torch.device("cpu"), options_args(), {}
     fp32 = random_model(args, cpu, torch.float32)
-    int8 = quantization.quantize_model_(random_model(args, cpu, torch.float32))
+    int8 = quantization.int8_linears(random_model(args, cpu, torch.float32), quantize_from_weights=True)
     matrices = [n for n, m in int8.named_modules() if isinstance(m, quantization.Int8Linear)]
     row["int8_over_fp32_base_bytes"] = base_bytes(int8) / base_bytes(fp32)
     row["int8_over_fp32_matrix_bytes"] = sum(base_bytes(int8.get_submodule(n)) for n in matrices) / sum(

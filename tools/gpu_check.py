@@ -148,7 +148,7 @@ def prompt_branch_against_math(ctx):
         for backend in ("default", "math"):
             prompt = model.adapter_query.weight.detach().clone().requires_grad_()  # (K, dim), fp32
             with sdpa_kernel(SDPBackend.MATH) if backend == "math" else contextlib.nullcontext():
-                q, _, _ = attn.qkv(x, positions, model.rope[positions])
+                q, _, _ = attn.qkv(x, None, model.rope[positions])
                 pk, pv = attn.prompt_keys_values(prompt[None], ctx.dtype, bsz)
                 out = torch.tanh(attn.gate) * F.scaled_dot_product_attention(
                     q, pk, pv, enable_gqa=attn.n_kv_heads != attn.n_heads)  # (bsz, heads, seqlen, head_dim), fp32

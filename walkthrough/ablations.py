@@ -118,22 +118,20 @@ def no_gate(model):
         remove_gate(layer.attention)
 
 
-def prefix_attention(attention, x, positions, rope, mask=None, prompt=None):
+def prefix_attention(attention, x, start_pos, rope, mask=None, prompt=None):
     # Plain prefix tuning, what the paper's zero-init attention departs from: the K prompt keys and values join
     # the words' and ONE softmax runs over [prompt; words], so the prompts take attention from the words from step
     # 0 on, with no gate. Every position sees all K prompts, and the words causally.
     bsz, seqlen, _ = x.shape
-    q, k, v = attention.qkv(x, positions, rope)  # q: (bsz, n_heads, seqlen, head_dim); k, v: the words (or cache)
-    if attention.cache_k is None:  # training: rebuilt every forward, so the prompts keep receiving gradients
+    q, k, v = attention.qkv(x, start_pos, rope)  # q: (bsz, n_heads, seqlen, head_dim); k, v: the words (or cache)
+    if prompt is not None:  # training: rebuilt every forward, so the prompts keep receiving gradients
         pk, pv = attention.prompt_keys_values(prompt, x.dtype, bsz)
     else:  # generation: projected once per call, as in Attention.forward
-        if attention.prompt_kv is None:
-            attention.prompt_kv = attention.prompt_keys_values(prompt, x.dtype, bsz)
-        pk, pv = attention.prompt_kv
+        pk, pv, _ = attention.prompt_kv
     keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (bsz, n_kv_heads, K + words, head_dim)
-    if mask is None:  # training: causal over the words; in generation, mask (0 or -inf) hides the cache's future
-        mask = torch.full((seqlen, seqlen), float("-inf"), dtype=q.dtype, device=x.device).triu(1)
-    mask = torch.cat([mask.new_zeros(seqlen, pk.shape[2]), mask], dim=1)  # (seqlen, K + words): prompts all seen
+    if mask is None:  # causal over the words (the keys are the queries' own), or one query that sees every word
+        mask = torch.ones(seqlen, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - seqlen)
+    mask = torch.cat([mask.new_ones(seqlen, pk.shape[2]), mask], dim=1)  # (seqlen, K + words): prompts all seen
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                          enable_gqa=attention.n_kv_heads != attention.n_heads)
     return attention.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))  # (bsz, seqlen, dim)
