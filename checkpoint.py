@@ -72,12 +72,16 @@ def meta_checkpoint(ckpt_dir):
     params = read_json(ckpt_dir / "params.json")
     if not isinstance(params, dict):
         raise InputError(f"{ckpt_dir / 'params.json'}: not a JSON object")
-    if params.pop("use_scaled_rope", False):
+    scaled = params.pop("use_scaled_rope", False)
+    if scaled:
         # Llama 3.1, 3.2, 3.3: params.json says only that the frequencies are scaled. The factor is 8, but 32 for 3.2
         # 1B and 3B (Hugging Face's configs state it; Meta's reference hard-codes 8): known by their shapes.
         # load_llama(rope_scaling_factor=...) overrides it.
         llama_3_2 = (params.get("dim"), params.get("n_layers")) in ((2048, 16), (3072, 28))
         params["rope_scaling_factor"] = 32.0 if llama_3_2 else 8.0
+    # The context, which params.json does not state: Llama 3.1 and later 131,072 tokens, Llama 3 8,192 (its 128K
+    # vocabulary tells it), LLaMA-1 2,048 (LLaMA-2's is 4,096: load_llama(max_seq_len=4096) for that)
+    params.setdefault("max_seq_len", 131072 if scaled else 8192 if params.get("vocab_size", 0) >= 128000 else 2048)
     files = sorted(ckpt_dir.glob("consolidated.*.pth"))
     if not files:
         raise InputError(f"{ckpt_dir}: no consolidated.*.pth checkpoint files")
@@ -139,7 +143,8 @@ def hf_params(config, path) -> dict:
                       n_kv_heads=config.get("num_key_value_heads"), vocab_size=config["vocab_size"],
                       norm_eps=config.get("rms_norm_eps", 1e-6),
                       rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
-                      tie_word_embeddings=bool(config.get("tie_word_embeddings", False)))
+                      tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+                      max_seq_len=config.get("max_position_embeddings", 2048))  # the context
         if rope_type == "llama3":
             params.update(rope_scaling_factor=rope["factor"], rope_low_freq_factor=rope["low_freq_factor"],
                           rope_high_freq_factor=rope["high_freq_factor"],
@@ -216,8 +221,9 @@ def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dt
     """Build a Transformer from a base checkpoint in Meta's or Hugging Face's layout; returns (model, tokenizer).
 
     The tokenizer is tokenizer.model or tokenizer.json in ckpt_dir, or tokenizer.model beside it (any kind that
-    read_tokenizer reads). model_args override the checkpoint's own (max_seq_len, adapter_len, adapter_layer,
-    image_dim, rope_scaling_factor); with adapter_path, K, L and the image width come from the adapter file.
+    read_tokenizer reads). model_args override the checkpoint's own (max_seq_len, by default the model's context;
+    adapter_len, adapter_layer, image_dim, rope_scaling_factor); with adapter_path, K, L and the image width come
+    from the adapter file (this project's, the original release's, or a PEFT adaption_prompt folder).
     The base weights go to `dtype` (default bf16 on a GPU, fp32 on CPU), the adapter stays fp32; without adapter_path
     the adapter is new. shard: a function applied to the model before any weight is read (FSDP's fully_shard, in
     train.py --fsdp); a parameter it splits is read only for this process's rows.
@@ -351,10 +357,49 @@ def save_adapter(model, path):
     atomic_save({**adapter_state_dict(model), ADAPTER_CONFIG: config}, path)
 
 
-def read_adapter(path) -> dict:
+def read_adapter(path, params) -> dict:
+    """An adapter file's tensors and config; a folder is read as a PEFT adaption_prompt adapter for a base with
+    `params`, into the same form."""
+    if Path(path).is_dir():
+        return read_peft_adapter(Path(path), params)
     state = torch_load(path, verify=True)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for k, v in state.items() if k != ADAPTER_CONFIG):
         raise InputError(f"{path}: not an adapter file (expected a dict of tensors)")
+    return state
+
+
+def read_peft_adapter(folder, params) -> dict:
+    """A PEFT adaption_prompt adapter (adapter_config.json, adapter_model.safetensors or .bin), as this code's
+    adapter file: its prompts, [1, K, dim] in each of the top L layers, go into adapter_query as they are (both
+    project them with the frozen wk and wv, no RoPE); its gate is applied raw, one per layer, where this code
+    applies tanh(gate) per head, so gate = atanh(g) in every head gives tanh(gate) = g, for |g| < 1 only."""
+    config = read_json(folder / "adapter_config.json")
+    if not isinstance(config, dict) or config.get("peft_type") != "ADAPTION_PROMPT":
+        raise InputError(f"{folder / 'adapter_config.json'}: not a PEFT adaption_prompt adapter (peft_type "
+                         f"{config.get('peft_type') if isinstance(config, dict) else None!r})")
+    file = next((folder / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (folder / n).is_file()), None)
+    if file is None:
+        raise InputError(f"{folder}: no adapter_model.safetensors or adapter_model.bin")
+    tensors = read_safetensors(file) if file.suffix == ".safetensors" else torch_load(file, verify=True)
+    found = {(int(m.group(1)), m.group(2)): t for name, t in tensors.items()
+             if (m := re.search(r"layers\.(\d+)\.self_attn\.adaption_(prompt|gate)$", name))}
+    n, H, K, L = params["n_layers"], params["n_heads"], config.get("adapter_len"), config.get("adapter_layers")
+    if sorted(found) != sorted((i, part) for i in range(n - (L or 0), n) for part in ("prompt", "gate")) or not L:
+        raise InputError(f"{file}: expected a prompt and a gate in each of the top adapter_layers={L} of this base's "
+                         f"{n} layers, found {sorted(found)[:4]}...")
+    state = {}
+    for i in range(n - L, n):
+        gate = found[i, "gate"].float().flatten()
+        if gate.numel() not in (1, H) or found[i, "prompt"].shape[-2:] != (K, params["dim"]):
+            raise InputError(f"{file}: layer {i}: prompt {list(found[i, 'prompt'].shape)}, gate {list(gate.shape)}: "
+                             f"not adapter_len={K} prompts of width {params['dim']} and one gate, or one per head")
+        if not gate.abs().max() < 1:
+            raise InputError(f"{file}: layer {i}: gate {gate.abs().max().item():.6g}: this code applies tanh(gate), "
+                             f"which reaches no value of 1 or more")
+        state[f"layers.{i}.attention.gate"] = torch.atanh(gate).expand(H).reshape(1, H, 1, 1).clone()
+    state["adapter_query.weight"] = torch.cat([found[i, "prompt"].float().reshape(K, -1) for i in range(n - L, n)])
+    state[ADAPTER_CONFIG] = {"adapter_len": K, "adapter_layer": L, "image_dim": 0,
+                             **{k: params[k] for k in BASE_FIELDS}}
     return state
 
 
@@ -366,7 +411,7 @@ def adapter_args(path, params, given) -> dict:
     nonzero gate up; our older files store only the adapted layers' gates. K = rows of adapter_query / L.
     `given` (the user's flags) settles what the file leaves open, and must not contradict what it says.
     """
-    state = read_adapter(path)
+    state = read_adapter(path, params)
     n_layers = params["n_layers"]
     config = state.get(ADAPTER_CONFIG)
     if config is not None:
@@ -410,19 +455,29 @@ def check_base(path, config, params):
 
 
 def load_adapter(model, path):
-    """Copy an adapter file's tensors into `model`, refusing any that don't fit it."""
-    expected = adapter_tensors(model)
+    """Copy an adapter's tensors into `model`, refusing any that don't fit it."""
+    state = adapter_state(path, model.args, adapter_tensors(model))
+    with torch.no_grad():
+        for k, v in adapter_tensors(model).items():
+            v.copy_(state[k])
+
+
+def adapter_state(path, args, expected=None) -> dict:
+    """The tensors of the adapter at `path` for a model of ModelArgs `args` (its adapter's tensors `expected`, or
+    those of a model built from args), refusing any that don't fit it: what an AdapterBank takes."""
+    if expected is None:
+        with torch.device("meta"):
+            expected = adapter_tensors(Transformer(args))
     if not expected:
         raise InputError(f"{path}: this model has no adapter to load it into (adapter_layer=0)")
-    state = read_adapter(path)
+    state = read_adapter(path, vars(args))
     config = state.pop(ADAPTER_CONFIG, None)
     if config is not None:
-        check_base(path, config, vars(model.args))
+        check_base(path, config, vars(args))
     # The original export also stores zero gates for the layers it did not adapt: accept those, only those.
     state = {k: v for k, v in state.items() if k in expected or not (k.endswith(".attention.gate") and not v.any())}
-    a = model.args
-    about = (f"it does not fit this model (dim={a.dim}, n_heads={a.n_heads}, adapter_layer={a.adapter_layer}, "
-             f"adapter_len={a.adapter_len}, image_dim={a.image_dim})")
+    about = (f"it does not fit this model (dim={args.dim}, n_heads={args.n_heads}, adapter_layer={args.adapter_layer}, "
+             f"adapter_len={args.adapter_len}, image_dim={args.image_dim})")
     if config is not None:
         about += f"; it was made for {fields_text(config)}"
     extra, missing = sorted(state.keys() - expected.keys()), sorted(expected.keys() - state.keys())
@@ -432,9 +487,7 @@ def load_adapter(model, path):
     for k, v in state.items():
         if v.shape != expected[k].shape:
             raise InputError(f"{path}: {about}: {k} has shape {list(v.shape)}, expected {list(expected[k].shape)}")
-    with torch.no_grad():
-        for k, v in state.items():
-            expected[k].copy_(v)
+    return {k: v.float() for k, v in state.items()}
 
 
 PARAMS_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",

@@ -1,33 +1,36 @@
 """
-Answer instructions with a base LLaMA plus a trained adapter (or the base alone, to compare).
+Answer instructions with a base LLaMA and its adapters: one, several side by side, or none (the base alone).
 
-    python generate.py                   # no arguments: the walkthrough's held-out questions, with and without
-                                         # its adapter (run `python train.py` first)
-    python generate.py --ckpt_dir=llama/7B --adapter=out/adapter.pth --prompt="Tell me about alpacas."
-    python generate.py --ckpt_dir=Llama-2-7b-hf --adapter=out/adapter.pth --interactive    # Hugging Face layout
-    python generate.py --ckpt_dir=llama/7B --adapter=out/adapter.pth --prompts_file=alpaca_eval.json \\
-        --temperature=0 --out=answers.jsonl
+    python generate.py                   # no arguments: the walkthrough's held-out questions, answered by the base
+                                         # and by its adapter side by side (run `python train.py` first)
+    python generate.py --ckpt_dir=llama/7B --adapter=out/alpaca/adapter.pth --prompt="Tell me about alpacas."
+    python generate.py --ckpt_dir=Llama-2-7b-hf --adapter=out/alpaca/adapter.pth --interactive   # Hugging Face's layout
+    python generate.py --ckpt_dir=llama/7B --adapter=out/alpaca/adapter.pth --prompts_file=alpaca_eval.json \\
+        --temperature=0 --out=answers.json                                  # the list AlpacaEval reads
+    python generate.py --ckpt_dir=llama/7B --adapter=a.pth --adapter=b=other.pth --compare --prompt="Hi"  # side by side
+    python generate.py --ckpt_dir=Llama-2-7b-hf --adapter=peft_adapter/ --prompt="Hi"  # a PEFT adaption_prompt folder
     python generate.py ... --show_gates  # the adapter's tanh(gate) per layer and head, as a heat map
 
-Prompts are wrapped in the training template. --prompts_file holds one instruction per line, or Alpaca-format
-records (a JSON list, or JSON Lines in a .jsonl file; with "input", and "image" for image adapters), answered in
-batches of --max_batch_size. The adapter file says its own K, L and image width. --help lists every setting.
+Prompts are wrapped in the training template. --prompts_file holds one instruction per line, or Alpaca-format records
+(a JSON list, or JSON Lines in a .jsonl file), each with "input" if any, "image" for an image adapter, "adapter": the
+name of the adapter that answers it ("base" or none: the base), and "output" to compare the answers with. They are
+answered in batches of --max_batch_size. Several adapters share the one base in memory and every batch: each row
+attends to its own adapter's prompts (lladapter.AdapterBank). An adapter file says its own K, L and image width.
 """
 import functools
 import json
-import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
+import checkpoint
 import cli
 import lladapter
-from checkpoint import load_llama
 from cli import InputError
 
 
@@ -35,20 +38,21 @@ from cli import InputError
 class Settings:
     ckpt_dir: str = ""  # base model, Meta's layout or Hugging Face's; empty: the walkthrough's (see train.py)
     tokenizer_path: str = ""  # empty: tokenizer.model or tokenizer.json in ckpt_dir, or tokenizer.model beside it
-    adapter: str = ""  # adapter file from train.py; empty: the base model alone
+    adapter: tuple = ()  # an adapter file from train.py, or a PEFT adaption_prompt folder; NAME=PATH names it; repeat for several
+    compare: bool = False  # answer every prompt with the base and with each adapter, side by side, in one batch
     template: Literal[lladapter.TEMPLATES] = "alpaca"  # the prompt, as in training: alpaca, or llama3 (Llama 3's instruct chat)
     prompt: tuple = ()  # an instruction; repeat --prompt for several
     input: str = ""  # context for the with-input template, for every --prompt
     prompts_file: str = ""  # one instruction per line, or Alpaca-format records (.json list or .jsonl)
     image: str = ""  # a .npy image feature for every prompt (image adapters only)
     interactive: bool = False  # read instructions from standard input, one per line, and answer each
-    out: str = ""  # write one JSON line per prompt (instruction, input, output) to this file
+    out: str = ""  # the answers: a .json file gets the list AlpacaEval reads, any other one JSON line per answer
     max_gen_len: int = 256  # new tokens at most, per prompt
     max_batch_size: int = 0  # prompts decoded together; 0: 32, or on a GPU as many of 32 as free memory holds
     temperature: float = 0.1  # the paper's; 0 is greedy
     top_p: float = 0.75  # the paper's
     seed: int = 0  # of the sampling, for answers that repeat
-    max_seq_len: int = 512  # prompt plus answer, in tokens
+    max_seq_len: int = 0  # prompt plus answer, in tokens; 0: the model's own context (its config.json or params.json)
     adapter_len: int = 0  # 0: from the adapter file (needed only for an original-layout file whose gates are all zero)
     adapter_layer: int = 0  # 0: from the adapter file (as adapter_len)
     image_dim: int = 0  # 0: from the adapter file
@@ -61,20 +65,78 @@ class Settings:
 
 cli.exit_on_input_error()
 args = cli.parse(Settings, __doc__)
-walkthrough = None
-if not args.ckpt_dir:  # the walkthrough's model and adapter, on some of the instructions it never trained on
+if not args.ckpt_dir:  # the walkthrough's base, adapter and held-out questions (walkthrough/world.py)
     from walkthrough import world as walkthrough
-    args, heldout = walkthrough.generate_preset(args, functools.partial(cli.parse, Settings, __doc__))
-cli.require(args.max_batch_size >= 0, f"--max_batch_size={args.max_batch_size}: must not be negative")
-for key in ("max_gen_len", "max_seq_len"):
-    cli.require(getattr(args, key) > 0, f"--{key}={getattr(args, key)}: must be positive")
+    args = walkthrough.generate_preset(args, functools.partial(cli.parse, Settings, __doc__))
+for key in ("max_batch_size", "max_seq_len"):
+    cli.require(getattr(args, key) >= 0, f"--{key}={getattr(args, key)}: must not be negative")
+cli.require(args.max_gen_len > 0, f"--max_gen_len={args.max_gen_len}: must be positive")
 cli.require(args.temperature >= 0 and 0 < args.top_p <= 1, f"--temperature={args.temperature} --top_p={args.top_p}: "
             f"need temperature >= 0 and 0 < top_p <= 1")
 cli.require(not args.device.startswith("cuda") or torch.cuda.is_available(), f"--device={args.device}: no CUDA device here")
 device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 if device.startswith("cuda"):  # this GPU, not GPU 0, for the dtype, the free memory and every kernel
     torch.cuda.set_device(device)
-base_dtype = cli.dtype_of(args.dtype, device)
+
+# Adapters by name: NAME=PATH, or the file's stem (its folder's name for train.py's adapter.pth, or a PEFT folder's)
+adapters = {}
+for spec in args.adapter:
+    name, _, path = spec.rpartition("=")
+    path = Path(path)
+    name = name or (path.parent.name if path.name == "adapter.pth" else path.stem if path.suffix else path.name)
+    cli.require(name not in adapters and name != "base", f"--adapter={spec}: the name {name!r} is taken; give NAME=PATH")
+    adapters[name] = path
+
+# Jobs: (instruction, input, image feature or None, the name of the adapter that answers it, "base" for the base,
+# the expected output or None). A feature named on the command line is a path from here; in a file, from its folder.
+image = str(Path(args.image).resolve()) if args.image else None
+only = next(iter(adapters)) if len(adapters) == 1 else None if adapters else "base"  # answers a job naming none
+jobs = [(p, args.input, image, only, None) for p in args.prompt]
+if args.prompts_file:
+    path = Path(args.prompts_file)
+    if path.suffix in (".json", ".jsonl"):
+        for i, r in enumerate(cli.read_records(path)):
+            cli.require(isinstance(r.get("instruction"), str) and all(isinstance(r.get(k, ""), str) for k in
+                        ("input", "adapter", "output")), f"{path}: record {i}: expected strings: 'instruction' (and "
+                                                         f"'input', 'adapter', 'output')")
+            name = r.get("adapter", only)
+            cli.require(name in ("base", *adapters, None), f"{path}: record {i}: no --adapter named {name!r} (given: "
+                                                           f"{', '.join(adapters) or 'none'})")
+            feature = str(path.parent / r["image"]) if isinstance(r.get("image"), str) else r.get("image", image)
+            jobs.append((r["instruction"], r.get("input", ""), feature, name, r.get("output")))
+    else:
+        jobs += [(line, "", image, only, None) for line in cli.read_text(path).splitlines() if line.strip()]
+cli.require(jobs or args.show_gates or args.interactive, "nothing to answer: give --prompt=..., --prompts_file=... or "
+                                                           "--interactive")
+cli.require(args.compare or all(job[3] for job in jobs) and (only or not args.interactive),
+            "several adapters: give --compare, or name each record's adapter (\"adapter\": NAME in --prompts_file)")
+out_path = Path(args.out) if args.out else None
+cli.require(out_path is None or out_path.parent.is_dir(), f"--out={args.out}: no folder {out_path and out_path.parent}")
+
+# The base, and one adapter loaded into it the ordinary way; or several, or one beside the base, in an AdapterBank
+banked = args.compare or len(adapters) > 1 or any(job[3] != only for job in jobs)
+given = {k: v for k, v in dict(adapter_len=args.adapter_len, adapter_layer=args.adapter_layer,
+                                image_dim=args.image_dim).items() if v}
+alone = adapters.get(only) if not banked else None  # the one adapter file, loaded the ordinary way
+loaded = given if alone else {"adapter_layer": 0}
+if args.max_seq_len:  # else the model's own context
+    loaded["max_seq_len"] = args.max_seq_len
+model, tokenizer = checkpoint.load_llama(args.ckpt_dir, args.tokenizer_path or None, alone, device=device,
+                                         dtype=cli.dtype_of(args.dtype, device), quantize=args.quantize, **loaded)
+model_device = model.tok_embeddings.weight.device
+bank = None
+if banked:
+    states = {}
+    for name, path in adapters.items():
+        found = checkpoint.adapter_args(path, vars(model.args), given)
+        cli.require(not found["image_dim"], f"{path}: an image adapter answers alone (its prompts depend on each "
+                                            f"row's image): give it as the only --adapter, without --compare")
+        states[name] = checkpoint.adapter_state(path, replace(model.args, **found))
+    bank = lladapter.AdapterBank(model, states)
+    print(f"[{len(adapters)} adapter(s) on one base: their prompts' keys and values {bank.nbytes / 2**20:.2f} MiB, "
+          f"{bank.nbytes / len(bank.names) / 2**20:.3f} MiB per adapter]", file=sys.stderr)
+# A response ends at any of the model's stop ids (Llama 3 instruct: 128001, 128008, 128009), or at its template's end
+stop_ids = tokenizer.stop_ids | {lladapter.response_end_id(tokenizer, args.template)}
 
 
 def heatmap(gates):
@@ -89,69 +151,30 @@ def heatmap(gates):
     return "\n".join(lines)
 
 
-# prompts: (instruction, input, image feature or None). A feature named on the command line is a path from here; one
-# named in a prompts file, a path from that file's folder.
-image = str(Path(args.image).resolve()) if args.image else None
-jobs = [(p, args.input, image) for p in args.prompt]
-if walkthrough and not jobs and not args.prompts_file and not args.interactive:
-    jobs = [(r["instruction"], r["input"], None) for r in heldout]
-if args.prompts_file:
-    path = Path(args.prompts_file)
-    if path.suffix in (".json", ".jsonl"):
-        for i, r in enumerate(cli.read_records(path)):
-            if not isinstance(r.get("instruction"), str) or not isinstance(r.get("input", ""), str):
-                raise InputError(f"{path}: record {i}: expected a string 'instruction' (and optional 'input')")
-            feature = r.get("image", image)
-            jobs.append((r["instruction"], r.get("input", ""),
-                         str(path.parent / feature) if isinstance(feature, str) and "image" in r else feature))
-    else:
-        jobs += [(line, "", image) for line in cli.read_text(path).splitlines() if line.strip()]
-if not jobs and not args.show_gates and not args.interactive:
-    raise InputError("nothing to answer: give --prompt=..., --prompts_file=... or --interactive")
-out_path = Path(args.out) if args.out else None
-cli.require(out_path is None or out_path.parent.is_dir(), f"--out={args.out}: no folder {out_path and out_path.parent}")
-
-given = {"adapter_len": args.adapter_len, "adapter_layer": args.adapter_layer, "image_dim": args.image_dim}
-model, tokenizer = load_llama(args.ckpt_dir, args.tokenizer_path or None, args.adapter or None, device=device,
-                              dtype=base_dtype, max_seq_len=args.max_seq_len, quantize=args.quantize,
-                              **({k: v for k, v in given.items() if v} if args.adapter else {"adapter_layer": 0}))
-model_device = model.tok_embeddings.weight.device
-# A response ends at any of the model's stop ids (Llama 3 instruct: 128001, 128008, 128009), or at its template's end
-stop_ids = tokenizer.stop_ids | {lladapter.response_end_id(tokenizer, args.template)}
-
-
-# --max_batch_size=0: on a GPU as many as 90% of its free memory holds (lladapter.batch_that_fits says what it counts)
-free = torch.cuda.mem_get_info(model_device)[0] if model_device.type == "cuda" else float("inf")
-max_batch_size = args.max_batch_size or lladapter.batch_that_fits(model, args.max_seq_len, 0.9 * free)
-cli.require(max_batch_size > 0, f"the GPU's free memory holds no sequence of max_seq_len={args.max_seq_len} with its "
-                                f"KV cache: lower --max_seq_len, or try --quantize=int8")
 if args.show_gates:
-    if not args.adapter:
-        raise InputError("--show_gates needs an --adapter")
+    cli.require(alone, "--show_gates needs one --adapter, without --compare")
     print(heatmap({i: torch.tanh(layer.attention.gate).flatten().tolist()
                    for i, layer in enumerate(model.layers) if i >= model.first_adapted}))
 
 
 def encode(jobs):
-    """Token lists and image features (or None) of (instruction, input, image) jobs, checked against the model."""
-    prompts = [lladapter.encode_prompt(tokenizer, instruction, context, args.template) for instruction, context, _ in jobs]
-    for (instruction, _, _), tokens in zip(jobs, prompts):
-        if len(tokens) >= args.max_seq_len:
-            raise InputError(f"the prompt {instruction[:40]!r}... is {len(tokens)} tokens, over max_seq_len="
-                             f"{args.max_seq_len}")
-    if all(feature is None for _, _, feature in jobs):
+    """Token lists and image features (or None) of the jobs, checked against the model."""
+    prompts = [lladapter.encode_prompt(tokenizer, job[0], job[1], args.template) for job in jobs]
+    for job, tokens in zip(jobs, prompts):
+        if len(tokens) >= model.args.max_seq_len:
+            raise InputError(f"the prompt {job[0][:40]!r}... is {len(tokens)} tokens, over max_seq_len="
+                             f"{model.args.max_seq_len}: raise --max_seq_len (up to the model's context)")
+    if all(job[2] is None for job in jobs):
         return prompts, None
-    if not model.args.image_dim:
-        raise InputError("an image was given, but the adapter is text-only")
-    if any(feature is None for _, _, feature in jobs):
-        raise InputError("either every prompt has an image or none does")
-    images = [cli.load_image_feature(f, ".", model.args.image_dim, f"prompt {i}") for i, (_, _, f) in enumerate(jobs)]
+    cli.require(model.args.image_dim, "an image was given, but the adapter is text-only")
+    cli.require(all(job[2] is not None for job in jobs), "either every prompt has an image or none does")
+    images = [cli.load_image_feature(job[2], ".", model.args.image_dim, f"prompt {i}") for i, job in enumerate(jobs)]
     return prompts, torch.stack(images).to(model_device)
 
 
-def answer(jobs, stream=False):
-    """The responses to `jobs` and their token count, in batches of max_batch_size; with stream, one job's text is
-    printed as it grows."""
+def answer(jobs, encoded, stream=False):
+    """The responses to `jobs` (encoded: their prompts and images) and their token count, in batches of
+    max_batch_size; with stream, one job's text is printed as it grows."""
     shown, streamed, n_tokens = "", [], 0
 
     def print_growing_text(new_tokens):  # pieces decode differently alone: decode all so far, print what's new
@@ -162,7 +185,7 @@ def answer(jobs, stream=False):
         print(text[len(shown):], end="", flush=True)
         shown = text
 
-    prompts, images = encode(jobs)  # every prompt checked before any is answered
+    prompts, images = encoded
     # Batches of similar lengths, so that no batch feeds one long prompt token by token; answers in the jobs' order.
     order = sorted(range(len(jobs)), key=lambda j: len(prompts[j]))
     answers = [None] * len(jobs)
@@ -173,7 +196,9 @@ def answer(jobs, stream=False):
         rows = batch + batch[-1:] * (max_batch_size - len(batch)) if args.compile and len(jobs) > max_batch_size else batch
         new = lladapter.generate(model, [prompts[j] for j in rows], args.max_gen_len, args.temperature, args.top_p,
                                  stop_ids, images[rows] if images is not None else None, generator,
-                                 on_token=print_growing_text if stream else None, compile=args.compile)
+                                 on_token=print_growing_text if stream else None, compile=args.compile, bank=bank,
+                                 rows=bank and [bank.names.index(jobs[j][3]) for j in rows],
+                                 cache_len=cache_len)
         for j, tokens in zip(batch, new):
             answers[j] = tokenizer.decode(tokens).strip()
         n_tokens += sum(map(len, new))
@@ -184,40 +209,59 @@ def answer(jobs, stream=False):
     return answers, n_tokens
 
 
+def compared(jobs):  # --compare: every job asked of the base and of each adapter
+    return [(*job[:3], name, job[4]) for job in jobs for name in ("base", *adapters)] if args.compare else jobs
+
+
+jobs = compared(jobs)
+encoded = encode(jobs)  # every prompt checked before any is answered
+# The cache: as long as the longest prompt and its answer need (one length for every batch: a compiled step compiles
+# once), within max_seq_len. --max_batch_size=0: on a GPU as many as 90% of its free memory holds (batch_that_fits).
+# (--interactive: the cache each line needs, or max_seq_len when compiled, for lines of a few prompts at most.)
+cache_len = min(model.args.max_seq_len, max(map(len, encoded[0])) + args.max_gen_len) if jobs else None
+free = torch.cuda.mem_get_info(model_device)[0] if model_device.type == "cuda" and jobs else float("inf")
+max_batch_size = args.max_batch_size or lladapter.batch_that_fits(model, cache_len or 1, 0.9 * free)
+cli.require(max_batch_size > 0, f"the GPU's free memory holds no sequence of {cache_len} tokens with its KV cache: "
+                                f"lower --max_gen_len or --max_seq_len, or try --quantize=int8")
 generator = torch.Generator(model_device).manual_seed(args.seed)
 if args.interactive:
     print("Type an instruction and press Enter; an empty line or Ctrl-D ends.", file=sys.stderr)
     for line in sys.stdin:
         if not line.strip():
             break
+        asked = compared([(line.strip(), args.input, image, only, None)])
         print("### Response: ", end="", flush=True)
-        answer([(line.strip(), args.input, image)], stream=True)
+        texts = answer(asked, encode(asked), stream=len(asked) == 1)[0]
+        if len(asked) > 1:  # --compare: the base's and each adapter's, once they are all there
+            print("\n" + "\n".join(f"    {job[3]}: {text}" for job, text in zip(asked, texts)))
 if not jobs:
     sys.exit(0)
 
 t0 = time.time()
-answers, n_new = answer(jobs, stream=len(jobs) == 1 and not out_path)
+answers, n_new = answer(jobs, encoded, stream=len(jobs) == 1 and not out_path)
 elapsed = time.time() - t0
-if out_path:  # written whole under a temporary name, then renamed
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for (instruction, context, _), text in zip(jobs, answers):
-            f.write(json.dumps({"instruction": instruction, "input": context, "output": text}) + "\n")
-    os.replace(tmp, out_path)
+if out_path:  # AlpacaEval's records, the answering adapter their generator; written whole, then renamed
+    records = [{"instruction": job[0], "input": job[1], "output": text, "generator": job[3]}
+               for job, text in zip(jobs, answers)]
+    checkpoint.atomic_save((json.dumps(records, indent=1) if out_path.suffix == ".json" else
+                            "".join(json.dumps(r) + "\n" for r in records)).encode(), out_path)
     print(f"wrote {len(answers)} answers to {out_path}", file=sys.stderr)
-elif walkthrough and not args.prompt and not args.prompts_file:  # with and without the adapter, side by side
-    with lladapter.gates_closed(model):  # exactly the base model (the paper's zero-init property)
-        generator.manual_seed(args.seed)
-        base_answers, _ = answer(jobs)
-    for record, with_adapter, base in zip(heldout, answers, base_answers):
-        print(f"### Instruction: {record['instruction']}" + (f"  ### Input: {record['input']}" if record["input"] else ""))
-        print(f"    expected: {record['output']!r}\n    base alone: {base!r}\n    with the adapter: {with_adapter!r}")
-    print(f"exact match on these {len(heldout)} held-out instructions: base alone "
-          f"{sum(a == r['output'] for a, r in zip(base_answers, heldout))}, with the adapter "
-          f"{sum(a == r['output'] for a, r in zip(answers, heldout))}")
+elif args.compare:  # each prompt's answers side by side, and how many match the expected output where records say
+    names = ["base", *adapters]
+    for k in range(0, len(jobs), len(names)):
+        job = jobs[k]
+        print(f"### Instruction: {job[0]}" + (f"  ### Input: {job[1]}" if job[1] else ""))
+        print(*([f"    expected: {job[4]!r}"] if job[4] is not None else []),
+              *(f"    {name}: {text!r}" for name, text in zip(names, answers[k:k + len(names)])), sep="\n")
+    if any(job[4] is not None for job in jobs):
+        matches = [sum(a == job[4] for job, a in zip(jobs[n::len(names)], answers[n::len(names)])) for n in
+                   range(len(names))]
+        print(f"exact match on these {len(jobs) // len(names)} instructions: " +
+              ", ".join(f"{name} {m}" for name, m in zip(names, matches)))
 elif len(jobs) > 1:
-    for (instruction, context, _), text in zip(jobs, answers):
-        print(f"### Instruction: {instruction}" + (f"\n### Input: {context}" if context else ""))
+    for job, text in zip(jobs, answers):
+        print(f"### Instruction: {job[0]}" + (f"\n### Input: {job[1]}" if job[1] else "") +
+              (f"\n### Adapter: {job[3]}" if banked else ""))
         print(f"### Response: {text}\n")
-print(f"[{n_new} tokens in {elapsed:.2f}s, {n_new / elapsed:.1f} tok/s, {len(jobs)} prompt(s), "
-      f"{'adapter ' + args.adapter if args.adapter else 'base model alone'}]", file=sys.stderr)
+print(f"[{n_new} tokens in {elapsed:.2f}s, {n_new / elapsed:.1f} tok/s, {len(jobs)} answer(s), "
+      f"{', '.join(f'adapter {p}' for p in adapters.values()) or 'base model alone'}]", file=sys.stderr)

@@ -128,7 +128,7 @@ class Attention(nn.Module):
         # Generation's state, set by Transformer.setup_cache; a training forward (start_pos None) never reads it.
         self.register_buffer("cache_k", None, persistent=False)  # (bsz, cache_len, n_kv_heads, head_dim)
         self.register_buffer("cache_v", None, persistent=False)
-        self.prompt_kv = None  # (keys, values, gate): this layer's prompt for the batch, projected once per call
+        self.prompt_kv = None  # (keys, values, gate, seen): the batch's prompt here, projected once per call
 
     def qkv(self, x, start_pos, rope):
         """Queries, and the keys and values they attend to, as (bsz, heads, length, head_dim), the layout of
@@ -179,11 +179,11 @@ class Attention(nn.Module):
             #   out = softmax(q k^T / sqrt(d)) v + tanh(gate) * softmax(q pk^T / sqrt(d)) pv
             # Every position sees all K prompts (no mask). The prompt keys are not rotated: they have no position.
             if prompt is not None:  # training: rebuilt every time, so the prompt keeps receiving gradients
-                pk, pv, gate = *self.prompt_keys_values(prompt, x.dtype, bsz), self.gate
-            else:  # generation: the prompt is fixed, projected once per call (Transformer.setup_cache)
-                pk, pv, gate = self.prompt_kv
-            prompt_out = F.scaled_dot_product_attention(q, pk, pv, enable_gqa=gqa)  # (bsz, heads, seqlen, head_dim)
-            out = out + (torch.tanh(gate) * prompt_out).type_as(out)  # gate: (1, heads, 1, 1), fp32
+                pk, pv, gate, seen = *self.prompt_keys_values(prompt, x.dtype, bsz), self.gate, None
+            else:  # generation: projected once per call, or each row's adapter's (AdapterBank; seen: its K keys)
+                pk, pv, gate, seen = self.prompt_kv
+            prompt_out = F.scaled_dot_product_attention(q, pk, pv, attn_mask=seen, enable_gqa=gqa)  # like q
+            out = out + (torch.tanh(gate) * prompt_out).type_as(out)  # gate: (1 or bsz, heads, 1, 1), fp32
 
         out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim)
         return self.wo(out)
@@ -307,33 +307,88 @@ class Transformer(nn.Module):
             return self.norm(h)
         return self.output(self.norm(h)).float()  # (bsz, seqlen, vocab_size), or (positions, vocab_size)
 
-    def setup_cache(self, batch_size: int, cache_len: int, image=None):
+    def setup_cache(self, batch_size: int, cache_len: int, image=None, bank=None, rows=None):
         """Generation's state for a batch: each layer's KV cache (batch_size, cache_len, n_kv_heads, head_dim) in the
         weights' dtype and on their device (plain tensors even when the weights are sharded), and each adapted
-        layer's prompt keys, values and gate, projected once (from each row's image for an image adapter). Tensors
-        of the last call's shapes are reused in place: the CUDA graph of a compiled step, recorded on their
-        addresses, then replays instead of recording again. Their stale values are never read: a position is
-        written before any query sees it."""
+        layer's prompt keys, values and gate: this model's own adapter's, projected once (from each row's image
+        for an image adapter), or, with an AdapterBank, each row's adapter's (rows: a bank index per row).
+        Tensors of the last call's shapes are reused in place: the CUDA graph of a compiled step, recorded on
+        their addresses, then replays instead of recording again. Their stale values are never read: a position
+        is written before any query sees it."""
         weight = self.tok_embeddings.weight
-        for layer in self.layers:
+        prompts = self.adapter_prompts(image) if self.args.adapter_layer and bank is None else None
+        for i, layer in enumerate(self.layers):
             a = layer.attention
             shape = (batch_size, cache_len, a.n_kv_heads, a.head_dim)
             if a.cache_k is None or a.cache_k.shape != shape or a.cache_k.dtype != weight.dtype:
                 a.cache_k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
                 a.cache_v = torch.zeros_like(a.cache_k)
+            if bank is not None:
+                state = bank.rows_of(i, rows)
+            elif prompts is not None and i >= self.first_adapted:
+                state = (*a.prompt_keys_values(prompts[:, i - self.first_adapted], weight.dtype, batch_size), a.gate, None)
+            else:
+                state = None
+            a.prompt_kv = state and tuple(map(reused, a.prompt_kv or (None,) * 4, state))
         self.cache_len = cache_len
-        prompts = self.adapter_prompts(image) if self.args.adapter_layer else None
-        for l, layer in enumerate(self.layers[self.first_adapted:] if prompts is not None else []):
-            a = layer.attention
-            pk, pv = a.prompt_keys_values(prompts[:, l], weight.dtype, batch_size)
-            if a.prompt_kv is not None and a.prompt_kv[0].shape == pk.shape:
-                pk, pv = a.prompt_kv[0].copy_(pk), a.prompt_kv[1].copy_(pv)
-            a.prompt_kv = (pk, pv, a.gate)
 
     def clear_cache(self):
         for layer in self.layers:
             layer.attention.cache_k = layer.attention.cache_v = layer.attention.prompt_kv = None
         self.cache_len = None
+
+
+def reused(old, new):
+    # new's values in old's memory where old has its shape (a CUDA graph recorded on old reads them there); never
+    # into a parameter (an adapter's own gate is used as it is)
+    if old is None or new is None or old is new or isinstance(old, nn.Parameter) or old.shape != new.shape \
+            or old.dtype != new.dtype or old.device != new.device:
+        return new
+    return old.copy_(new)
+
+
+class AdapterBank:
+    """Several text-only adapters of one base at once, for batches whose rows each use their own (generate's bank
+    and rows). A text-only adapter's prompt keys and values depend on nothing but the adapter, so they are projected
+    here once, through each layer's frozen wk and wv, in the base's dtype; each row then attends to its adapter's
+    keys with its adapter's gates. Row index 0 is the base model itself: its gates are zero everywhere, which makes
+    it exactly the base (the zero-init property). An adapter's gate is zero in the layers it does not adapt, and
+    adapters of different K mix: the keys past a row's own K are masked out.
+
+    adapters: {name: state dict} as adapter files hold them (adapter_query.weight [L*K, dim], and the gates
+    layers.{i}.attention.gate [1, n_heads, 1, 1] of its top L layers). Its memory, nbytes: K x L x 2 x n_kv_heads x
+    head_dim values per adapter (K and L the largest among them)."""
+
+    def __init__(self, model, adapters: dict):
+        self.names = ["base", *adapters]
+        args, weight, dtype = model.args, model.tok_embeddings.weight, model.tok_embeddings.weight.dtype
+        shapes = {name: (len([k for k in s if k.endswith(".attention.gate")]), s["adapter_query.weight"].shape[0])
+                  for name, s in adapters.items()}  # name: (L, L * K)
+        K = max(rows // L for L, rows in shapes.values())
+        self.first = args.n_layers - max(L for L, _ in shapes.values())  # layers below it: no adapter reaches them
+        self.layers = {}
+        for i in range(self.first, args.n_layers):
+            a = model.layers[i].attention
+            keys = torch.zeros(len(self.names), a.n_kv_heads, K, a.head_dim, dtype=dtype, device=weight.device)
+            values, seen = torch.zeros_like(keys), torch.ones(len(self.names), 1, 1, K, dtype=torch.bool, device=weight.device)
+            gates = torch.zeros(len(self.names), a.n_heads, 1, 1, device=weight.device)  # fp32, as the adapter's
+            for n, (name, state) in enumerate(adapters.items(), 1):
+                L, rows = shapes[name]
+                if i >= args.n_layers - L:  # one of its adapted layers: its K prompts of this layer
+                    k = rows // L
+                    prompt = state["adapter_query.weight"].view(L, k, -1)[i - (args.n_layers - L)]
+                    pk, pv = a.prompt_keys_values(prompt[None].to(weight.device), dtype, 1)  # (1, n_kv_heads, k, head_dim)
+                    keys[n, :, :k], values[n, :, :k], seen[n, ..., k:] = pk[0], pv[0], False
+                    gates[n] = state[f"layers.{i}.attention.gate"][0].to(weight.device)
+            self.layers[i] = (keys, values, gates, None if seen.all() else seen)
+        self.nbytes = sum(keys.nbytes + values.nbytes for keys, values, _, _ in self.layers.values())
+
+    def rows_of(self, layer, rows):
+        """(keys, values, gate, seen) of this layer for rows of these bank indices (a (bsz,) LongTensor), or None
+        below the first layer any adapter reaches."""
+        if layer < self.first:
+            return None
+        return tuple(t[rows] if t is not None else None for t in self.layers[layer])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -498,7 +553,7 @@ def sample_next(logits, temperature: float, top_p: float, generator=None):
 
 @torch.no_grad()
 def generate(model, prompts, max_gen_len, temperature=0.1, top_p=0.75, eos_id=None, image=None,
-             generator=None, on_token=None, compile=False):
+             generator=None, on_token=None, compile=False, bank=None, rows=None, cache_len=None):
     """Continue each token list in `prompts`; returns the new tokens of each, up to and excluding EOS.
 
     eos_id: the id that ends a sequence, or a collection of them (Llama 3's instruct models: any of 128001, 128008
@@ -508,8 +563,10 @@ def generate(model, prompts, max_gen_len, temperature=0.1, top_p=0.75, eos_id=No
     prompt's end, and a sequence still inside its prompt is fed its own next token instead of a sample, so each
     gets what it would get alone. on_token(step_tokens) sees each step's (bsz,) new tokens as they come.
     The loop never waits for the device except every few tokens, to see whether every sequence has ended.
-    compile: run the one-token steps compiled (see compiled_step) over a cache of the static length max_seq_len,
-    which the model keeps for the next call of the same batch size (model.clear_cache() frees it).
+    compile: run the one-token steps compiled (see compiled_step) over a cache of the static length cache_len
+    (default max_seq_len), which the model keeps for the next call of the same batch size (model.clear_cache()
+    frees it). bank, rows: each prompt answered with its own adapter of an AdapterBank, rows[i] its index there
+    (0: the base model), all in one batch.
     """
     bsz, lengths = len(prompts), [len(p) for p in prompts]
     max_seq_len = model.args.max_seq_len
@@ -526,7 +583,11 @@ def generate(model, prompts, max_gen_len, temperature=0.1, top_p=0.75, eos_id=No
     in_prompt = tokens != -1
     ends = torch.tensor(lengths, device=device) + max_gen_len  # where each sequence's budget runs out
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
-    model.setup_cache(bsz, max_seq_len if compile else end, image)
+    cache_len = cache_len or max_seq_len
+    if compile and end > cache_len:
+        raise ValueError(f"{max(lengths)} prompt and {max_gen_len} new tokens exceed the cache_len={cache_len}")
+    rows = None if bank is None else torch.tensor(rows, dtype=torch.long, device=device)
+    model.setup_cache(bsz, cache_len if compile else end, image, bank, rows)
     try:
         # The prompts' common part in one forward, then one token at a time; logits only at the last position.
         logits = model(tokens[:, :start], 0, logits_at=slice(-1, None))  # (bsz, 1, vocab_size)

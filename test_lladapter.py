@@ -702,3 +702,45 @@ def test_chunked_loss_gives_the_loss_and_gradients_of_the_unchunked_one(dtype):
     for name in whole[1]:
         torch.testing.assert_close(chunked[1][name], whole[1][name], **tolerance)
     assert not [t for t in kept if t.dim() and t.shape[-1] == VOCAB], "no chunk's logits are kept for backward"
+
+
+# ---- many adapters on one base, in one batch -------------------------------------------------------------------
+
+def three_adapters():
+    """Adapters of one base (the same seed draws the same base weights whatever K and L), with different L and K."""
+    return {name: tiny_model(open_gates=True, adapter_layer=L, adapter_len=K)
+            for name, (L, K) in {"L2": (2, 3), "L4": (4, 3), "L1K5": (1, 5)}.items()}
+
+
+def test_each_row_of_a_mixed_batch_gets_what_its_adapter_alone_gives():
+    models = three_adapters()
+    base = base_copy(models["L2"])
+    bank = lladapter.AdapterBank(base, {name: lladapter.adapter_state_dict(m) for name, m in models.items()})
+    prompts = [[1, 5, 9, 14], [1, 7], [1, 30, 31, 32, 33, 34], [1, 3, 4], [1, 8, 8, 8, 8], [1, 2], [1, 60, 61]]
+    rows = [0, 1, 2, 3, 1, 0, 3]  # the base, and each adapter: ragged prompts, every row its own
+    mixed = lladapter.generate(base, prompts, 8, temperature=0, bank=bank, rows=rows)
+    for prompt, row, tokens in zip(prompts, rows, mixed):
+        alone = base if row == 0 else models[bank.names[row]]  # the adapter loaded the ordinary way
+        assert tokens == lladapter.generate(alone, [prompt], 8, temperature=0)[0], (bank.names[row], prompt)
+    assert len({tuple(t) for t in mixed[:4]}) == 4, "the adapters answer differently, or the test shows nothing"
+
+
+def test_the_banks_prompt_keys_values_and_gates_are_those_the_model_computes():
+    models = three_adapters()
+    base = base_copy(models["L2"])
+    bank = lladapter.AdapterBank(base, {name: lladapter.adapter_state_dict(m) for name, m in models.items()})
+    assert bank.first == 0 and bank.names == ["base", "L2", "L4", "L1K5"]
+    for i in range(base.args.n_layers):
+        keys, values, gates, seen = bank.layers[i]
+        assert not gates[0].any() and seen is not None  # the base: every gate zero; K of 3 and 5: masked
+        for n, model in enumerate(models.values(), 1):
+            if i < model.first_adapted:  # a layer this adapter leaves alone: gate zero, exactly the base there
+                assert not gates[n].any()
+                continue
+            prompt = model.adapter_prompts()[:, i - model.first_adapted]
+            pk, pv = model.layers[i].attention.prompt_keys_values(prompt, torch.float32, 1)
+            K = model.args.adapter_len
+            assert torch.equal(keys[n, :, :K], pk[0]) and torch.equal(values[n, :, :K], pv[0])
+            assert torch.equal(gates[n], model.layers[i].attention.gate[0]) and seen[n, ..., :K].all()
+            assert not seen[n, ..., K:].any()
+    assert bank.nbytes == 4 * 4 * 2 * base.args.n_heads * 5 * (base.args.dim // base.args.n_heads) * 4

@@ -55,7 +55,7 @@ def test_compiled_decoding_reuses_its_cache_memory_and_compiles_once_per_batch_s
     model = tiny_model(open_gates=True, n_kv_heads=2)
     prompts = [[1, 5, 9, 14], [1, 7], [1, 30, 31, 32, 33, 34]]
     first = lladapter.generate(model, prompts, 10, temperature=0, compile=True)
-    memory = lambda: [(a.cache_k.data_ptr(), a.cache_v.data_ptr(), *(t.data_ptr() for t in a.prompt_kv or ()))  # noqa
+    memory = lambda: [(a.cache_k.data_ptr(), a.cache_v.data_ptr(), *(t.data_ptr() for t in a.prompt_kv or () if t is not None))  # noqa
                       for a in (layer.attention for layer in model.layers)]
     kept, graphs = memory(), counters["stats"]["unique_graphs"]
     others = [[1, 40, 41], [1, 8, 9, 10, 11], [1, 2]]

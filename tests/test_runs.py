@@ -285,7 +285,7 @@ def test_generate_bad_input_is_one_clear_message(task, tmp_path):
               "other.pth: the file says adapter_len=5, the settings say adapter_len=3"),
              (["--prompt=hi"], {"adapter": tmp_path / "small.pth"}, "small.pth: an adapter for another base: it was "
               "trained on dim=32, n_layers=4, n_heads=4, this base has dim=64, n_layers=4, n_heads=4"),
-             (["--prompt=" + "red " * 400], {}, "over max_seq_len=512"),
+             (["--prompt=" + "red " * 400, "--max_seq_len=512"], {}, "over max_seq_len=512: raise --max_seq_len"),
              (["--prompts_file=" + str(tmp_path / "none.txt")], {}, "none.txt: no such file"),
              (["--prompt=hi", "--image=" + str(tmp_path / "f.npy")], {}, "the adapter is text-only")]
     for args, kwargs, message in cases:
@@ -397,7 +397,8 @@ def test_prompts_file_over_max_batch_size_gives_the_one_at_a_time_answers_one_js
         answers[batch] = [json.loads(line) for line in lines]
         assert [(a["instruction"], a["input"]) for a in answers[batch]] == \
             [(r["instruction"], r.get("input", "")) for r in records]
-        assert all(set(a) == {"instruction", "input", "output"} for a in answers[batch])
+        assert all(set(a) == {"instruction", "input", "output", "generator"} for a in answers[batch])
+        assert {a["generator"] for a in answers[batch]} == {"open_adapter"}  # the adapter file's name
     assert progress[2] == ["[2/5 answered]", "[4/5 answered]", "[5/5 answered]"]
     assert progress[1] == [f"[{n}/5 answered]" for n in range(1, 6)]
     assert [a["output"] for a in answers[2]] == [a["output"] for a in answers[1]]

@@ -1,27 +1,52 @@
 """
-Check a CUDA machine end to end with one command: correctness on the GPU first, then the 7B-shaped training step
-and decoding, then the end-to-end runs and the test suite; one table at the end.
+Check a CUDA machine end to end with one command: every path a user takes on a GPU, each check in its own process
+with its own time limit, all within --budget_s (330 s: a 15-minute GPU slot holds a run and a rerun); one table at
+the end, and the results as JSON.
 
-    python -m tools.gpu_check                      # on a CUDA machine: about 5 minutes on one H100, 6 at most
+    python -m tools.gpu_check                      # on a CUDA machine
     python -m tools.gpu_check --json=check.json    # also write the results as JSON, rewritten after every check
+    python -m tools.gpu_check --only=nccl,fp16     # some checks alone (names below), e.g. to rerun those that failed
     python -m tools.gpu_check --quick              # the same code on this CPU at tiny shapes (CI): checks that it runs
 
-In the order they run, each in its own process with its own time limit, all within --budget_s:
-  zero gates       a model whose gates are all zero gives exactly the logits of the same weights with
-                   adapter_layer=0, in bf16: full forward and cached decoding
-  sdpa vs math     the prompt branch (paper Eq. 7's gated part) with the default attention kernel against
-                   torch's math kernel, bf16: output and the prompt's gradient
-  adapter step     LLaMA-7B's shapes, train.py's step at length 512, micro-batch 1, 2, 4, 8 (bench.py's code):
-                   tokens/s, MFU, peak memory reserved, the planner's prediction, the attention kernels that ran
-  decoding         lladapter.generate at batch 1 and 8, eager, beside the memory-bandwidth bound
-  walkthrough      python train.py --dtype=bf16: the walkthrough's targets must be met (read from its summary.json)
-  tests            the fast tier, python -m pytest -q test_lladapter.py, with LLADAPTER_TEST_DEVICE=cuda
---quick leaves out the last two: on a CPU they would repeat what the test suite itself runs.
-  compiled decode  the decoding above with generate(compile=True): CUDA graphs, compiled once per batch size
+In the order they run (seconds of the budget; a check may also use what the ones before it left unused):
+  zero_gates         15  a model whose gates are all zero gives exactly the logits of the same weights with
+                         adapter_layer=0, in bf16: full forward and cached decoding (the paper's zero-init property)
+  sdpa_math          15  the prompt branch (paper Eq. 7's gated part) with the default attention kernel against
+                         torch's math kernel, bf16, with and without grouped-query attention: output and gradient
+  compiled_decoding  90  lladapter.generate(compile=True) at LLaMA-7B's shapes, batch 1 and 8: CUDA graphs, one
+                         compilation and one graph recording per batch size, then a second call timed on the kept
+                         cache (no capture in it), beside the memory-bandwidth bound
+  generate_cli       35  generate.py as users run it, on a small random base written in Meta's layout: 9 prompts
+                         from a file, --max_batch_size=4 --compile, compilations and CUDA-graph recordings counted from
+                         TORCH_LOGS on its stderr (once each); then --max_batch_size=0 (fitted to free memory by
+                         lladapter.batch_that_fits) at --max_seq_len=2048 on the same grouped-query model, with all
+                         but 1 GiB of the card taken first: it must finish without running out of memory
+  nccl               30  train.py under torchrun (NCCL), DDP and --fsdp in 1 process (and in 2 where there are 2
+                         GPUs), against python train.py on the same steps: the adapter.pth files agree within
+                         rtol 1e-3, atol 1e-4 (fp32 base; GPU kernels are not bit-exact) and the losses within 1e-4
+  fp16               15  train.py --dtype=fp16 (the T4 path: loss scaling): finite losses; which dtype --dtype=auto
+                         picks on this card, and its compute capability
+  small_card         15  the small-card recipe on a Llama-3-shaped model (4 query heads per kv head, 128,256-entry
+                         vocabulary, 4 layers): an int8 base, activation checkpointing, the chunked loss (256); its
+                         peak memory reserved against the planner's prediction (tools/plan.py)
+  adapter_step       25  LLaMA-7B's shapes, train.py's step at length 512, micro-batch 1, 2, 4, 8 (bench.py's code):
+                         tokens/s, MFU, peak memory reserved, the planner's prediction, the attention kernels that ran
+  decoding           15  lladapter.generate at batch 1 and 8, eager, beside the memory-bandwidth bound
+  walkthrough        45  python train.py --dtype=bf16: the walkthrough's targets, read from its walkthrough.json (its
+                         base is pretrained on the CPU alongside the checks above, or copied from out/walkthrough)
+  tests              30  the fast tier, python -m pytest -q test_lladapter.py, with LLADAPTER_TEST_DEVICE=cuda
+A check that would get under 5 s is reported as not run. --quick runs every check on the CPU at tiny shapes and skips
+only what a CPU cannot do: gloo instead of NCCL (the 2-process runs not at all), compiled decoding in torch.compile's
+default mode instead of CUDA graphs, no GPU memory figures, the walkthrough's smoke run, and a few fast-tier tests.
 """
 import contextlib
+import functools
 import json as jsonlib  # `json` is the --json setting below
+import logging
+import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,42 +64,30 @@ from tools import bench, plan
 import checkpoint
 import cli
 import lladapter
-from lladapter import ModelArgs
+from lladapter import ModelArgs, Transformer
 
 
 @dataclass
 class Settings:
-    budget_s: int = 330  # the whole check's time; a check that would start after it is reported as not run
+    budget_s: int = 330  # the whole run, process starts included; each check gets its share (see the list above)
     json: str = ""  # --json=FILE: the results as JSON, rewritten after every check
+    only: str = ""  # comma-separated check names to run alone (e.g. --only=nccl,fp16); empty: all
     quick: bool = False  # tiny shapes on the CPU: checks that every check runs (CI), measures nothing
     step: str = ""  # internal: run this one check in this process and write its rows as JSON to --rows_file
     rows_file: str = ""  # internal: where --step writes its rows
     deadline: float = 0.0  # internal: the time.time() by which the check must be done
-    work: str = ""  # internal: a folder the checks share (the smoke walkthrough's base model, made once)
+    work: str = ""  # internal: the folder the checks share (the small base, its data, the walkthrough's base)
 
 
 globals().update(vars(Settings()))  # the defaults, for the helpers below; main() sets the command line's
 ROOT = Path(__file__).resolve().parent.parent  # where train.py is
-# Checks that --quick leaves out: on a CPU they would only repeat what the test suite itself runs
-GPU_ONLY = ("walkthrough", "tests")
-
-
-class Context:
-    """What every check needs: the device, the dtypes, the shapes, and how much time is left."""
-
-    def __init__(self, quick, deadline, work):
-        self.quick, self.deadline, self.work = quick, deadline, Path(work)
-        self.device = torch.device("cpu" if quick else "cuda")
-        self.dtype = torch.bfloat16  # the correctness checks' dtype, on the CPU too
-        # The timed checks': bf16 on a GPU; fp32 on a CPU (--quick), where bf16 matmuls run ~4x slower than fp32
-        self.fast_dtype = cli.dtype_of("auto", self.device)
-        self.name = bench.cpu_name() if quick else torch.cuda.get_device_name()
-        self.args7b = ModelArgs(vocab_size=32000, max_seq_len=512) if not quick else \
-            ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=512, max_seq_len=64, adapter_layer=3)
-        self.peak, self.bandwidth, self.note = bench.gpu_specs(self.name)
-
-    def left(self):
-        return self.deadline - time.time()
+SHORTEST_CHECK_S = 5  # a check that would get less is reported as not run
+ADAPTER = dict(adapter_layer=2, adapter_len=10)  # the small base's adapter, in train.py and in generate.py
+TRAIN_STEPS = 4  # optimizer steps of each train.py run (of 8 examples, 64 tokens each)
+# train.py's runs against each other (nccl): the tolerance of the adapter files, and of the per-step losses
+ADAPTER_RTOL, ADAPTER_ATOL, LOSS_RTOL = 1e-3, 1e-4, 1e-4
+FREE_GIB = 1.0  # generate.py --max_batch_size=0 runs with all but this much of the card's free memory taken
+QUICK_TESTS = "zero_gates_give_exactly or cached_decoding_matches"  # the fast-tier tests --quick runs
 
 
 def row(check, result, ok=None):
@@ -82,20 +95,167 @@ def row(check, result, ok=None):
     return {"check": check, "result": result, "ok": ok}
 
 
-def run_command(cmd, timeout, env=None):
-    """(exit status or None if it ran out of time, output) of a command, run in its own process group so that its
-    children (torchrun's workers, the tests' train.py runs) end with it."""
-    # --quick: one thread per process, as OpenMP's threads spin for cores a busy CI machine doesn't give them
-    env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if quick else {}), **(env or {})}
-    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                               start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=max(1, timeout))
-        return process.returncode, output
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        return None, output
+def log(text):
+    print(text, file=sys.stderr, flush=True)
+
+
+def size_text(nbytes):
+    return bench.size_text(nbytes / 2**30)
+
+
+class Context:
+    """What every check needs: the device, the shapes, the shared folder, and how much time is left. The card's
+    name, peak and dtype are read on first use: checks that only start other processes never touch the GPU
+    themselves until those have ended (a CUDA context here would hold memory they count on)."""
+
+    def __init__(self, quick, deadline, work):
+        self.quick, self.deadline, self.work = quick, deadline, Path(work)
+        self.device = torch.device("cpu" if quick else "cuda")
+        self.dtype = torch.bfloat16  # the correctness checks' dtype, on the CPU too
+        self.args7b = ModelArgs(vocab_size=32000, max_seq_len=512) if not quick else \
+            ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=512, max_seq_len=64, adapter_layer=3)
+        # the command-line checks' device flag: --quick runs the scripts on the CPU even where there is a GPU
+        self.device_flag = ["--device=cpu"] if quick else []
+
+    @functools.cached_property
+    def fast_dtype(self):
+        # The timed checks': bf16 on a GPU that has it (fp16 on a T4); fp32 on a CPU (--quick), where bf16 is slow
+        return cli.dtype_of("auto", self.device)
+
+    @functools.cached_property
+    def specs(self):
+        name = bench.cpu_name() if self.quick else torch.cuda.get_device_name()
+        return bench.gpu_specs(name)  # (peak TFLOPS, bandwidth TB/s, note)
+
+    def left(self):
+        return self.deadline - time.time()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Processes: each check's, and the commands a check runs (train.py, generate.py, torchrun, pytest)
+
+RUNNING = set()  # this process's children still running: ended with it
+
+
+class Run:
+    """A command in a process group of its own, its output to a file (no pipe that fills while several run at
+    once). wait() ends the whole group (torchrun's workers, the tests' train.py runs) when the deadline passes."""
+
+    def __init__(self, cmd, env=None, output=None):
+        # --quick: one thread per process, as OpenMP's threads spin for cores a busy CI machine doesn't give them
+        env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if quick else {}), **(env or {})}
+        self.output = output or tempfile.TemporaryFile("w+", errors="replace")
+        self.process = subprocess.Popen(cmd, cwd=ROOT, stdout=self.output, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+        RUNNING.add(self)
+
+    def wait(self, deadline):
+        """(exit status, or None if it ran out of time, and its output)."""
+        try:
+            code = self.process.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            self.end()
+            code = None
+        RUNNING.discard(self)
+        self.output.seek(0)
+        return code, self.output.read()
+
+    def end(self):
+        # SIGTERM first: a check's process then ends the commands it started (see end_children)
+        for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=grace)
+                break
+        RUNNING.discard(self)
+
+
+def end_children(*_):
+    for run in list(RUNNING):
+        run.end()
+    sys.exit(1)
+
+
+def last_line(output):
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "no output"
+
+
+def failure(code, output, limit_text="ran out of time"):
+    return limit_text if code is None else f"exited {code}: {last_line(output)}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The shared folder: a small random base in Meta's layout with its tokenizer, an adapter for it, train.py's data,
+# generate.py's prompts; the walkthrough's base, built in the background
+
+def small_args(vocab_size):
+    """The small base of the command-line checks: grouped-query attention, 4 query heads per kv head."""
+    shape = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=1, multiple_of=32) if quick else \
+        dict(dim=512, n_layers=4, n_heads=8, n_kv_heads=2, multiple_of=256)
+    return ModelArgs(**shape, vocab_size=vocab_size, adapter_layer=0)
+
+
+def long_run():
+    # generate.py --max_batch_size=0: (max_seq_len, prompts, new tokens per prompt)
+    return (256, 12, 8) if quick else (2048, 40, 8)
+
+
+def letters(n, offset=0):
+    return " ".join("abcdefghijklmnopqrstuvwxyz"[(offset + i) % 26] for i in range(n))
+
+
+def prepare_work(work):
+    """Write the small base and everything the command-line checks read (a few seconds, on the CPU)."""
+    small = work / "small"
+    small.mkdir(parents=True)
+    tokenizer = plan.write_tokenizer(small / "tokenizer.model")  # each lone letter one token
+    args = small_args(tokenizer.n_words)
+    torch.manual_seed(0)
+    checkpoint.save_meta_checkpoint(Transformer(args), small, dtype=torch.float16)  # fp16, as Meta's files are
+    adapted = Transformer(replace(args, **ADAPTER))
+    bench.open_gates(adapted)  # open: the prompt branch changes every compiled step's output
+    checkpoint.save_adapter(adapted, work / "adapter.pth")
+    records = plan.fixed_length_records(tokenizer, 8 * TRAIN_STEPS, 64)  # TRAIN_STEPS batches of 8, 64 tokens each
+    (work / "data.json").write_text(jsonlib.dumps(records))
+    (work / "prompts.txt").write_text("".join(letters(3 + 2 * i, i) + "\n" for i in range(9)))  # 9 lengths
+    max_seq_len, n, new = long_run()
+    template = len(lladapter.encode_prompt(tokenizer, ""))
+    lines = [letters(max_seq_len - new - template - 8 - i % 5, i) for i in range(n)]  # nearly max_seq_len long
+    longest = max(len(lladapter.encode_prompt(tokenizer, line)) for line in lines)
+    assert longest + new <= max_seq_len, f"a long prompt of {longest} tokens"
+    (work / "long_prompts.txt").write_text("".join(line + "\n" for line in lines))
+
+
+WALKTHROUGH_FILES = ("base/consolidated.00.pth", "base/params.json", "base/tokenizer.model", "alpaca_train.json",
+                     "heldout.json")
+BUILD = """import sys
+from pathlib import Path
+from walkthrough import world
+try:
+    world.build(sys.argv[1], sys.argv[2] == "smoke")
+    Path(sys.argv[3]).write_text("ok")
+except BaseException as e:
+    Path(sys.argv[3]).write_text(f"{type(e).__name__}: {e}")
+    raise
+"""
+
+
+def start_walkthrough_base(work):
+    """The walkthrough's pretrained base (minutes of CPU) in work/walk, in a process of its own while the GPU checks
+    run; copied from out/walkthrough where python train.py made it on this machine. work/walk.built says when."""
+    user = ROOT / "out" / "walkthrough"
+    if not quick and all((user / f).is_file() for f in WALKTHROUGH_FILES):
+        for f in WALKTHROUGH_FILES:
+            (work / "walk" / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(user / f, work / "walk" / f)
+        (work / "walk.source").write_text("copied from out/walkthrough")
+    else:
+        (work / "walk.source").write_text("pretrained on the CPU while the checks before it ran")
+    with open(work / "walk_build.log", "w") as output:
+        return Run([sys.executable, "-c", BUILD, str(work / "walk"), "smoke" if quick else "full",
+                    str(work / "walk.built")], output=output)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -167,10 +327,270 @@ def prompt_branch_against_math(ctx):
             for part, runs in found.items()]
 
 
+class GraphRecordings(logging.Handler):
+    """Counts the CUDA graphs torch's cudagraph trees record (their "cudagraphs" log artifact: "Recording
+    function=...", "Re-recording function=..." at DEBUG) and the reasons it skips them ("skipping cudagraphs due
+    to ...", WARNING), in this process."""
+    LOGGERS = ("torch._inductor.cudagraph_trees.__cudagraphs", "torch._inductor.cudagraph_utils.__cudagraphs")
+
+    def __enter__(self):
+        self.recorded, self.rerecorded, self.skipped = 0, 0, []
+        self.saved = []
+        for name in self.LOGGERS:
+            logger = logging.getLogger(name)
+            self.saved.append((logger, logger.level))
+            logger.setLevel(logging.DEBUG)
+            logger.addHandler(self)
+        return self
+
+    def __exit__(self, *_):
+        for logger, level in self.saved:
+            logger.removeHandler(self)
+            logger.setLevel(level)
+
+    def emit(self, record):
+        text = record.getMessage()
+        self.recorded += bool(re.search(r"\bRecording function=", text))
+        self.rerecorded += "Re-recording function=" in text
+        if "skipping cudagraphs" in text:
+            self.skipped.append(text.splitlines()[0][:160])
+
+
+def decoding_compiled(ctx):
+    """generate(compile=True) at batch 1 and 8: a warm-up call (4 new tokens: it compiles, warms up, records the
+    graph), then the timed call of the same batch size on the cache the first one kept, which must compile and
+    record nothing."""
+    from torch._dynamo.utils import counters
+    args = ctx.args7b if not ctx.quick else replace(ctx.args7b, n_layers=2, adapter_layer=1)  # --quick: compiles faster
+    model = bench.random_model(args, ctx.device, ctx.fast_dtype)
+    bench.open_gates(model)
+    n_new, n_prompt = (16, 8) if ctx.quick else (128, 32)
+    rows = []
+    with GraphRecordings() as graphs:
+        for bsz in (1, 8):
+            prompts = torch.randint(3, args.vocab_size, (bsz, n_prompt)).tolist()
+            before = counters["stats"]["unique_graphs"], graphs.recorded + graphs.rerecorded
+            lladapter.generate(model, prompts, 4, temperature=0, eos_id=-1, compile=True)
+            warm = counters["stats"]["unique_graphs"], graphs.recorded + graphs.rerecorded
+            seconds = bench.timed(lambda: lladapter.generate(model, prompts, n_new, temperature=0, eos_id=-1,
+                                                             compile=True))
+            after = counters["stats"]["unique_graphs"], graphs.recorded + graphs.rerecorded
+            compiled, recorded = warm[0] - before[0], warm[1] - before[1]
+            again = (after[0] - warm[0], after[1] - warm[1])  # in the timed call: must be (0, 0)
+            bound = bench.decode_bound(model, bsz, args.max_seq_len, ctx.specs[1])  # it reads the whole static cache
+            tps = bsz * n_new / seconds
+            graph_text = "CUDA graphs: none on a CPU (torch.compile's default mode)" if ctx.quick else \
+                f"{recorded} CUDA graph(s) recorded" + (f", skipped: {graphs.skipped[0]}" if graphs.skipped else "")
+            text = (f"{tps:,.1f} tok/s, {100 * tps / bound:.0f}% of the bandwidth bound {bound:,.0f} tok/s "
+                    f"({n_new} new tokens after {n_prompt}, timed on the kept cache); compiled {compiled}x, "
+                    f"{graph_text}; the timed call compiled {again[0]}x, recorded {again[1]}x")
+            ok = compiled == 1 and again == (0, 0) and (ctx.quick or (recorded == 1 and not graphs.skipped))
+            log(f"decoding, batch {bsz}, compiled: {text}")
+            rows.append(row(f"decoding, batch {bsz}, compiled", text, ok))
+    return rows
+
+
+def generate_cli(ctx):
+    """generate.py as users run it, on the small base and its adapter: a prompts file with --compile, its compilations
+    and graph recordings read off TORCH_LOGS; then the batch fitted to free memory at a long max_seq_len."""
+    base = [sys.executable, "generate.py", f"--ckpt_dir={ctx.work / 'small'}", f"--adapter={ctx.work / 'adapter.pth'}",
+            "--temperature=0", *ctx.device_flag]
+    long_reserve = 15 if not ctx.quick else 8  # seconds kept for the second run
+    rows = []
+    with tempfile.TemporaryDirectory(dir=ctx.work) as tmp:
+        # 1. 9 prompts in batches of 4, 4 and 1 (padded to 4 by generate.py): one batch size, so one compilation
+        # and one CUDA graph. dynamo's INFO log says "Step 2: done compiler function" once per graph compiled;
+        # recompiles: "Recompiling function"; the cudagraphs artifact: "Recording function=" per graph recorded.
+        out = Path(tmp) / "compiled.jsonl"
+        code, output = Run([*base, f"--prompts_file={ctx.work / 'prompts.txt'}", "--max_batch_size=4", "--compile",
+                            "--max_gen_len=16", f"--out={out}"],
+                           env={"TORCH_LOGS": "recompiles,cudagraphs,dynamo"}).wait(ctx.deadline - long_reserve)
+        compiles = output.count("done compiler function")
+        recompiles = output.count("Recompiling function")
+        recorded = len(re.findall(r"\bRecording function=", output))
+        rerecorded = output.count("Re-recording function=")
+        skipped = re.findall(r"skipping cudagraphs due to [^\n]{0,120}", output)
+        answers = len(out.read_text().splitlines()) if out.is_file() else 0
+        label = "generate.py --compile, 9 prompts in batches of 4"
+        if code != 0:
+            rows += [row(f"{label}: one compilation", failure(code, output), False),
+                     row(f"{label}: one CUDA graph", "see above", False)]
+        else:
+            rows.append(row(f"{label}: one compilation", f"{compiles} compilation(s), {recompiles} recompilation(s); "
+                            f"{answers} answers", compiles == 1 and recompiles == 0 and answers == 9))
+            if ctx.quick:
+                rows.append(row(f"{label}: one CUDA graph", "none on a CPU (torch.compile's default mode)"))
+            else:
+                rows.append(row(f"{label}: one CUDA graph", f"{recorded} recorded, {rerecorded} re-recorded"
+                                + (f"; {skipped[0]}" if skipped else ""),
+                                recorded == 1 and rerecorded == 0 and not skipped))
+        # 2. --max_batch_size=0 at a long max_seq_len, grouped-query attention, on a card with little left free
+        max_seq_len, n, new = long_run()
+        out = Path(tmp) / "long.jsonl"
+        args = [f"--prompts_file={ctx.work / 'long_prompts.txt'}", "--max_batch_size=0", f"--max_seq_len={max_seq_len}",
+                f"--max_gen_len={new}", f"--out={out}"]
+        cmd = [*base, *args] if ctx.quick else [sys.executable, "-c", WITH_LITTLE_FREE, str(FREE_GIB), *base[1:], *args]
+        code, output = Run(cmd).wait(ctx.deadline - 2)
+        answers = len(out.read_text().splitlines()) if out.is_file() else 0
+        batches = [int(b) for b in re.findall(r"\[(\d+)/\d+ answered\]", output)]
+        fitted = batches[0] if batches else n  # no progress lines: every prompt in one batch
+        memory = re.search(r"gpu_check: peak (\d+) reserved, (\d+) free", output)
+        memory_text = (f"peak {size_text(int(memory[1]))} reserved with {size_text(int(memory[2]))} left free"
+                       if memory else "free memory not bounded on a CPU")
+        label = "generate.py --max_batch_size=0, long --max_seq_len, GQA: no out of memory"
+        if code != 0:
+            oom = "out of memory" in output.lower()
+            rows.append(row(label, ("OUT OF MEMORY: " if oom else "") + failure(code, output), False))
+        else:
+            rows.append(row(label, f"max_seq_len {max_seq_len}, {n} prompts of about {max_seq_len - new - 10} tokens: "
+                            f"fitted batch {fitted}{'' if fitted < min(n, 32) else ' (not limited by memory)'}; "
+                            f"{memory_text}; {answers} answers", answers == n))
+    return rows
+
+
+# generate.py in a process whose card has little free memory left, as on a card its weights nearly fill: a ballast
+# tensor takes all but argv[1] GiB first (torch.cuda.mem_get_info, which generate.py reads, then sees that much).
+WITH_LITTLE_FREE = """import atexit, runpy, sys, torch
+free, _ = torch.cuda.mem_get_info()
+ballast = torch.empty(max(0, int(free - float(sys.argv[1]) * 2**30)), dtype=torch.uint8, device="cuda")
+left = torch.cuda.mem_get_info()[0]
+atexit.register(lambda: print(f"gpu_check: peak {torch.cuda.max_memory_reserved() - ballast.numel()} reserved, "
+                              f"{left} free", file=sys.stderr))
+sys.argv = sys.argv[2:]
+runpy.run_path("generate.py", run_name="__main__")
+"""
+
+
+def train_args(ctx, out):
+    """train.py on the small base: TRAIN_STEPS optimizer steps of 8 examples of 64 tokens, micro-batches of 2, a
+    learning rate at which the adapter visibly moves, its file written at the end."""
+    return ["train.py", f"--ckpt_dir={ctx.work / 'small'}", f"--data_path={ctx.work / 'data.json'}", f"--out_dir={out}",
+            *(f"--{k}={v}" for k, v in ADAPTER.items()), "--max_seq_len=64", "--batch_size=8", "--micro_batch_size=2",
+            "--epochs=1", "--warmup_epochs=0.5", "--val_fraction=0", "--log_interval=1", "--base_lr=1.0",
+            f"--stop_after={TRAIN_STEPS}", "--save_interval=1000", *ctx.device_flag]
+
+
+def losses(out):
+    return [jsonlib.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def adapter_of(path):
+    return {k: v for k, v in checkpoint.torch_load(path).items() if isinstance(v, torch.Tensor)}
+
+
+def distributed(ctx):
+    """train.py under torchrun, DDP and FSDP, against one plain process on the same steps, all running at once."""
+    gpus = 0 if ctx.quick else torch.cuda.device_count()  # NVML's count: no CUDA context in this process
+    backend = "gloo on the CPU" if ctx.quick else "NCCL"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    runs = {("one", 1, ""): [sys.executable]}
+    for n in (1, 2) if gpus >= 2 else (1,):
+        for kind in ("DDP", "FSDP"):
+            runs[(kind, n, "--fsdp" if kind == "FSDP" else "")] = [*torchrun, f"--nproc_per_node={n}"]
+    rows = []
+    with tempfile.TemporaryDirectory(dir=ctx.work) as tmp:
+        started = {key: Run([*cmd, *train_args(ctx, Path(tmp) / f"{key[0]}{key[1]}"), *([key[2]] if key[2] else []),
+                             "--dtype=fp32"]) for key, cmd in runs.items()}
+        done = {key: run.wait(ctx.deadline - 2) for key, run in started.items()}
+        one = Path(tmp) / "one1"
+        if done[("one", 1, "")][0] != 0:
+            reference = f"python train.py failed: {failure(*done[('one', 1, '')])}"
+        else:
+            ref, ref_losses = adapter_of(one / "adapter.pth"), losses(one)
+            moved = max(v.abs().max().item() for k, v in ref.items() if k.endswith(".gate"))
+            reference = "" if moved > 0 else "the adapter did not train (its gates are still zero)"
+        for n in (1, 2):
+            for kind in ("DDP", "FSDP"):
+                label = f"train.py, torchrun {n} process{'es' if n > 1 else ''}, {kind} = one process"
+                key = (kind, n, "--fsdp" if kind == "FSDP" else "")
+                if key not in done:
+                    why = "needs 2 GPUs" if ctx.quick else f"{gpus} GPU here, it needs 2"
+                    rows.append(row(label, f"not run: {why} (the slow tier runs gloo over 2 processes on a CPU)"))
+                    continue
+                code, output = done[key]
+                if code != 0 or reference:
+                    rows.append(row(label, failure(code, output) if code != 0 else reference, False))
+                    continue
+                got, got_losses = adapter_of(Path(tmp) / f"{kind}{n}" / "adapter.pth"), losses(Path(tmp) / f"{kind}{n}")
+                diff = max((got[k] - ref[k]).abs().max().item() for k in ref)
+                close = got.keys() == ref.keys() and all(
+                    torch.allclose(got[k], ref[k], rtol=ADAPTER_RTOL, atol=ADAPTER_ATOL) for k in ref)
+                loss_diff = max(abs(a - b) / abs(b) for a, b in zip(got_losses, ref_losses))
+                same_losses = len(got_losses) == len(ref_losses) == TRAIN_STEPS and loss_diff <= LOSS_RTOL
+                rows.append(row(label, f"{backend}, {TRAIN_STEPS} steps, fp32 base: adapter "
+                                f"{'identical' if diff == 0 else f'max abs difference {diff:.2g}'} (rtol "
+                                f"{ADAPTER_RTOL:g}, atol {ADAPTER_ATOL:g}; gates moved up to {moved:.3g}), losses "
+                                f"within {loss_diff:.2g} relative", close and same_losses))
+    return rows
+
+
+def fp16(ctx):
+    """train.py --dtype=fp16: the loss scaled, a step whose gradients overflow skipped; then --dtype=auto's choice."""
+    label = "train.py --dtype=fp16 (loss scaling): finite losses"
+    with tempfile.TemporaryDirectory(dir=ctx.work) as tmp:
+        out = Path(tmp) / "fp16"
+        code, output = Run([sys.executable, *train_args(ctx, out), "--dtype=fp16"]).wait(ctx.deadline - 5)
+        if code != 0:
+            rows = [row(label, failure(code, output), False)]
+        else:
+            records = [jsonlib.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+            finite = all(math.isfinite(r["loss"]) for r in records)
+            skipped = sum(bool(r.get("skipped")) for r in records)
+            rows = [row(label, f"{len(records)} steps, losses {records[0]['loss']:.3f} .. {records[-1]['loss']:.3f}, "
+                        f"{skipped} skipped on overflow, loss scale now {records[-1].get('loss_scale', 0):g}",
+                        finite and len(records) == TRAIN_STEPS and skipped < len(records))]
+    # Only now this process touches the GPU (train.py ran with the card to itself)
+    auto = cli.dtype_name(ctx.fast_dtype)
+    if ctx.quick:
+        text = f"{auto} on a CPU"
+    else:
+        capability = ".".join(map(str, torch.cuda.get_device_capability()))
+        text = f"{auto} on this card (compute capability {capability}: bf16 from 8.0, fp16 with loss scaling below)"
+    return rows + [row("--dtype=auto on this device", text)]
+
+
+def small_card(ctx):
+    """train.py's step with the small-card recipe (--quantize=int8 --activation_checkpointing --loss_chunk=256) on a
+    Llama-3-shaped model, its layers and width cut: grouped-query attention (4 query heads per kv head), Llama 3's
+    vocabulary (the output head and the logits carry most of the memory at small sizes)."""
+    shape = dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=1) if ctx.quick else \
+        dict(dim=2048, n_layers=4, n_heads=16, n_kv_heads=4)  # head_dim 64 and 128, as Llama 3's
+    micro_batch, length = (1, 64) if ctx.quick else (4, 512)
+    args = replace(plan.llama_args("Llama-3.1-8B", length), **shape, adapter_layer=shape["n_layers"])
+    options = dict(quantize="int8", checkpointing=True, chunk=256)
+    dtype = ctx.fast_dtype
+    trainer = bench.Trainer(args, "adapter", ctx.device, dtype, **options)
+    gates = [layer.attention.gate for layer in trainer.model.layers]
+    tokens, labels = bench.random_batch(micro_batch, length, args.vocab_size, ctx.device)
+    if ctx.device.type == "cuda":  # from here: the steps alone, not the quantization that built the model
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):  # the second with AdamW's state allocated
+        trainer.step(tokens, labels)
+    moved = max(g.abs().max().item() for g in gates)
+    finite = all(p.isfinite().all() for p in trainer.model.parameters() if p.requires_grad)
+    scored = bench.scored_per_sequence(length)
+    predicted = plan.plan_memory(args, "1 GPU", 1, micro_batch, length, scored, dtype, **options)["total"]
+    what = (f"dim {args.dim}, {args.n_layers} layers, {args.n_heads}/{args.n_kv_heads} heads, vocabulary "
+            f"{args.vocab_size:,}, {cli.dtype_name(dtype)}, micro-batch {micro_batch} x {length}")
+    rows = [row("small-card recipe, Llama-3-shaped: int8 + checkpointing + chunked loss, 2 steps",
+                f"{what}: adapter finite, gates moved up to {moved:.3g}", finite and moved > 0)]
+    label = "small-card recipe: peak memory vs the planner"
+    if ctx.device.type != "cuda":
+        rows.append(row(label, f"not measured on a CPU (planner {size_text(predicted)})"))
+    else:
+        reserved, allocated = torch.cuda.max_memory_reserved(), torch.cuda.max_memory_allocated()
+        rows.append(row(label, f"{size_text(reserved)} reserved ({size_text(allocated)} allocated), planner "
+                        f"{size_text(predicted)}: {reserved / predicted:.2f}x (at most 1.10x)", reserved <= 1.1 * predicted))
+    return rows
+
+
 def adapter_step(ctx):
     micro_batches = [1, 2] if ctx.quick else [1, 2, 4, 8]
-    step, _ = bench.adapter_step(ctx.args7b, ctx.device, ctx.fast_dtype, micro_batches, 2 if ctx.quick else 5, ctx.peak,
-                                 log=lambda s: print(s, file=sys.stderr, flush=True))
+    peak, _, note = ctx.specs
+    step, _ = bench.adapter_step(ctx.args7b, ctx.device, ctx.fast_dtype, micro_batches, 2 if ctx.quick else 3, peak,
+                                 log=log)
     rows = []
     for r in step["micro_batches"]:
         label = f"7B-shaped adapter step, micro-batch {r['micro_batch']}"
@@ -188,170 +608,226 @@ def adapter_step(ctx):
                     if "reserved_gib" in first else "not judged on a CPU",
                     first.get("reserved_gib", 99) + plan.CONTEXT_GIB <= 24 if judged else None))
     rows.append(row("7B-shaped adapter step MFU >= 45% (best micro-batch)",
-                    f"{100 * best['mfu']:.1f}% at micro-batch {best['micro_batch']} (peak {ctx.peak} TFLOPS"
-                    f"{'; ' + ctx.note if ctx.note else ''})" if best else "nothing measured",
+                    f"{100 * best['mfu']:.1f}% at micro-batch {best['micro_batch']} (peak {peak} TFLOPS"
+                    f"{'; ' + note if note else ''})" if best else "nothing measured",
                     best is not None and best["mfu"] >= 0.45 if judged else None))
     rows.append(row("attention kernels in the adapter step", "; ".join(f"{k}: {v}" for k, v in step["sdpa"].items())))
     return rows
 
 
-def decoding(ctx, compiled):
+def decoding_eager(ctx):
     model = bench.random_model(ctx.args7b, ctx.device, ctx.fast_dtype)
     bench.open_gates(model)
-    kind = "compiled" if compiled else "eager"
-    if compiled and ctx.quick:
-        return [row(f"decoding, batch {b}, {kind}", "not run with --quick (compiling takes ~20 s on a CPU)")
-                for b in (1, 8)]
-    found = bench.decoding(model, ctx.device, [1, 8], [compiled], 16 if ctx.quick else 128, 8 if ctx.quick else 32,
-                           ctx.bandwidth, log=lambda s: print(s, file=sys.stderr, flush=True))
-    return [row(f"decoding, batch {r['batch']}, {kind}", f"{r['tokens_per_s']:,.1f} tok/s, "
+    found = bench.decoding(model, ctx.device, [1, 8], [False], 16 if ctx.quick else 64, 8 if ctx.quick else 32,
+                           ctx.specs[1], log=log)
+    return [row(f"decoding, batch {r['batch']}, eager", f"{r['tokens_per_s']:,.1f} tok/s, "
                 f"{100 * r['tokens_per_s'] / r['bound_tokens_per_s']:.0f}% of the bandwidth bound "
                 f"{r['bound_tokens_per_s']:,.0f} tok/s") for r in found]
 
 
-def decoding_eager(ctx):
-    return decoding(ctx, compiled=False)
-
-
-def decoding_compiled(ctx):
-    return decoding(ctx, compiled=True)
-
-
 def walkthrough(ctx):
-    """python train.py in bf16 on the GPU: the walkthrough's three targets, read from the summary.json it writes."""
+    """python train.py --dtype=bf16 on the base pretrained alongside the checks before it: the walkthrough's targets,
+    read from the walkthrough.json it writes (--quick: its smoke run, whose targets are not judged)."""
     label = "walkthrough in bf16: its targets"
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.time()
-        code, output = run_command([sys.executable, "train.py", "--dtype=bf16", f"--out_dir={tmp}/walk"], ctx.left() - 5)
-        if code != 0:
-            why = "ran out of time" if code is None else f"exited {code}: {output.strip().splitlines()[-1:]}"
-            return [row(label, why, False)]
-        result = jsonlib.loads((Path(tmp) / "walk" / "summary.json").read_text())["walkthrough"]
+    built = ctx.work / "walk.built"
+    while not built.is_file():  # its base, pretrained in the background (start_walkthrough_base)
+        if ctx.left() < 10:
+            return [row(label, "ran out of time waiting for its base to be pretrained", False)]
+        time.sleep(0.5)
+    if built.read_text() != "ok":
+        return [row(label, f"pretraining its base failed: {built.read_text()[:200]}", False)]
+    out = ctx.work / "walk"
+    start = time.time()
+    code, output = Run([sys.executable, "train.py", "--dtype=bf16", f"--out_dir={out}",
+                        *(["--smoke"] if ctx.quick else []), *ctx.device_flag]).wait(ctx.deadline - 2)
+    if code != 0 or not (out / "walkthrough.json").is_file():
+        return [row(label, failure(code, output), False)]
+    result = jsonlib.loads((out / "walkthrough.json").read_text())
     text = (f"held-out exact match: base alone {100 * result['base_exact_match']:.1f}%, base + adapter "
             f"{100 * result['adapter_exact_match']:.1f}%; trainable {result['trainable']:,} of {result['parameters']:,}; "
-            f"{time.time() - start:.0f} s")
-    return [row(label, text, all(result["targets_met"].values()))]
+            f"{time.time() - start:.0f} s, its base {(ctx.work / 'walk.source').read_text()}")
+    if ctx.quick:
+        return [row(label, f"smoke run, targets not judged: {text}")]
+    return [row(label, text + "; targets " + ", ".join(f"{k} {'met' if v else 'MISSED'}"
+                                                      for k, v in result["targets_met"].items()),
+                all(result["targets_met"].values()))]
 
 
 def tests(ctx):
-    """The fast tier once, with the GPU as the test device; counts read from pytest's JUnit XML report."""
-    label = "fast tier (test_lladapter.py), LLADAPTER_TEST_DEVICE=" + ctx.device.type
-    with tempfile.TemporaryDirectory() as tmp:
+    """The fast tier once, with the check's device as the test device; counts read from pytest's JUnit XML report."""
+    label = "fast tier, test_lladapter.py, on the check's device"
+    with tempfile.TemporaryDirectory(dir=ctx.work) as tmp:
         report = Path(tmp) / "report.xml"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_lladapter.py", f"--junitxml={report}"]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_lladapter.py",
+               f"--junitxml={report}", *(["-k", QUICK_TESTS] if ctx.quick else [])]
         start = time.time()
-        code, output = run_command(cmd, ctx.left() - 5, {"LLADAPTER_TEST_DEVICE": ctx.device.type})
+        code, output = Run(cmd, {"LLADAPTER_TEST_DEVICE": ctx.device.type}).wait(ctx.deadline - 2)
         if not report.is_file():
             return [row(label, "ran out of time" if code is None else f"exited {code} with no report", False)]
         cases = list(ET.parse(report).getroot().iter("testcase"))
         failed = [c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None]
         skipped = sum(c.find("skipped") is not None for c in cases)
-    text = (f"{len(cases) - len(failed) - skipped} passed, {len(failed)} failed, {skipped} skipped in "
+    text = (f"LLADAPTER_TEST_DEVICE={ctx.device.type}{' (--quick: a few tests)' if ctx.quick else ''}: "
+            f"{len(cases) - len(failed) - skipped} passed, {len(failed)} failed, {skipped} skipped in "
             f"{time.time() - start:.0f} s" + (f": {', '.join(failed[:4])}" if failed else ""))
-    return [row(label, text, code == 0 and not failed)]
+    return [row(label, text, code == 0 and not failed and len(cases) > 0)]
 
 
-# name, what the table calls it, seconds allowed, function; in the order they run
+@dataclass
+class Check:
+    name: str
+    label: str  # what the table calls it when it did not run
+    budget_s: int  # its share of the default --budget_s
+    run: object
+
+
+# In the order they run: the quick correctness checks, compiled decoding while the budget is fresh, the command
+# lines users type, the measurements, then the slowest two.
 CHECKS = [
-    ("zero_gates", "zero gates = base model", 60, zero_gates),
-    ("sdpa_math", "prompt branch vs math SDPA", 60, prompt_branch_against_math),
-    ("adapter_step", "7B-shaped adapter step", 120, adapter_step),
-    ("decoding", "decoding, eager", 60, decoding_eager),
-    ("walkthrough", "walkthrough in bf16", 150, walkthrough),
-    ("tests", "test suite", 240, tests),
-    ("compiled_decoding", "decoding, compiled", 180, decoding_compiled),
+    Check("zero_gates", "zero gates = base model", 15, zero_gates),
+    Check("sdpa_math", "prompt branch vs math SDPA", 15, prompt_branch_against_math),
+    Check("compiled_decoding", "decoding, compiled", 90, decoding_compiled),
+    Check("generate_cli", "generate.py as users run it", 35, generate_cli),
+    Check("nccl", "train.py under torchrun", 30, distributed),
+    Check("fp16", "train.py --dtype=fp16", 15, fp16),
+    Check("small_card", "small-card recipe", 15, small_card),
+    Check("adapter_step", "7B-shaped adapter step", 25, adapter_step),
+    Check("decoding", "decoding, eager", 15, decoding_eager),
+    Check("walkthrough", "walkthrough in bf16", 45, walkthrough),
+    Check("tests", "fast tier", 30, tests),
 ]
+BY_NAME = {c.name: c for c in CHECKS}
 
 
-def run_check(name, limit):
+def run_check(check, limit):
     """Run one check in a fresh process (its own memory, its own CUDA context, its own time limit, and a crash or a
-    CUDA error that ends it ends no other check); its rows. --quick runs it in this process, to save the imports."""
+    CUDA error that ends it ends no other check): (its rows, the device it reports, its output). --quick runs it in
+    this process, to save the imports."""
     if quick:
-        return run_step(name, Context(quick, time.time() + limit, work)), ""
+        return run_step(check, Context(quick, time.time() + limit, work)), None, ""
     with tempfile.TemporaryDirectory() as tmp:
         rows_path = Path(tmp) / "rows.json"
-        cmd = [sys.executable, "-m", "tools.gpu_check", f"--step={name}", f"--deadline={time.time() + limit}",
+        cmd = [sys.executable, "-m", "tools.gpu_check", f"--step={check.name}", f"--deadline={time.time() + limit}",
                f"--work={work}", f"--rows_file={rows_path}"]
-        code, output = run_command(cmd, limit + 10)
+        code, output = Run(cmd).wait(time.time() + limit + 10)  # its own deadline first, then 10 s to end
         if rows_path.is_file():
-            return jsonlib.loads(rows_path.read_text()), output
-    label = next(c[1] for c in CHECKS if c[0] == name)
-    why = f"ran out of time ({limit:.0f} s)" if code is None else f"failed: {output.strip().splitlines()[-1:]}"
-    return [row(label, why, False)], output
+            found = jsonlib.loads(rows_path.read_text())
+            return found["rows"], found["device"], output
+    why = f"ran out of time ({limit:.0f} s)" if code is None else f"crashed: {last_line(output)}"
+    return [row(check.label, why, False)], None, output
 
 
-def run_step(name, ctx):
+def run_step(check, ctx):
     try:
-        return dict((c[0], c[3]) for c in CHECKS)[name](ctx)
+        return check.run(ctx)
     except Exception as e:
         traceback.print_exc()
-        label = next(c[1] for c in CHECKS if c[0] == name)
-        return [row(label, f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", False)]
+        text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        return [row(check.label, f"error: {type(e).__name__}: {text}", False)]
+
+
+def device_info():
+    """The card this process ran on, for the header (None if it never touched the GPU and can't now)."""
+    try:
+        props = torch.cuda.get_device_properties(0)
+        return {"device": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+                "compute_capability": f"{props.major}.{props.minor}", "cudnn": torch.backends.cudnn.version(),
+                "gpus": torch.cuda.device_count()}
+    except Exception:
+        return None
 
 
 def header():
     if quick:
         return {"device": f"cpu: {bench.cpu_name()}, {os.cpu_count()} cores (--quick: tiny shapes)",
                 "torch": torch.__version__, "cuda": None}
-    props = torch.cuda.get_device_properties(0)
-    return {"device": f"{props.name}, {props.total_memory / 2**30:.1f} GiB", "torch": torch.__version__,
-            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "gpus": torch.cuda.device_count()}
+    # No CUDA context here: device_count() asks NVML or the driver, and the first check names the card
+    return {"device": None, "torch": torch.__version__, "cuda": torch.version.cuda, "gpus": torch.cuda.device_count()}
+
+
+def write_json(results):
+    if json:  # whole or not at all: a run stopped from outside still leaves what it found
+        Path(json + ".tmp").write_text(jsonlib.dumps(results, indent=2))
+        os.replace(json + ".tmp", json)
 
 
 def main(argv):
     cli.exit_on_input_error()
     globals().update(vars(cli.parse(Settings, __doc__, argv)))
     if step:  # one check, in this process
-        rows = run_step(step, Context(quick, deadline, work or tempfile.gettempdir()))
-        Path(rows_file).write_text(jsonlib.dumps(rows))
-        return
+        cli.require(step in BY_NAME, f"--step={step}: no such check")
+        signal.signal(signal.SIGTERM, end_children)  # told to stop: the commands this check started stop too
+        rows = run_step(BY_NAME[step], Context(quick, deadline, work))
+        Path(rows_file).write_text(jsonlib.dumps({"rows": rows, "device": None if quick else device_info()}))
+        return 0
+    selected = [c for c in CHECKS if not only or c.name in only.split(",")]
+    unknown = set(only.split(",")) - set(BY_NAME) if only else set()
+    cli.require(not unknown, f"--only: no check named {', '.join(sorted(unknown))}; the checks: {', '.join(BY_NAME)}")
     cli.require(quick or torch.cuda.is_available(), "no CUDA device here: tools/gpu_check.py checks a GPU "
                                                            "machine (--quick runs its code on this CPU at tiny shapes)")
-    start = time.time()
+    signal.signal(signal.SIGTERM, end_children)
     if quick:
-        torch.set_num_threads(1)  # as run_command's processes
-    with tempfile.TemporaryDirectory() as shared:
+        torch.set_num_threads(1)  # as the commands it runs
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as shared:
         globals()["work"] = shared
-        return run_all(start)
+        try:
+            return run_all(selected, Path(shared))
+        finally:
+            for run in list(RUNNING):  # the walkthrough's base, if it was not wanted after all
+                run.end()
 
 
-def run_all(start):
-    results = {**header(), "budget_s": budget_s, "checks": {}}
-    print(f"gpu_check: {results['device']} | torch {results['torch']} | CUDA {results['cuda']}"
-          + (f" | cuDNN {results['cudnn']} | {results['gpus']} GPU(s)" if not quick else ""), flush=True)
-    for name, label, limit, _ in CHECKS:
-        if quick and name in GPU_ONLY:
-            continue
-        left = budget_s - (time.time() - start)
-        if left < 10:
-            rows, status = [row(label, f"not run: the {budget_s} s budget is spent", False)], "not run"
+def run_all(selected, shared):
+    start = time.time()
+    results = {**header(), "quick": quick, "budget_s": budget_s, "checks": {}}
+    print(f"gpu_check: {results['device'] or 'CUDA ' + str(results['cuda'])} | torch {results['torch']} | CUDA "
+          f"{results['cuda']}" + (f" | {results['gpus']} GPU(s), the card named by the first check" if not quick else "")
+          + f" | budget {budget_s} s", flush=True)
+    if any(c.name not in ("zero_gates", "sdpa_math", "compiled_decoding", "adapter_step", "decoding")
+           for c in selected):
+        prepare_work(shared)
+    if any(c.name == "walkthrough" for c in selected):
+        start_walkthrough_base(shared)
+    total = sum(c.budget_s for c in selected)
+    shares = [c.budget_s * budget_s / total for c in selected]  # the budgets add up to --budget_s
+    for i, check in enumerate(selected):
+        # what is left of the budget but the shares of the checks after this one: its own share and what the ones
+        # before it left unused
+        limit = budget_s - (time.time() - start) - sum(shares[i + 1:])
+        record = {"label": check.label, "budget_s": round(shares[i], 1), "limit_s": round(limit, 1)}
+        if limit < SHORTEST_CHECK_S:
+            rows, device = [row(check.label, f"not run: the {budget_s} s budget is spent", False)], None
+            record.update(status="not run", seconds=0)
         else:
-            if json:  # what was running, should the whole check be stopped from outside
-                Path(json).write_text(jsonlib.dumps({**results, "running": name}, indent=2))
+            write_json({**results, "running": check.name})  # what was running, should the run be stopped from outside
             t0 = time.time()
-            rows, output = run_check(name, min(limit, left))
-            status = f"{time.time() - t0:.0f} s"
-            if any(r["ok"] is False for r in rows):
-                print(output[-3000:], file=sys.stderr)
-        results["checks"][name] = {"seconds": status, "rows": rows}
+            rows, device, output = run_check(check, limit)
+            record.update(status="ran", seconds=round(time.time() - t0, 1))
+            if any(r["ok"] is False for r in rows) and output:
+                print(output[-3000:], file=sys.stderr, flush=True)
+        if device and not results["device"]:
+            results.update(device)
+            print(f"card: {device['device']}, {device['memory_gib']} GiB, compute capability "
+                  f"{device['compute_capability']} | cuDNN {device['cudnn']}", flush=True)
+        results["checks"][check.name] = {**record, "device": (device or {}).get("device", results["device"]),
+                                         "rows": rows}
         for r in rows:
-            print(f"  [{status:>6}] {r['check']}: {r['result']}" + ("" if r["ok"] is None else
-                                                                    f"  {'ok' if r['ok'] else 'FAILED'}"), flush=True)
-        if json:  # as it goes: a run cut short still leaves what it found
-            Path(json).write_text(jsonlib.dumps(results, indent=2))
+            print(f"  [{record['seconds']:5.0f} s] {r['check']}: {r['result']}"
+                  + ("" if r["ok"] is None else f"  {'ok' if r['ok'] else 'FAILED'}"), flush=True)
+        write_json(results)
     rows = [r for c in results["checks"].values() for r in c["rows"]]
     width = max(len(r["check"]) for r in rows)
-    print(f"\n{'check':{width}}  {'ok':6}  result")
+    print(f"\n{results['device']} | torch {results['torch']} | CUDA {results['cuda']}"
+          + (f" | cuDNN {results.get('cudnn')}" if not quick else ""))
+    print(f"{'check':{width}}  {'ok':6}  result")
     for r in rows:
         print(f"{r['check']:{width}}  {'' if r['ok'] is None else 'ok' if r['ok'] else 'FAILED':6}  {r['result']}")
     failed = sum(r["ok"] is False for r in rows)
-    print(f"\n{len(rows)} rows, {failed} failed; {time.time() - start:.0f} s in all")
-    results["failed"] = failed
-    if json:
-        Path(json).write_text(jsonlib.dumps(results, indent=2))
+    results.update(failed=failed, seconds=round(time.time() - start, 1))
+    print(f"\n{len(rows)} rows, {failed} failed; {time.time() - start:.0f} s of the {budget_s} s budget")
+    write_json(results)
     return failed
 
 
 if __name__ == "__main__":
     sys.exit(1 if main(sys.argv[1:]) else 0)
-

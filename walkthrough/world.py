@@ -287,7 +287,7 @@ def report(model, tokenizer, args):
     print(f"  adapter file {adapter_mib:.3f} MiB against the base checkpoint's {base_mib:.2f} MiB "
           f"({base_mib / adapter_mib:.0f}x smaller)")
     if not args.smoke:
-        print("next: python generate.py  (some held-out answers with and without the adapter; add --show_gates)")
+        print("next: python generate.py  (held-out answers from the base and from the adapter; or --show_gates)")
     result = {"heldout": n_heldout, "base_exact_match": base_alone[0], "base_names_value": base_alone[1],
               "adapter_exact_match": with_adapter[0], "adapter_names_value": with_adapter[1], "trainable": n_adapter,
               "parameters": n_total, "targets_met": met}
@@ -296,11 +296,15 @@ def report(model, tokenizer, args):
 
 
 def generate_preset(args, parse):
-    """generate.py's settings for the walkthrough (its base and adapter, greedy) under the command line's, and the
-    first 8 held-out records, which it answers with and without the adapter."""
+    """generate.py's settings for the walkthrough, under the command line's: its base, its adapter and the first 8
+    held-out records (with the answers expected), each answered by the base and by the adapter, greedily."""
     found = paths(SETTINGS["out_dir"])
     require(Path(found["adapter_path"]).is_file(), f"no walkthrough adapter at {found['adapter_path']}: run "
                                                    f"`python train.py` first")
-    args = parse(defaults=dict(ckpt_dir=found["ckpt_dir"], adapter=found["adapter_path"],
-                               max_seq_len=SETTINGS["max_seq_len"], temperature=0.0))
-    return args, heldout_examples(found["heldout_path"], 8)
+    sample = Path(SETTINGS["out_dir"]) / "heldout_sample.json"
+    if not sample.is_file():
+        atomic_save(json.dumps(heldout_examples(found["heldout_path"], 8), indent=1).encode(), sample)
+    own = args.prompt or args.prompts_file or args.interactive  # the user's questions instead of the sample's
+    return parse(defaults=dict(ckpt_dir=found["ckpt_dir"], adapter=(found["adapter_path"],), temperature=0.0,
+                               max_seq_len=SETTINGS["max_seq_len"], **({} if own else dict(
+                                   prompts_file=str(sample), compare=not args.show_gates))))
