@@ -365,6 +365,7 @@ class AdapterBank:
         shapes = {name: (len([k for k in s if k.endswith(".attention.gate")]), s["adapter_query.weight"].shape[0])
                   for name, s in adapters.items()}  # name: (L, L * K)
         K = max(rows // L for L, rows in shapes.values())
+        mixed = len({rows // L for L, rows in shapes.values()}) > 1  # adapters of other K: a mask over the keys
         self.first = args.n_layers - max(L for L, _ in shapes.values())  # layers below it: no adapter reaches them
         self.layers = {}
         for i in range(self.first, args.n_layers):
@@ -380,7 +381,7 @@ class AdapterBank:
                     pk, pv = a.prompt_keys_values(prompt[None].to(weight.device), dtype, 1)  # (1, n_kv_heads, k, head_dim)
                     keys[n, :, :k], values[n, :, :k], seen[n, ..., k:] = pk[0], pv[0], False
                     gates[n] = state[f"layers.{i}.attention.gate"][0].to(weight.device)
-            self.layers[i] = (keys, values, gates, None if seen.all() else seen)
+            self.layers[i] = (keys, values, gates, seen if mixed else None)
         self.nbytes = sum(keys.nbytes + values.nbytes for keys, values, _, _ in self.layers.values())
 
     def rows_of(self, layer, rows):

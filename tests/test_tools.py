@@ -28,6 +28,12 @@ def test_bench_runs_every_section_on_tiny_shapes(tmp_path):
     assert results["cpu_full"]["trainable"] > 100 * results["cpu_adapter"]["trainable"]
     assert all(row["cached_tokens_per_s"] > 0 and row["speedup"] > 0 for row in results["cpu_generation"])
     assert results["cpu_decoding"]["eager_ms_per_token"] > 0
+    adapters = results["cpu_adapters"]  # several adapters on one base
+    assert set(adapters["tokens_per_s"]) == {"4 adapters in one batch of 8", "1 adapter in one batch of 8",
+                                             "4 adapters one at a time, batch 2"}
+    assert all(v > 0 for v in adapters["tokens_per_s"].values())
+    # K x L x 2 x n_kv_heads x head_dim bf16 values per Llama-3.1-8B adapter: 10 x 30 x 2 x 8 x 128 x 2 bytes
+    assert adapters["llama3_8b_mib_per_adapter"] == 10 * 30 * 2 * 8 * 128 * 2 / 2**20
     gpu = results["gpu"]  # the GPU code path ran, on the CPU
     assert [row["micro_batch"] for row in gpu["micro_batches"]] == [1, 2]
     assert all(row["length"] == 64 and row["tokens_per_s"] > 0 for row in gpu["micro_batches"])  # full length

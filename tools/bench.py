@@ -65,7 +65,7 @@ class Settings:
     gpu_peak_tflops: float = 0.0  # the card's dense 16-bit peak; 0: looked up from its name (GPU_SPECS)
     gpu_bandwidth_tbs: float = 0.0  # the card's memory bandwidth in TB/s; 0: looked up from its name
     json: str = ""  # --json=FILE writes the results as JSON
-    only: str = ""  # comma-separated sections (training, generation, decoding, memory_options, int8_quality, gpu); empty: all
+    only: str = ""  # comma-separated sections (training, generation, decoding, adapters, memory_options, int8_quality, gpu); empty: all
     quick: bool = False  # tiny shapes: a smoke test of this script
     memory_probe: str = ""  # internal: "adapter" or "full", run in a fresh process to measure its peak memory
 
@@ -279,6 +279,64 @@ def decode_overhead(n_tokens, use_compile, repeats=3):
         row["compiled_over_eager"] = row["compiled_ms_per_token"] / row["eager_ms_per_token"]
         text += f", {row['compiled_ms_per_token']:.2f} compiled ({row['compiled_over_eager']:.2f}x)"
     print(text + f"; median of {repeats} calls of {n_tokens} tokens each, one thread", flush=True)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CPU: several adapters on one base (lladapter.AdapterBank), side by side with one adapter and with one at a time
+
+def adapter_serving(repeats=3, n_new=64):
+    """Tokens/s of 8 rows over 4 different adapters in one batch (a bank), of the same 8 rows over one adapter (a
+    bank of one), and of the 4 adapters one after another at batch 2, each loaded into the model the ordinary way:
+    the three alternating in one process, after a warm-up of each; the median. Then the bank's memory per adapter at
+    Llama-3.1-8B's shapes (the paper's K = 10 in the top 30 layers, bf16), read off a bank built on the meta device."""
+    from tools.plan import llama_args  # the planner imports this file's helpers
+    cpu = torch.device("cpu")
+    model = random_model(mid_args(), cpu, torch.float32)
+    base = random_model(mid_args(adapter=False), cpu, torch.float32)
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if not lladapter.is_adapter_key(k)})
+    states = []
+    for seed in range(4):  # four adapters: their own prompts and open gates
+        generator = torch.Generator().manual_seed(seed)
+        states.append({k: torch.randn(v.shape, generator=generator) * (1.0 if v.dim() == 2 else 0.3)
+                       for k, v in lladapter.adapter_state_dict(model).items()})
+    four = lladapter.AdapterBank(base, {f"a{i}": state for i, state in enumerate(states)})
+    one = lladapter.AdapterBank(base, {"a0": states[0]})
+    prompts = torch.randint(3, vocab_size, (8, prompt_len)).tolist()
+
+    def one_at_a_time():  # each adapter in the model itself, its 2 rows decoded apart
+        for i, state in enumerate(states):
+            with torch.no_grad():
+                for k, v in lladapter.adapter_tensors(model).items():
+                    v.copy_(state[k])
+            lladapter.generate(model, prompts[2 * i:2 * i + 2], n_new, temperature=0, eos_id=-1)
+    runs = {"4 adapters in one batch of 8": lambda: lladapter.generate(base, prompts, n_new, temperature=0, eos_id=-1,
+                                                                          bank=four, rows=[1, 2, 3, 4] * 2),
+            "1 adapter in one batch of 8": lambda: lladapter.generate(base, prompts, n_new, temperature=0, eos_id=-1,
+                                                                         bank=one, rows=[1] * 8),
+            "4 adapters one at a time, batch 2": one_at_a_time}
+    times = {name: [] for name in runs}
+    for i in range(repeats + 1):
+        for name, run in runs.items():
+            t = timed(run)
+            if i > 0:
+                times[name].append(t)
+    tokens_per_s = {name: 8 * n_new / statistics.median(t) for name, t in times.items()}
+    with torch.device("meta"):
+        big = Transformer(replace(llama_args("Llama-3.1-8B"), adapter_layer=0))
+    paper = {f"layers.{i}.attention.gate": torch.zeros(1, 32, 1, 1) for i in range(2, 32)}
+    paper["adapter_query.weight"] = torch.zeros(30 * 10, 4096)
+    big_bank = lladapter.AdapterBank(lladapter.set_precision(big, torch.bfloat16), {"a": paper})
+    row = {"tokens_per_s": tokens_per_s, "mixed_over_one": tokens_per_s["4 adapters in one batch of 8"] /
+           tokens_per_s["1 adapter in one batch of 8"], "mixed_over_one_at_a_time": tokens_per_s[
+           "4 adapters in one batch of 8"] / tokens_per_s["4 adapters one at a time, batch 2"],
+           "llama3_8b_mib_per_adapter": big_bank.nbytes / len(big_bank.names) / 2**20}
+    row["llama3_8b_gib_per_1000_adapters"] = 1000 * row["llama3_8b_mib_per_adapter"] / 1024
+    print("cpu several adapters: " + "; ".join(f"{name}: {v:.1f} tok/s" for name, v in tokens_per_s.items()) +
+          f" (median of {repeats}, {n_new} new tokens after {prompt_len}); mixed / one adapter "
+          f"{row['mixed_over_one']:.2f}x, mixed / one at a time {row['mixed_over_one_at_a_time']:.2f}x; a bank holds "
+          f"{row['llama3_8b_mib_per_adapter']:.2f} MiB per Llama-3.1-8B adapter, "
+          f"{row['llama3_8b_gib_per_1000_adapters']:.2f} GiB per 1,000", flush=True)
     return row
 
 
@@ -572,6 +630,14 @@ def table(results):
                   "", True)]
         rows += [(f"cpu peak memory, {name} / none", f"{peaks[name] / peaks['none']:.2f}x", "", True)
                  for name in peaks if name != "none"]
+    if "cpu_adapters" in results:
+        adapters = results["cpu_adapters"]
+        rows += [("cpu 8 rows over 4 adapters / over 1 adapter, tok/s", f"{adapters['mixed_over_one']:.2f}x", ">= 0.90x",
+                  adapters["mixed_over_one"] >= 0.9),
+                 ("cpu 8 rows over 4 adapters / 4 apart at batch 2, tok/s",
+                  f"{adapters['mixed_over_one_at_a_time']:.2f}x", ">= 2.00x", adapters["mixed_over_one_at_a_time"] >= 2),
+                 ("bank: GiB per 1,000 Llama-3.1-8B adapters (bf16)",
+                  f"{adapters['llama3_8b_gib_per_1000_adapters']:.2f}", "", True)]
     if "compiled_over_eager" in results.get("cpu_decoding", {}):
         rows.append(("cpu decoding per token, tiny model: compiled / eager",
                      f"{results['cpu_decoding']['compiled_over_eager']:.2f}x", "", True))
@@ -605,8 +671,8 @@ def main(argv):
     results = {"torch": torch.__version__, "cpu": f"{cpu_name()}, {os.cpu_count()} cores", "quick": quick}
     print(f"torch {torch.__version__} | {results['cpu']} | {torch.get_num_threads()} threads"
           + (" | QUICK: tiny shapes, not a measurement" if quick else ""), flush=True)
-    wanted = set(only.split(",")) if only else {"training", "generation", "decoding", "memory_options", "int8_quality",
-                                                "gpu"}
+    wanted = set(only.split(",")) if only else {"training", "generation", "decoding", "adapters", "memory_options",
+                                                "int8_quality", "gpu"}
     if "training" in wanted:
         cpu_training(argv, results)
     if "generation" in wanted:
@@ -616,6 +682,8 @@ def main(argv):
         del model
     if "decoding" in wanted:
         results["cpu_decoding"] = decode_overhead(decode_tokens, compile_decode)
+    if "adapters" in wanted:
+        results["cpu_adapters"] = adapter_serving(*((1, 8) if quick else (3, 64)))
     if "memory_options" in wanted:
         results["cpu_memory_options"] = memory_options(argv)
     if "int8_quality" in wanted and not quick:
