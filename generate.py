@@ -38,9 +38,9 @@ from cli import InputError
 class Settings:
     ckpt_dir: str = ""  # base model, Meta's layout or Hugging Face's; empty: the walkthrough's (see train.py)
     tokenizer_path: str = ""  # empty: tokenizer.model or tokenizer.json in ckpt_dir, or tokenizer.model beside it
-    adapter: tuple = ()  # an adapter file from train.py, or a PEFT adaption_prompt folder; NAME=PATH names it; repeat for several
+    adapter: tuple = ()  # a train.py adapter file, or a PEFT adaption_prompt folder; NAME=PATH names it; repeatable
     compare: bool = False  # answer every prompt with the base and with each adapter, side by side, in one batch
-    template: Literal[lladapter.TEMPLATES] = "alpaca"  # the prompt, as in training: alpaca, or llama3 (Llama 3's instruct chat)
+    template: Literal[lladapter.TEMPLATES] = "alpaca"  # the prompt, as in training: alpaca, or llama3 (its chat format)
     prompt: tuple = ()  # an instruction; repeat --prompt for several
     input: str = ""  # context for the with-input template, for every --prompt
     prompts_file: str = ""  # one instruction per line, or Alpaca-format records (.json list or .jsonl)
@@ -57,9 +57,9 @@ class Settings:
     adapter_layer: int = 0  # 0: from the adapter file (as adapter_len)
     image_dim: int = 0  # 0: from the adapter file
     device: str = ""  # empty: cuda if available, else cpu
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # the base's weights: auto is bf16 on a GPU that has it natively, else fp16; fp32 on a CPU
-    quantize: Literal["", "int8"] = ""  # int8: the base's block matrices and output head int8, a scale per row (half of bf16's memory)
-    compile: bool = False  # decode with a compiled one-token step (CUDA graphs on a GPU): the same tokens, less overhead
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # the base; auto: bf16 from compute 8.0, fp16 below, CPU fp32
+    quantize: Literal["", "int8"] = ""  # int8: the base's matrices int8, a scale per row (half of bf16's memory)
+    compile: bool = False  # decode with a compiled one-token step (CUDA graphs on a GPU): the same tokens, faster
     show_gates: bool = False  # print the adapter's tanh(gate) as a layers x heads heat map
 
 
@@ -193,7 +193,8 @@ def answer(jobs, encoded, stream=False):
         batch = order[i:i + max_batch_size]
         # Compiled: a short last batch filled up with copies of its last prompt, whose answers are dropped, so that
         # the compiled step keeps its one batch size (another would compile again, and capture another graph).
-        rows = batch + batch[-1:] * (max_batch_size - len(batch)) if args.compile and len(jobs) > max_batch_size else batch
+        filled = args.compile and len(jobs) > max_batch_size
+        rows = batch + batch[-1:] * (max_batch_size - len(batch)) if filled else batch
         new = lladapter.generate(model, [prompts[j] for j in rows], args.max_gen_len, args.temperature, args.top_p,
                                  stop_ids, images[rows] if images is not None else None, generator,
                                  on_token=print_growing_text if stream else None, compile=args.compile, bank=bank,

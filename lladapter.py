@@ -16,15 +16,15 @@ Where we follow the paper, and where we chose differently:
 - tanh is applied at inference too (the original inference code used the raw gate, which training never saw).
 - Word attention uses torch's scaled_dot_product_attention; the prompt branch is a second, small, unmasked
   scaled_dot_product_attention beside it. Both softmaxes run in fp32 (SDPA accumulates in fp32).
-- Precision lives in one place: frozen base weights in bf16 on a GPU (fp16 on one without bf16, fp32 on CPU; the
-  scripts' --dtype), adapter tensors always fp32, local fp32 upcasts in RMSNorm and softmax, logits in fp32.
-- Generation keeps a static KV cache and never waits on the device per token; its one-token step can be compiled
+- Precision lives in one place: frozen base weights in bf16 on a GPU (fp16 below compute capability 8.0, fp32 on a
+  CPU; the scripts' --dtype), adapter tensors always fp32, local fp32 upcasts in RMSNorm and softmax, fp32 logits.
+- Generation keeps a KV cache and never waits on the device per token; its one-token step can be compiled
   (compiled_step, with CUDA graphs on a GPU) and gives the same tokens.
 - Optional image conditioning (paper Sec. 3.3): with image_dim > 0, a projected image feature is added to every
   prompt token of every adapted layer.
-- Beyond the paper: the Llama 3 family runs on the same model (rotary scaling, tied embeddings, a BPE tokenizer);
-  for small cards, activation checkpointing of the adapted blocks and a chunked loss are a flag each, and an int8
-  base lives in quantize.py.
+- Beyond the paper: the Llama 3 family runs on the same model (rotary scaling, tied embeddings; its tokenizer in
+  tokenizer.py); for small cards, activation checkpointing of the adapted blocks and a chunked loss are a flag each,
+  and an int8 base lives in quantize.py; and several adapters serve from one base in one batch (AdapterBank).
 """
 import itertools
 import math
@@ -315,6 +315,12 @@ class Transformer(nn.Module):
         Tensors of the last call's shapes are reused in place: the CUDA graph of a compiled step, recorded on
         their addresses, then replays instead of recording again. Their stale values are never read: a position
         is written before any query sees it."""
+        def reused(old, new):  # new's values in old's memory if it has new's shape and dtype; never in a parameter
+            if old is None or new is None or isinstance(old, nn.Parameter) or (old.shape, old.dtype) != (new.shape,
+                                                                                                     new.dtype):
+                return new
+            return old.copy_(new)
+
         weight = self.tok_embeddings.weight
         prompts = self.adapter_prompts(image) if self.args.adapter_layer and bank is None else None
         for i, layer in enumerate(self.layers):
@@ -326,7 +332,8 @@ class Transformer(nn.Module):
             if bank is not None:
                 state = bank.rows_of(i, rows)
             elif prompts is not None and i >= self.first_adapted:
-                state = (*a.prompt_keys_values(prompts[:, i - self.first_adapted], weight.dtype, batch_size), a.gate, None)
+                prompt = prompts[:, i - self.first_adapted]
+                state = (*a.prompt_keys_values(prompt, weight.dtype, batch_size), a.gate, None)
             else:
                 state = None
             a.prompt_kv = state and tuple(map(reused, a.prompt_kv or (None,) * 4, state))
@@ -336,60 +343,6 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache_k = layer.attention.cache_v = layer.attention.prompt_kv = None
         self.cache_len = None
-
-
-def reused(old, new):
-    # new's values in old's memory where old has its shape (a CUDA graph recorded on old reads them there); never
-    # into a parameter (an adapter's own gate is used as it is)
-    if old is None or new is None or old is new or isinstance(old, nn.Parameter) or old.shape != new.shape \
-            or old.dtype != new.dtype or old.device != new.device:
-        return new
-    return old.copy_(new)
-
-
-class AdapterBank:
-    """Several text-only adapters of one base at once, for batches whose rows each use their own (generate's bank
-    and rows). A text-only adapter's prompt keys and values depend on nothing but the adapter, so they are projected
-    here once, through each layer's frozen wk and wv, in the base's dtype; each row then attends to its adapter's
-    keys with its adapter's gates. Row index 0 is the base model itself: its gates are zero everywhere, which makes
-    it exactly the base (the zero-init property). An adapter's gate is zero in the layers it does not adapt, and
-    adapters of different K mix: the keys past a row's own K are masked out.
-
-    adapters: {name: state dict} as adapter files hold them (adapter_query.weight [L*K, dim], and the gates
-    layers.{i}.attention.gate [1, n_heads, 1, 1] of its top L layers). Its memory, nbytes: K x L x 2 x n_kv_heads x
-    head_dim values per adapter (K and L the largest among them)."""
-
-    def __init__(self, model, adapters: dict):
-        self.names = ["base", *adapters]
-        args, weight, dtype = model.args, model.tok_embeddings.weight, model.tok_embeddings.weight.dtype
-        shapes = {name: (len([k for k in s if k.endswith(".attention.gate")]), s["adapter_query.weight"].shape[0])
-                  for name, s in adapters.items()}  # name: (L, L * K)
-        K = max(rows // L for L, rows in shapes.values())
-        mixed = len({rows // L for L, rows in shapes.values()}) > 1  # adapters of other K: a mask over the keys
-        self.first = args.n_layers - max(L for L, _ in shapes.values())  # layers below it: no adapter reaches them
-        self.layers = {}
-        for i in range(self.first, args.n_layers):
-            a = model.layers[i].attention
-            keys = torch.zeros(len(self.names), a.n_kv_heads, K, a.head_dim, dtype=dtype, device=weight.device)
-            values, seen = torch.zeros_like(keys), torch.ones(len(self.names), 1, 1, K, dtype=torch.bool, device=weight.device)
-            gates = torch.zeros(len(self.names), a.n_heads, 1, 1, device=weight.device)  # fp32, as the adapter's
-            for n, (name, state) in enumerate(adapters.items(), 1):
-                L, rows = shapes[name]
-                if i >= args.n_layers - L:  # one of its adapted layers: its K prompts of this layer
-                    k = rows // L
-                    prompt = state["adapter_query.weight"].view(L, k, -1)[i - (args.n_layers - L)]
-                    pk, pv = a.prompt_keys_values(prompt[None].to(weight.device), dtype, 1)  # (1, n_kv_heads, k, head_dim)
-                    keys[n, :, :k], values[n, :, :k], seen[n, ..., k:] = pk[0], pv[0], False
-                    gates[n] = state[f"layers.{i}.attention.gate"][0].to(weight.device)
-            self.layers[i] = (keys, values, gates, seen if mixed else None)
-        self.nbytes = sum(keys.nbytes + values.nbytes for keys, values, _, _ in self.layers.values())
-
-    def rows_of(self, layer, rows):
-        """(keys, values, gate, seen) of this layer for rows of these bank indices (a (bsz,) LongTensor), or None
-        below the first layer any adapter reaches."""
-        if layer < self.first:
-            return None
-        return tuple(t[rows] if t is not None else None for t in self.layers[layer])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -625,7 +578,8 @@ def batch_that_fits(model, cache_len, free_bytes, most=32):
     cache = 2 * model.args.n_layers * cache_len * a.n_kv_heads * a.head_dim * weight.element_size()
     hidden = model.layers[0].feed_forward.w1.weight.shape[0]
     prefill = cache_len * (3 * hidden + 4 * model.args.dim) * weight.element_size()
-    q, k = (torch.zeros(1, heads, 8, a.head_dim, dtype=weight.dtype, device=weight.device) for heads in (a.n_heads, a.n_kv_heads))
+    q, k = (torch.zeros(1, heads, 8, a.head_dim, dtype=weight.dtype, device=weight.device)
+            for heads in (a.n_heads, a.n_kv_heads))
     params = torch.backends.cuda.SDPAParams(q, k, k, None, 0.0, True, a.n_kv_heads != a.n_heads)
     fused = weight.is_cuda and any(can(params) for can in (torch.backends.cuda.can_use_flash_attention,
                                                           torch.backends.cuda.can_use_efficient_attention,
@@ -643,3 +597,52 @@ def compiled_step(model):
         mode = "reduce-overhead" if model.tok_embeddings.weight.is_cuda else "default"
         model.__dict__["compiled_step"] = torch.compile(model, mode=mode, dynamic=False, fullgraph=True)
     return model.__dict__["compiled_step"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Several adapters on one base, in one batch: generate(bank=, rows=)
+
+class AdapterBank:
+    """Several text-only adapters of one base at once, for batches whose rows each use their own (generate's bank
+    and rows). A text-only adapter's prompt keys and values depend on nothing but the adapter, so they are projected
+    here once, through each layer's frozen wk and wv, in the base's dtype; each row then attends to its adapter's
+    keys with its adapter's gates. Row index 0 is the base model itself: its gates are zero everywhere, which makes
+    it exactly the base (the zero-init property). An adapter's gate is zero in the layers it does not adapt, and
+    adapters of different K mix: the keys past a row's own K are masked out.
+
+    adapters: {name: state dict} as adapter files hold them (adapter_query.weight [L*K, dim], and the gates
+    layers.{i}.attention.gate [1, n_heads, 1, 1] of its top L layers). Its memory, nbytes: K x L x 2 x n_kv_heads x
+    head_dim values per adapter (K and L the largest among them)."""
+
+    def __init__(self, model, adapters: dict):
+        self.names = ["base", *adapters]
+        args, weight, dtype = model.args, model.tok_embeddings.weight, model.tok_embeddings.weight.dtype
+        shapes = {name: (len([k for k in s if k.endswith(".attention.gate")]), s["adapter_query.weight"].shape[0])
+                  for name, s in adapters.items()}  # name: (L, L * K)
+        K = max(rows // L for L, rows in shapes.values())
+        mixed = len({rows // L for L, rows in shapes.values()}) > 1  # adapters of other K: a mask over the keys
+        self.first = args.n_layers - max(L for L, _ in shapes.values())  # layers below it: no adapter reaches them
+        self.layers = {}
+        for i in range(self.first, args.n_layers):
+            a = model.layers[i].attention
+            keys = torch.zeros(len(self.names), a.n_kv_heads, K, a.head_dim, dtype=dtype, device=weight.device)
+            values = torch.zeros_like(keys)
+            seen = torch.ones(len(self.names), 1, 1, K, dtype=torch.bool, device=weight.device)
+            gates = torch.zeros(len(self.names), a.n_heads, 1, 1, device=weight.device)  # fp32, as the adapter's
+            for n, (name, state) in enumerate(adapters.items(), 1):
+                L, rows = shapes[name]
+                if i >= args.n_layers - L:  # one of its adapted layers: its K prompts of this layer
+                    k = rows // L
+                    prompt = state["adapter_query.weight"].view(L, k, -1)[i - (args.n_layers - L)]
+                    pk, pv = a.prompt_keys_values(prompt[None].to(weight.device), dtype, 1)  # (1, n_kv_heads, k, head_dim)
+                    keys[n, :, :k], values[n, :, :k], seen[n, ..., k:] = pk[0], pv[0], False
+                    gates[n] = state[f"layers.{i}.attention.gate"][0].to(weight.device)
+            self.layers[i] = (keys, values, gates, seen if mixed else None)
+        self.nbytes = sum(keys.nbytes + values.nbytes for keys, values, _, _ in self.layers.values())
+
+    def rows_of(self, layer, rows):
+        """(keys, values, gate, seen) of this layer for rows of these bank indices (a (bsz,) LongTensor), or None
+        below the first layer any adapter reaches."""
+        if layer < self.first:
+            return None
+        return tuple(t[rows] if t is not None else None for t in self.layers[layer])

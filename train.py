@@ -42,12 +42,12 @@ from cli import InputError
 
 @dataclass
 class Settings:
-    ckpt_dir: str = ""  # base model: Meta's layout (params.json, consolidated.*.pth) or Hugging Face's; empty: the walkthrough
+    ckpt_dir: str = ""  # the base: Meta's layout (params.json, consolidated.*.pth) or Hugging Face's; empty: the walkthrough
     tokenizer_path: str = ""  # empty: tokenizer.model or tokenizer.json in ckpt_dir, or tokenizer.model beside it
     data_path: str = "alpaca_data.json"  # a JSON list (or .jsonl, one per line) of {"instruction", "input", "output"}
     out_dir: str = "out"  # adapter.pth, train_state.pth and log.jsonl go here
-    mode: Literal["adapter", "full"] = "adapter"  # adapter: the prompts and gates train; full: every weight (the paper's baseline)
-    template: Literal[lladapter.TEMPLATES] = "alpaca"  # the prompt: the paper's, or llama3, the chat format of Llama 3's instruct models
+    mode: Literal["adapter", "full"] = "adapter"  # adapter: prompts and gates train; full: every weight (the baseline)
+    template: Literal[lladapter.TEMPLATES] = "alpaca"  # the paper's prompt, or llama3: Llama 3 instruct's chat format
     adapter_len: int = 10  # K, prompt vectors per adapted layer
     adapter_layer: int = -1  # L, adapted top layers; -1: all but the bottom two (the paper's 30 of 32 at 7B)
     image_dim: int = 0  # width of the image features that records name under "image"; 0: text only
@@ -68,13 +68,13 @@ class Settings:
     stop_after: int = 0  # stop after this many optimizer steps in all, to --resume later; 0: run to the end
     resume: bool = False  # continue from out_dir/train_state.pth
     device: str = ""  # empty: cuda if available, else cpu
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # the frozen base; auto: bf16 on a GPU that has it natively, fp16 on older ones, fp32 on a CPU
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # the frozen base; auto: bf16 from compute 8.0, fp16 below, CPU fp32
     loss_scale: float = 65536.0  # fp16 only: the starting loss scale, halved at each overflow (that step skipped)
     fsdp: bool = False  # under torchrun: shard the frozen base over the processes (FSDP2) instead of a copy in each
     compile: bool = False  # torch.compile each transformer block (the same losses; pays off on a GPU)
-    quantize: Literal["", "int8"] = ""  # int8: the frozen base's block matrices and output head int8, a scale per row (quantize.py)
-    activation_checkpointing: bool = False  # keep only each adapted block's input; recompute the rest in the backward pass
-    loss_chunk: int = 0  # scored positions per pass through the output head and loss (e.g. 256, for a 128K vocabulary); 0: all
+    quantize: Literal["", "int8"] = ""  # int8: the frozen base's matrices int8, a scale per row (quantize.py)
+    activation_checkpointing: bool = False  # keep only each adapted block's input; recompute the rest in backward
+    loss_chunk: int = 0  # scored positions per pass through the output head and loss (256: a 128K vocabulary); 0: all
     smoke: bool = False  # the walkthrough only: its one-minute version
     variant: str = ""  # for experiments (walkthrough/ablations.py): "module:function", applied to the built model
 
@@ -88,7 +88,7 @@ RUN_IDENTITY = ["ckpt_dir", "data_path", "mode", "variant", "adapter_len", "adap
 cli.exit_on_input_error()
 args = cli.parse(Settings, __doc__)
 walkthrough = None
-if not args.ckpt_dir:  # no base given: the built-in walkthrough (walkthrough/world.py), its settings under the command line's
+if not args.ckpt_dir:  # no base: the built-in walkthrough (walkthrough/world.py), its settings under the command line's
     from walkthrough import world as walkthrough
     args = walkthrough.preset(args, functools.partial(cli.parse, Settings, __doc__))
 # Settings a user can get wrong, refused before anything is built or written
@@ -365,7 +365,8 @@ if args.compile:  # in place, block by block: parameter names, DDP and the saved
         layer.compile(dynamic=True)
 if ddp:  # DDP syncs what trains and nothing else: the frozen base was read from the same file by every process, and
     # the rotary table is computed from the settings (the default would broadcast both, the table at every step)
-    DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, p in model.named_parameters() if not p.requires_grad])
+    DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, p in model.named_parameters()
+                                                            if not p.requires_grad])
     model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None,
                 broadcast_buffers=False)
 
