@@ -21,7 +21,6 @@ projected under an hour on one H100, 7B adapter training at max_seq_len 512 (mic
 import functools
 import json as jsonlib  # `json` is the --json setting below
 import os
-import platform
 import random
 import re
 import resource
@@ -39,6 +38,7 @@ import cli
 import lladapter
 import quantize as quantization
 from lladapter import ModelArgs, Transformer
+from tools.plan import CONTEXT_GIB, FIXED_MALLOC, ROOT, cpu_name, llama_args, plan_memory
 
 
 @dataclass
@@ -73,19 +73,10 @@ class Settings:
 globals().update(vars(Settings()))  # the defaults, for the helpers below; main() sets the command line's
 QUICK = dict(dim=64, options_dim=128, n_layers=2, n_heads=4, vocab_size=512, seq_len=32, batch=2, adapter_layer=1, steps=2,
              new_tokens=16, prompt_len=8, decode_tokens=16, compile_decode=False, gpu_steps=2, gpu_micro_batches="1,2")
-ROOT = Path(__file__).resolve().parent.parent  # where train.py is
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Shared pieces: random models, train.py's step, timing, memory
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
 
 def random_model(args, device, dtype, seed=0):
     # Build on the meta device, give the base `dtype` and the adapter fp32 (as load_llama does), then fill in.
@@ -178,10 +169,6 @@ def rss_mib(field="VmHWM"):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# glibc raises its mmap threshold as large blocks are freed, then keeps freed tensors resident, so by default a
-# CPU peak depends on allocation history; with the threshold fixed, freed tensors go back to the system and the
-# peak follows the live tensors (the same to the MiB on every run).
-FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,7 +277,6 @@ def adapter_serving(repeats=3, n_new=64):
     bank of one), and of the 4 adapters one after another at batch 2, each loaded into the model the ordinary way:
     the three alternating in one process, after a warm-up of each; the median. Then the bank's memory per adapter at
     Llama-3.1-8B's shapes (the paper's K = 10 in the top 30 layers, bf16), read off a bank built on the meta device."""
-    from tools.plan import llama_args  # the planner imports this file's helpers
     cpu = torch.device("cpu")
     model = random_model(mid_args(), cpu, torch.float32)
     base = random_model(mid_args(adapter=False), cpu, torch.float32)
@@ -514,7 +500,6 @@ def size_text(gib):
 def adapter_step(args, device, dtype, micro_batches, n_steps, peak_tflops, log=print):
     """train.py's adapter step on `args`' shapes at full length (max_seq_len tokens, no padding) for each micro-batch
     size: tokens/s, MFU, peak memory, the planner's prediction; then which SDPA kernels ran."""
-    from tools.plan import plan_memory  # the planner imports this file's helpers
     trainer = Trainer(args, "adapter", device, dtype)
     length = args.max_seq_len
     flops = adapter_step_flops(args, length, scored_per_sequence(length)) / length  # per token
@@ -606,7 +591,6 @@ def gpu_section(results):
 # The table of targets, and the command line
 
 def table(results):
-    from tools.plan import CONTEXT_GIB  # the planner imports this file's helpers
     rows = []
     if "cpu_time_ratio" in results:
         rows += [("cpu adapter / full step time", f"{results['cpu_time_ratio']:.2f}x", "<= 0.70x",

@@ -17,6 +17,7 @@ import functools
 import json as jsonlib  # `json` is the --json setting below
 import math
 import os
+import platform
 import random
 import statistics
 import subprocess
@@ -34,7 +35,6 @@ import lladapter
 import quantize as quantization
 from lladapter import ModelArgs, Transformer
 from tokenizer import Tokenizer
-from tools.bench import FIXED_MALLOC, ROOT, cpu_name
 
 
 @dataclass
@@ -45,6 +45,21 @@ class Settings:
 
 
 globals().update(vars(Settings()))  # the defaults, for the helpers below; main() sets the command line's
+ROOT = Path(__file__).resolve().parent.parent  # where train.py is
+# glibc raises its mmap threshold as large blocks are freed, then keeps freed tensors resident, so by default a
+# CPU peak depends on allocation history; with the threshold fixed, freed tensors go back to the system and the
+# peak follows the live tensors (the same to the MiB on every run).
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 LOSS_CHUNK = 256  # the chunked loss's scored positions per chunk in these tables: train.py --loss_chunk=256
 
 
