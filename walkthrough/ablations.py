@@ -14,8 +14,9 @@ instructions) with exactly one thing changed:
 - how many prompts each adapted layer gets, K = 2, 5, 10, 20 (train.py --adapter_len).
 The walkthrough itself is K=20, L=4: that run is zero_init's, trained once and shown in every group.
 
-Each configuration trains twice, for a short and for the full budget (see SHORT_BUDGET), two train.py processes
-at a time on one thread each (so the same command gives the same numbers). Each model is probed at step 0 and at
+Each configuration trains twice, for a short and for the full budget (see SHORT_BUDGET), one train.py process at a
+time on the walkthrough's own CPU threads (walkthrough/world.py THREADS), so that its zero_init run is exactly
+`python train.py`'s (--jobs=2: two at a time on one thread each, and other last digits). Each model is probed at
 the end of each budget, the gate variants' full runs also on the way (PROBE_STEPS):
 - accuracy: the walkthrough's held-out instructions (greedy, exact match);
 - retention, what zero-init is there to protect (Sec. 3.2): the base's own pretraining questions ([BOS] "Q: ...\nA:",
@@ -65,7 +66,7 @@ class Settings:
     quick: bool = False  # CI: the smoke walkthrough's barely pretrained base and world, 2 epochs; the numbers mean nothing
     short_epochs: int = 5  # the short budget (see SHORT_BUDGET); 0: the full budget only
     short_warmup_epochs: float = 2.0  # its linear warmup, as the paper's
-    jobs: int = 2  # train.py processes at a time, each on one CPU thread
+    jobs: int = 1  # train.py processes at a time, sharing the walkthrough's CPU threads (world.THREADS) between them
     seeds: int = 1  # above 1: instead of the table, the gate variants at the full budget over train.py --seed 0 .. seeds-1
 
 
@@ -217,7 +218,7 @@ def run_one(job):
     command = [sys.executable, "train.py", f"--ckpt_dir={found['ckpt_dir']}", f"--data_path={found['data_path']}",
                f"--out_dir={run_dir}", *(f"--{k}={v}" for k, v in s.items())]
     start = time.time()
-    torch.set_num_threads(1)
+    torch.set_num_threads(job["threads"])
     base, tokenizer = checkpoint.load_llama(found["ckpt_dir"], device="cpu", max_seq_len=s["max_seq_len"],
                                             adapter_layer=0)
 
@@ -226,7 +227,8 @@ def run_one(job):
             log.write(" ".join(command + list(extra)) + "\n")
             log.flush()
             code = subprocess.run(command + list(extra), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}).returncode
+                                  env={**os.environ, "OMP_NUM_THREADS": str(job["threads"]),
+                                       "MKL_NUM_THREADS": str(job["threads"])}).returncode
         if code != 0:
             tail = (run_dir / "train.log").read_text().splitlines()[-5:]
             return f"train.py exited with status {code}; {run_dir / 'train.log'} ends:\n  " + "\n  ".join(tail)
@@ -455,9 +457,7 @@ def main():
     walk = Path(s["walkthrough_dir"] or walk_settings["out_dir"]).resolve()
     out = Path(s["out_dir"] or walk / "ablations").resolve()
     walk_settings = {k: v for k, v in walk_settings.items() if k != "out_dir"}
-    # The world and base, built once (then reused) on one thread like every run: OpenMP's threads stall badly when
-    # another job takes a core (the smoke base: 13 s on one thread, 104 s on two, on a busy 2-core machine).
-    torch.set_num_threads(1)
+    # The world and base, built once (then reused): build() pretrains on the walkthrough's THREADS, as train.py does
     found = {k: str(Path(v).resolve()) for k, v in wt.build(walk, s["quick"]).items()}
     t_ready = time.time()
     # The base's own pretraining documents, for the retention probes: its world drawn again as prepare() drew it
@@ -486,19 +486,20 @@ def main():
         configs, budgets = [c for c in configs if c[1] == "gate"], {"full": budgets["full"]}
         seed_list = range(s["seeds"])
     probe_steps = QUICK_PROBE_STEPS if s["quick"] else PROBE_STEPS
-    jobs = [dict(name=name, budget=budget, seed=seed, found=found, docs=docs,
+    threads = max(1, wt.THREADS // s["jobs"])  # one job at a time: python train.py's threads, so its very numbers
+    jobs = [dict(name=name, budget=budget, seed=seed, found=found, docs=docs, threads=threads,
                  run_dir=str(out / name / budget if seed == 0 else out / "seeds" / f"seed{seed}" / name),
                  probe_steps=probe_steps if group == "gate" and budget == "full" else [],
                  train_settings={**walk_settings, **budgets[budget], **change, "device": "cpu", "seed": seed})
             for seed in seed_list for budget in budgets for name, group, _, change in configs if change is not None]
     # The base alone: train.py in full mode (every weight, no adapter) for one step logs the base model's loss at
     # step 0 on the very batch the adapter runs start with; its exact match is the walkthrough's gates_closed one.
-    jobs.append(dict(name="base", budget="full", seed=0, run_dir=str(out / "base"), found=found, docs=docs,
+    jobs.append(dict(name="base", budget="full", seed=0, run_dir=str(out / "base"), found=found, docs=docs, threads=threads,
                      probe_steps=[], train_settings={**walk_settings, "mode": "full", "adapter_layer": 0,
                                                      "stop_after": 1, "device": "cpu"}))
     jobs.sort(key=lambda j: -j["train_settings"]["epochs"] * (j["train_settings"]["adapter_layer"] + 2))  # long first
 
-    print(f"ablations: {len(jobs)} train.py runs, {s['jobs']} at a time on one thread each, in {out}")
+    print(f"ablations: {len(jobs)} train.py runs, {s['jobs']} at a time on {threads} thread(s) each, in {out}")
     results = {}
     with ProcessPoolExecutor(s["jobs"], mp_context=get_context("spawn")) as pool:
         for done, future in enumerate(as_completed([pool.submit(run_one, job) for job in jobs]), 1):
