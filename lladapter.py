@@ -555,7 +555,7 @@ def generate(model, prompts, max_gen_len, temperature=0.1, top_p=0.75, eos_id=No
             done |= ~in_prompt[:, cur] & (torch.isin(next_token, stop_ids) | (cur + 1 >= ends))
             if cur + 1 == end or (cur - start) % 8 == 7 and done.all():  # a host sync every 8 tokens, not each
                 break
-            step = tokens[:, cur:cur + 1].contiguous()  # (bsz, 1), the same strides at every call
+            step = tokens[:, cur:cur + 1].clone(memory_format=torch.contiguous_format)  # (bsz, 1): strides (1, 1)
             logits = compiled_step(model)(step, position) if compile else model(step, cur)
             position += 1
     finally:

@@ -64,6 +64,9 @@ def test_compiled_decoding_reuses_its_cache_memory_and_compiles_once_per_batch_s
     assert counters["stats"]["unique_graphs"] == graphs, "and must not compile again"
     assert second == lladapter.generate(model, others, 10, temperature=0)  # the eager tokens
     assert lladapter.generate(model, prompts, 10, temperature=0, compile=True) == first  # stale entries never read
+    for prompt in ([1, 5, 9], [1, 2, 3, 4, 5, 6, 7]):  # batch 1, prompts of two lengths: one graph too
+        lladapter.generate(model, [prompt], 10, temperature=0, compile=True)
+    assert counters["stats"]["unique_graphs"] == graphs + 1, "a step's input must keep its strides"
     model.clear_cache()
     assert all(layer.attention.cache_k is None for layer in model.layers)
 

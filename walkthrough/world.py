@@ -170,7 +170,7 @@ def prepare(args):
             raise RuntimeError(f"process 0 could not build the walkthrough's base ({told[0]})")
     if failed:
         raise failed
-    if not args.device.startswith("cuda"):
+    if args.device == "cpu" or not args.device and not torch.cuda.is_available():
         torch.set_num_threads(THREADS)
 
 
