@@ -9,7 +9,7 @@ the end, and the results as JSON.
     python -m tools.gpu_check --quick              # the same code on this CPU at tiny shapes (CI): checks that it runs
 
 In the order they run (seconds of the budget; a check may also use what the ones before it left unused):
-  zero_gates         15  a model whose gates are all zero gives exactly the logits of the same weights with
+  zero_gates         20  a model whose gates are all zero gives exactly the logits of the same weights with
                          adapter_layer=0, in bf16: full forward and cached decoding (the paper's zero-init property)
   sdpa_math          15  the prompt branch (paper Eq. 7's gated part) with the default attention kernel against
                          torch's math kernel, bf16, with and without grouped-query attention: output and gradient
@@ -17,10 +17,10 @@ In the order they run (seconds of the budget; a check may also use what the ones
                          compilation and one graph recording per batch size, then a second call timed on the kept
                          cache (no capture in it), beside the memory-bandwidth bound
   generate_cli       35  generate.py as users run it, on a small random base written in Meta's layout: 9 prompts
-                         from a file, --max_batch_size=4 --compile, compilations and CUDA-graph recordings counted from
-                         TORCH_LOGS on its stderr (once each); then --max_batch_size=0 (fitted to free memory by
-                         lladapter.batch_that_fits) at --max_seq_len=2048 on the same grouped-query model, with all
-                         but 1 GiB of the card taken first: it must finish without running out of memory
+                         from a file, --max_batch_size=4 --compile: one compilation and one CUDA-graph recording,
+                         counted on its stderr (TORCH_LOGS=recompiles,cudagraphs,dynamo); then --max_batch_size=0,
+                         the batch lladapter.batch_that_fits fits to free memory, at --max_seq_len=2048 on the same
+                         grouped-query model with all but 1 GiB of the card taken first: no out of memory
   nccl               30  train.py under torchrun (NCCL), DDP and --fsdp in 1 process (and in 2 where there are 2
                          GPUs), against python train.py on the same steps: the adapter.pth files agree within
                          rtol 1e-3, atol 1e-4 (fp32 base; GPU kernels are not bit-exact) and the losses within 1e-4
@@ -28,11 +28,11 @@ In the order they run (seconds of the budget; a check may also use what the ones
                          picks on this card, and its compute capability
   small_card         15  the small-card recipe on a Llama-3-shaped model (4 query heads per kv head, 128,256-entry
                          vocabulary, 4 layers): an int8 base, activation checkpointing, the chunked loss (256); its
-                         peak memory reserved against the planner's prediction (tools/plan.py)
+                         peak memory reserved at most 1.10x the planner's prediction (tools/plan.py)
   adapter_step       25  LLaMA-7B's shapes, train.py's step at length 512, micro-batch 1, 2, 4, 8 (bench.py's code):
                          tokens/s, MFU, peak memory reserved, the planner's prediction, the attention kernels that ran
   decoding           15  lladapter.generate at batch 1 and 8, eager, beside the memory-bandwidth bound
-  walkthrough        45  python train.py --dtype=bf16: the walkthrough's targets, read from its walkthrough.json (its
+  walkthrough        40  python train.py --dtype=bf16: the walkthrough's targets, read from its walkthrough.json (its
                          base is pretrained on the CPU alongside the checks above, or copied from out/walkthrough)
   tests              30  the fast tier, python -m pytest -q test_lladapter.py, with LLADAPTER_TEST_DEVICE=cuda
 A check that would get under 5 s is reported as not run. --quick runs every check on the CPU at tiny shapes and skips
@@ -72,6 +72,8 @@ class Settings:
     budget_s: int = 330  # the whole run, process starts included; each check gets its share (see the list above)
     json: str = ""  # --json=FILE: the results as JSON, rewritten after every check
     only: str = ""  # comma-separated check names to run alone (e.g. --only=nccl,fp16); empty: all
+    gpu_peak_tflops: float = 0.0  # the card's dense 16-bit peak, for MFU; 0: looked up from its name (bench.GPU_SPECS)
+    gpu_bandwidth_tbs: float = 0.0  # the card's memory bandwidth in TB/s, for decoding's bound; 0: looked up
     quick: bool = False  # tiny shapes on the CPU: checks that every check runs (CI), measures nothing
     step: str = ""  # internal: run this one check in this process and write its rows as JSON to --rows_file
     rows_file: str = ""  # internal: where --step writes its rows
@@ -103,6 +105,12 @@ def size_text(nbytes):
     return bench.size_text(nbytes / 2**30)
 
 
+def against_bound(tokens_per_s, bound):
+    if math.isnan(bound):  # a CPU, or a card bench.GPU_SPECS does not know
+        return f"{tokens_per_s:,.1f} tok/s (no bandwidth bound known for this device: --gpu_bandwidth_tbs)"
+    return f"{tokens_per_s:,.1f} tok/s, {100 * tokens_per_s / bound:.0f}% of the bandwidth bound {bound:,.0f} tok/s"
+
+
 class Context:
     """What every check needs: the device, the shapes, the shared folder, and how much time is left. The card's
     name, peak and dtype are read on first use: checks that only start other processes never touch the GPU
@@ -125,7 +133,7 @@ class Context:
     @functools.cached_property
     def specs(self):
         name = bench.cpu_name() if self.quick else torch.cuda.get_device_name()
-        return bench.gpu_specs(name)  # (peak TFLOPS, bandwidth TB/s, note)
+        return bench.gpu_specs(name, gpu_peak_tflops, gpu_bandwidth_tbs)  # (peak TFLOPS, bandwidth TB/s, note)
 
     def left(self):
         return self.deadline - time.time()
@@ -142,8 +150,11 @@ class Run:
     once). wait() ends the whole group (torchrun's workers, the tests' train.py runs) when the deadline passes."""
 
     def __init__(self, cmd, env=None, output=None):
-        # --quick: one thread per process, as OpenMP's threads spin for cores a busy CI machine doesn't give them
-        env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if quick else {}), **(env or {})}
+        # --quick: one thread per process, as OpenMP's threads spin for cores a busy CI machine doesn't give them, and
+        # those that a script asks for anyway (the walkthrough's 2) sleep while they wait: on 2 busy cores the
+        # walkthrough's smoke run took 44 s with spinning threads, 7 s without (the same losses)
+        quiet = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"} if quick else {}
+        env = {**os.environ, **quiet, **(env or {})}
         self.output = output or tempfile.TemporaryFile("w+", errors="replace")
         self.process = subprocess.Popen(cmd, cwd=ROOT, stdout=self.output, stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
@@ -160,20 +171,24 @@ class Run:
         self.output.seek(0)
         return code, self.output.read()
 
-    def end(self):
-        # SIGTERM first: a check's process then ends the commands it started (see end_children)
-        for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+    def end(self, grace=5):
+        # SIGTERM first: a check's process then ends the commands it started (end_children); then whatever is left
+        if grace:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, sig)
+                os.killpg(self.process.pid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=grace)
-                break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
         RUNNING.discard(self)
 
 
 def end_children(*_):
+    # SIGTERM's handler: end every command this process started (each in a process group of its own, so not reached
+    # by the signal that ends this one), then this process
     for run in list(RUNNING):
-        run.end()
+        run.end(grace=0)
     sys.exit(1)
 
 
@@ -223,9 +238,10 @@ def prepare_work(work):
     max_seq_len, n, new = long_run()
     template = len(lladapter.encode_prompt(tokenizer, ""))
     lines = [letters(max_seq_len - new - template - 8 - i % 5, i) for i in range(n)]  # nearly max_seq_len long
-    longest = max(len(lladapter.encode_prompt(tokenizer, line)) for line in lines)
-    assert longest + new <= max_seq_len, f"a long prompt of {longest} tokens"
+    lengths = [len(lladapter.encode_prompt(tokenizer, line)) for line in lines]
+    assert max(lengths) + new <= max_seq_len, f"a long prompt of {max(lengths)} tokens"
     (work / "long_prompts.txt").write_text("".join(line + "\n" for line in lines))
+    (work / "long_prompts.json").write_text(jsonlib.dumps({"shortest": min(lengths), "longest": max(lengths)}))
 
 
 WALKTHROUGH_FILES = ("base/consolidated.00.pth", "base/params.json", "base/tokenizer.model", "alpaca_train.json",
@@ -253,9 +269,8 @@ def start_walkthrough_base(work):
         (work / "walk.source").write_text("copied from out/walkthrough")
     else:
         (work / "walk.source").write_text("pretrained on the CPU while the checks before it ran")
-    with open(work / "walk_build.log", "w") as output:
-        return Run([sys.executable, "-c", BUILD, str(work / "walk"), "smoke" if quick else "full",
-                    str(work / "walk.built")], output=output)
+    return Run([sys.executable, "-c", BUILD, str(work / "walk"), "smoke" if quick else "full",
+                str(work / "walk.built")], output=open(work / "walk_build.log", "w+"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -330,10 +345,12 @@ def prompt_branch_against_math(ctx):
 class GraphRecordings(logging.Handler):
     """Counts the CUDA graphs torch's cudagraph trees record (their "cudagraphs" log artifact: "Recording
     function=...", "Re-recording function=..." at DEBUG) and the reasons it skips them ("skipping cudagraphs due
-    to ...", WARNING), in this process."""
+    to ...", WARNING, all through cudagraph_utils.log_cudagraph_skip_and_bump_counter), in this process."""
     LOGGERS = ("torch._inductor.cudagraph_trees.__cudagraphs", "torch._inductor.cudagraph_utils.__cudagraphs")
 
     def __enter__(self):
+        import torch._inductor.cudagraph_trees  # noqa: F401  (their loggers, as torch sets them up)
+        import torch._inductor.cudagraph_utils  # noqa: F401
         self.recorded, self.rerecorded, self.skipped = 0, 0, []
         self.saved = []
         for name in self.LOGGERS:
@@ -352,14 +369,13 @@ class GraphRecordings(logging.Handler):
         text = record.getMessage()
         self.recorded += bool(re.search(r"\bRecording function=", text))
         self.rerecorded += "Re-recording function=" in text
-        if "skipping cudagraphs" in text:
+        if "skipping cudagraph" in text or record.levelno >= logging.WARNING and "cudagraph_utils" in record.name:
             self.skipped.append(text.splitlines()[0][:160])
 
 
 def decoding_compiled(ctx):
-    """generate(compile=True) at batch 1 and 8: a warm-up call (4 new tokens: it compiles, warms up, records the
-    graph), then the timed call of the same batch size on the cache the first one kept, which must compile and
-    record nothing."""
+    """generate(compile=True) at batch 1 and 8: a warm-up call (it compiles, warms up, records the graph), then the
+    same call again, timed, on the cache the first one kept: it must compile and record nothing."""
     from torch._dynamo.utils import counters
     args = ctx.args7b if not ctx.quick else replace(ctx.args7b, n_layers=2, adapter_layer=1)  # --quick: compiles faster
     model = bench.random_model(args, ctx.device, ctx.fast_dtype)
@@ -369,22 +385,27 @@ def decoding_compiled(ctx):
     with GraphRecordings() as graphs:
         for bsz in (1, 8):
             prompts = torch.randint(3, args.vocab_size, (bsz, n_prompt)).tolist()
-            before = counters["stats"]["unique_graphs"], graphs.recorded + graphs.rerecorded
-            lladapter.generate(model, prompts, 4, temperature=0, eos_id=-1, compile=True)
-            warm = counters["stats"]["unique_graphs"], graphs.recorded + graphs.rerecorded
-            seconds = bench.timed(lambda: lladapter.generate(model, prompts, n_new, temperature=0, eos_id=-1,
-                                                             compile=True))
-            after = counters["stats"]["unique_graphs"], graphs.recorded + graphs.rerecorded
-            compiled, recorded = warm[0] - before[0], warm[1] - before[1]
-            again = (after[0] - warm[0], after[1] - warm[1])  # in the timed call: must be (0, 0)
+            def count():  # graphs compiled, CUDA graphs recorded, re-recordings, so far in this process
+                return counters["stats"]["unique_graphs"], graphs.recorded, graphs.rerecorded
+
+            call = functools.partial(lladapter.generate, model, prompts, n_new, temperature=0, eos_id=-1, compile=True)
+            before = count()
+            call()
+            warm = count()
+            seconds = bench.timed(call)
+            after = count()
+            compiled, recorded, rerecorded = (w - b for w, b in zip(warm, before))
+            again = tuple(a - w for a, w in zip(after, warm))  # in the timed call: must be (0, 0, 0)
             bound = bench.decode_bound(model, bsz, args.max_seq_len, ctx.specs[1])  # it reads the whole static cache
             tps = bsz * n_new / seconds
             graph_text = "CUDA graphs: none on a CPU (torch.compile's default mode)" if ctx.quick else \
-                f"{recorded} CUDA graph(s) recorded" + (f", skipped: {graphs.skipped[0]}" if graphs.skipped else "")
-            text = (f"{tps:,.1f} tok/s, {100 * tps / bound:.0f}% of the bandwidth bound {bound:,.0f} tok/s "
-                    f"({n_new} new tokens after {n_prompt}, timed on the kept cache); compiled {compiled}x, "
-                    f"{graph_text}; the timed call compiled {again[0]}x, recorded {again[1]}x")
-            ok = compiled == 1 and again == (0, 0) and (ctx.quick or (recorded == 1 and not graphs.skipped))
+                f"{recorded} CUDA graph(s) recorded, {rerecorded} re-recorded" + \
+                (f", skipped: {graphs.skipped[0]}" if graphs.skipped else "")
+            text = (f"{against_bound(tps, bound)} ({n_new} new tokens after {n_prompt}, timed on the kept cache); "
+                    f"compiled {compiled}x, {graph_text}; the timed call compiled {again[0]}x, recorded "
+                    f"{again[1] + again[2]}x")
+            ok = compiled == 1 and again == (0, 0, 0) and \
+                (ctx.quick or (recorded == 1 and rerecorded == 0 and not graphs.skipped))
             log(f"decoding, batch {bsz}, compiled: {text}")
             rows.append(row(f"decoding, batch {bsz}, compiled", text, ok))
     return rows
@@ -409,7 +430,7 @@ def generate_cli(ctx):
         recompiles = output.count("Recompiling function")
         recorded = len(re.findall(r"\bRecording function=", output))
         rerecorded = output.count("Re-recording function=")
-        skipped = re.findall(r"skipping cudagraphs due to [^\n]{0,120}", output)
+        skipped = re.findall(r"skipping cudagraphs? due to [^\n]{0,120}", output)
         answers = len(out.read_text().splitlines()) if out.is_file() else 0
         label = "generate.py --compile, 9 prompts in batches of 4"
         if code != 0:
@@ -429,8 +450,8 @@ def generate_cli(ctx):
         out = Path(tmp) / "long.jsonl"
         args = [f"--prompts_file={ctx.work / 'long_prompts.txt'}", "--max_batch_size=0", f"--max_seq_len={max_seq_len}",
                 f"--max_gen_len={new}", f"--out={out}"]
-        cmd = [*base, *args] if ctx.quick else [sys.executable, "-c", WITH_LITTLE_FREE, str(FREE_GIB), *base[1:], *args]
-        code, output = Run(cmd).wait(ctx.deadline - 2)
+        code, output = Run([sys.executable, "-c", WITH_LITTLE_FREE, str(FREE_GIB), *base[1:], *args]).wait(
+            ctx.deadline - 2)
         answers = len(out.read_text().splitlines()) if out.is_file() else 0
         batches = [int(b) for b in re.findall(r"\[(\d+)/\d+ answered\]", output)]
         fitted = batches[0] if batches else n  # no progress lines: every prompt in one batch
@@ -442,20 +463,24 @@ def generate_cli(ctx):
             oom = "out of memory" in output.lower()
             rows.append(row(label, ("OUT OF MEMORY: " if oom else "") + failure(code, output), False))
         else:
-            rows.append(row(label, f"max_seq_len {max_seq_len}, {n} prompts of about {max_seq_len - new - 10} tokens: "
+            tokens = jsonlib.loads((ctx.work / "long_prompts.json").read_text())
+            rows.append(row(label, f"max_seq_len {max_seq_len}, {n} prompts of {tokens['shortest']}-"
+                            f"{tokens['longest']} tokens, {new} new each: "
                             f"fitted batch {fitted}{'' if fitted < min(n, 32) else ' (not limited by memory)'}; "
                             f"{memory_text}; {answers} answers", answers == n))
     return rows
 
 
-# generate.py in a process whose card has little free memory left, as on a card its weights nearly fill: a ballast
-# tensor takes all but argv[1] GiB first (torch.cuda.mem_get_info, which generate.py reads, then sees that much).
+# generate.py (argv[2:]) in a process whose card has little free memory left, as on a card its weights nearly fill:
+# a ballast tensor takes all but argv[1] GiB first, so that torch.cuda.mem_get_info, which generate.py reads, sees
+# that much. On a CPU (--quick, --device=cpu) generate.py runs as it is.
 WITH_LITTLE_FREE = """import atexit, runpy, sys, torch
-free, _ = torch.cuda.mem_get_info()
-ballast = torch.empty(max(0, int(free - float(sys.argv[1]) * 2**30)), dtype=torch.uint8, device="cuda")
-left = torch.cuda.mem_get_info()[0]
-atexit.register(lambda: print(f"gpu_check: peak {torch.cuda.max_memory_reserved() - ballast.numel()} reserved, "
-                              f"{left} free", file=sys.stderr))
+if torch.cuda.is_available() and "--device=cpu" not in sys.argv:
+    free, _ = torch.cuda.mem_get_info()
+    ballast = torch.empty(max(0, int(free - float(sys.argv[1]) * 2**30)), dtype=torch.uint8, device="cuda")
+    left = torch.cuda.mem_get_info()[0]
+    atexit.register(lambda: print(f"gpu_check: peak {torch.cuda.max_memory_reserved() - ballast.numel()} reserved, "
+                                  f"{left} free", file=sys.stderr))
 sys.argv = sys.argv[2:]
 runpy.run_path("generate.py", run_name="__main__")
 """
@@ -480,47 +505,47 @@ def adapter_of(path):
 
 def distributed(ctx):
     """train.py under torchrun, DDP and FSDP, against one plain process on the same steps, all running at once."""
-    gpus = 0 if ctx.quick else torch.cuda.device_count()  # NVML's count: no CUDA context in this process
+    gpus = 0 if ctx.quick else torch.cuda.device_count()  # the driver's count: no CUDA context in this process
     backend = "gloo on the CPU" if ctx.quick else "NCCL"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    runs = {("one", 1, ""): [sys.executable]}
-    for n in (1, 2) if gpus >= 2 else (1,):
-        for kind in ("DDP", "FSDP"):
-            runs[(kind, n, "--fsdp" if kind == "FSDP" else "")] = [*torchrun, f"--nproc_per_node={n}"]
+    launches = [(kind, n) for n in (1, 2) for kind in ("DDP", "FSDP")]
     rows = []
     with tempfile.TemporaryDirectory(dir=ctx.work) as tmp:
-        started = {key: Run([*cmd, *train_args(ctx, Path(tmp) / f"{key[0]}{key[1]}"), *([key[2]] if key[2] else []),
-                             "--dtype=fp32"]) for key, cmd in runs.items()}
-        done = {key: run.wait(ctx.deadline - 2) for key, run in started.items()}
-        one = Path(tmp) / "one1"
-        if done[("one", 1, "")][0] != 0:
-            reference = f"python train.py failed: {failure(*done[('one', 1, '')])}"
+        out = {name: Path(tmp) / name for name in ["one", *(f"{kind}{n}" for kind, n in launches)]}
+        commands = {"one": [sys.executable, *train_args(ctx, out["one"])]}
+        for kind, n in launches:
+            if n == 1 or gpus >= 2:
+                commands[f"{kind}{n}"] = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                          f"--nproc_per_node={n}", *train_args(ctx, out[f"{kind}{n}"]),
+                                          *(["--fsdp"] if kind == "FSDP" else [])]
+        started = {name: Run([*cmd, "--dtype=fp32"]) for name, cmd in commands.items()}
+        done = {name: run.wait(ctx.deadline - 2) for name, run in started.items()}
+        if done["one"][0] != 0:
+            reference = f"python train.py failed: {failure(*done['one'])}"
         else:
-            ref, ref_losses = adapter_of(one / "adapter.pth"), losses(one)
+            ref, ref_losses = adapter_of(out["one"] / "adapter.pth"), losses(out["one"])
             moved = max(v.abs().max().item() for k, v in ref.items() if k.endswith(".gate"))
             reference = "" if moved > 0 else "the adapter did not train (its gates are still zero)"
-        for n in (1, 2):
-            for kind in ("DDP", "FSDP"):
-                label = f"train.py, torchrun {n} process{'es' if n > 1 else ''}, {kind} = one process"
-                key = (kind, n, "--fsdp" if kind == "FSDP" else "")
-                if key not in done:
-                    why = "needs 2 GPUs" if ctx.quick else f"{gpus} GPU here, it needs 2"
-                    rows.append(row(label, f"not run: {why} (the slow tier runs gloo over 2 processes on a CPU)"))
-                    continue
-                code, output = done[key]
-                if code != 0 or reference:
-                    rows.append(row(label, failure(code, output) if code != 0 else reference, False))
-                    continue
-                got, got_losses = adapter_of(Path(tmp) / f"{kind}{n}" / "adapter.pth"), losses(Path(tmp) / f"{kind}{n}")
-                diff = max((got[k] - ref[k]).abs().max().item() for k in ref)
-                close = got.keys() == ref.keys() and all(
-                    torch.allclose(got[k], ref[k], rtol=ADAPTER_RTOL, atol=ADAPTER_ATOL) for k in ref)
-                loss_diff = max(abs(a - b) / abs(b) for a, b in zip(got_losses, ref_losses))
-                same_losses = len(got_losses) == len(ref_losses) == TRAIN_STEPS and loss_diff <= LOSS_RTOL
-                rows.append(row(label, f"{backend}, {TRAIN_STEPS} steps, fp32 base: adapter "
-                                f"{'identical' if diff == 0 else f'max abs difference {diff:.2g}'} (rtol "
-                                f"{ADAPTER_RTOL:g}, atol {ADAPTER_ATOL:g}; gates moved up to {moved:.3g}), losses "
-                                f"within {loss_diff:.2g} relative", close and same_losses))
+        for kind, n in launches:
+            label = f"train.py, torchrun {n} process{'es' if n > 1 else ''}, {kind} = one process"
+            name = f"{kind}{n}"
+            if name not in done:
+                why = "needs 2 GPUs" if ctx.quick else f"{gpus} GPU here, it needs 2"
+                rows.append(row(label, f"skipped: {why} (the slow tier runs gloo over 2 processes on a CPU)"))
+                continue
+            code, output = done[name]
+            if code != 0 or reference:
+                rows.append(row(label, failure(code, output) if code != 0 else reference, False))
+                continue
+            got, got_losses = adapter_of(out[name] / "adapter.pth"), losses(out[name])
+            diff = max((got[k] - ref[k]).abs().max().item() for k in ref)
+            close = got.keys() == ref.keys() and all(
+                torch.allclose(got[k], ref[k], rtol=ADAPTER_RTOL, atol=ADAPTER_ATOL) for k in ref)
+            loss_diff = max(abs(a - b) / abs(b) for a, b in zip(got_losses, ref_losses))
+            same_losses = len(got_losses) == len(ref_losses) == TRAIN_STEPS and loss_diff <= LOSS_RTOL
+            rows.append(row(label, f"{backend}, {TRAIN_STEPS} steps, fp32 base: adapter "
+                            f"{'identical' if diff == 0 else f'max abs difference {diff:.2g}'} (rtol {ADAPTER_RTOL:g}, "
+                            f"atol {ADAPTER_ATOL:g}; gates moved up to {moved:.3g}), losses within {loss_diff:.2g} "
+                            f"relative (at most {LOSS_RTOL:g})", close and same_losses))
     return rows
 
 
@@ -540,13 +565,15 @@ def fp16(ctx):
                         f"{skipped} skipped on overflow, loss scale now {records[-1].get('loss_scale', 0):g}",
                         finite and len(records) == TRAIN_STEPS and skipped < len(records))]
     # Only now this process touches the GPU (train.py ran with the card to itself)
-    auto = cli.dtype_name(ctx.fast_dtype)
-    if ctx.quick:
-        text = f"{auto} on a CPU"
-    else:
-        capability = ".".join(map(str, torch.cuda.get_device_capability()))
-        text = f"{auto} on this card (compute capability {capability}: bf16 from 8.0, fp16 with loss scaling below)"
-    return rows + [row("--dtype=auto on this device", text)]
+    label = "--dtype=auto on this device"
+    try:
+        auto = cli.dtype_name(ctx.fast_dtype)
+        capability = None if ctx.quick else ".".join(map(str, torch.cuda.get_device_capability()))
+    except Exception as e:  # the row above stands
+        return rows + [row(label, f"error: {type(e).__name__}: {e}"[:200], False)]
+    text = f"{auto} on a CPU" if ctx.quick else \
+        f"{auto} on this card (compute capability {capability}: bf16 from 8.0, fp16 with loss scaling below)"
+    return rows + [row(label, text)]
 
 
 def small_card(ctx):
@@ -556,7 +583,8 @@ def small_card(ctx):
     shape = dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=1) if ctx.quick else \
         dict(dim=2048, n_layers=4, n_heads=16, n_kv_heads=4)  # head_dim 64 and 128, as Llama 3's
     micro_batch, length = (1, 64) if ctx.quick else (4, 512)
-    args = replace(plan.llama_args("Llama-3.1-8B", length), **shape, adapter_layer=shape["n_layers"])
+    args = replace(plan.llama_args("Llama-3.1-8B", length), **shape, rope_theta=500000.0,
+                   adapter_layer=shape["n_layers"])
     options = dict(quantize="int8", checkpointing=True, chunk=256)
     dtype = ctx.fast_dtype
     trainer = bench.Trainer(args, "adapter", ctx.device, dtype, **options)
@@ -582,7 +610,8 @@ def small_card(ctx):
     else:
         reserved, allocated = torch.cuda.max_memory_reserved(), torch.cuda.max_memory_allocated()
         rows.append(row(label, f"{size_text(reserved)} reserved ({size_text(allocated)} allocated), planner "
-                        f"{size_text(predicted)}: {reserved / predicted:.2f}x (at most 1.10x)", reserved <= 1.1 * predicted))
+                        f"{size_text(predicted)}: {reserved / predicted:.2f}x (at most 1.10x)",
+                        reserved <= 1.1 * predicted))
     return rows
 
 
@@ -598,7 +627,8 @@ def adapter_step(ctx):
             rows.append(row(label, "out of memory", False))
             continue
         memory = f"{r['reserved_gib']:.1f} GiB reserved" if "reserved_gib" in r else "memory not measured on a CPU"
-        rows.append(row(label, f"x {r['length']}: {r['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}%, {memory} "
+        mfu = "" if math.isnan(r["mfu"]) else f", MFU {100 * r['mfu']:.1f}%"
+        rows.append(row(label, f"x {r['length']}: {r['tokens_per_s']:,.0f} tok/s{mfu}, {memory} "
                         f"(planner {bench.size_text(r['predicted_gib'])})"))
     first, measured = step["micro_batches"][0], [r for r in step["micro_batches"] if "tokens_per_s" in r]
     best = max(measured, key=lambda r: r["tokens_per_s"]) if measured else None
@@ -607,9 +637,14 @@ def adapter_step(ctx):
                     f"{first['reserved_gib']:.1f} GiB reserved + {plan.CONTEXT_GIB} GiB context <= 24 GiB"
                     if "reserved_gib" in first else "not judged on a CPU",
                     first.get("reserved_gib", 99) + plan.CONTEXT_GIB <= 24 if judged else None))
-    rows.append(row("7B-shaped adapter step MFU >= 45% (best micro-batch)",
-                    f"{100 * best['mfu']:.1f}% at micro-batch {best['micro_batch']} (peak {peak} TFLOPS"
-                    f"{'; ' + note if note else ''})" if best else "nothing measured",
+    if ctx.quick:
+        mfu = "not judged on a CPU"
+    elif best is None:
+        mfu = "nothing measured"
+    else:
+        mfu = (f"{100 * best['mfu']:.1f}% at micro-batch {best['micro_batch']} (peak {peak} TFLOPS"
+               f"{'; ' + note if note else ''})")
+    rows.append(row("7B-shaped adapter step MFU >= 45% (best micro-batch)", mfu,
                     best is not None and best["mfu"] >= 0.45 if judged else None))
     rows.append(row("attention kernels in the adapter step", "; ".join(f"{k}: {v}" for k, v in step["sdpa"].items())))
     return rows
@@ -620,9 +655,8 @@ def decoding_eager(ctx):
     bench.open_gates(model)
     found = bench.decoding(model, ctx.device, [1, 8], [False], 16 if ctx.quick else 64, 8 if ctx.quick else 32,
                            ctx.specs[1], log=log)
-    return [row(f"decoding, batch {r['batch']}, eager", f"{r['tokens_per_s']:,.1f} tok/s, "
-                f"{100 * r['tokens_per_s'] / r['bound_tokens_per_s']:.0f}% of the bandwidth bound "
-                f"{r['bound_tokens_per_s']:,.0f} tok/s") for r in found]
+    return [row(f"decoding, batch {r['batch']}, eager", against_bound(r["tokens_per_s"], r["bound_tokens_per_s"]))
+            for r in found]
 
 
 def walkthrough(ctx):
@@ -644,8 +678,8 @@ def walkthrough(ctx):
         return [row(label, failure(code, output), False)]
     result = jsonlib.loads((out / "walkthrough.json").read_text())
     text = (f"held-out exact match: base alone {100 * result['base_exact_match']:.1f}%, base + adapter "
-            f"{100 * result['adapter_exact_match']:.1f}%; trainable {result['trainable']:,} of {result['parameters']:,}; "
-            f"{time.time() - start:.0f} s, its base {(ctx.work / 'walk.source').read_text()}")
+            f"{100 * result['adapter_exact_match']:.1f}%; trainable {result['trainable']:,} of "
+            f"{result['parameters']:,}; {time.time() - start:.0f} s, its base {(ctx.work / 'walk.source').read_text()}")
     if ctx.quick:
         return [row(label, f"smoke run, targets not judged: {text}")]
     return [row(label, text + "; targets " + ", ".join(f"{k} {'met' if v else 'MISSED'}"
@@ -684,7 +718,7 @@ class Check:
 # In the order they run: the quick correctness checks, compiled decoding while the budget is fresh, the command
 # lines users type, the measurements, then the slowest two.
 CHECKS = [
-    Check("zero_gates", "zero gates = base model", 15, zero_gates),
+    Check("zero_gates", "zero gates = base model", 20, zero_gates),  # with the first CUDA start-up
     Check("sdpa_math", "prompt branch vs math SDPA", 15, prompt_branch_against_math),
     Check("compiled_decoding", "decoding, compiled", 90, decoding_compiled),
     Check("generate_cli", "generate.py as users run it", 35, generate_cli),
@@ -693,7 +727,7 @@ CHECKS = [
     Check("small_card", "small-card recipe", 15, small_card),
     Check("adapter_step", "7B-shaped adapter step", 25, adapter_step),
     Check("decoding", "decoding, eager", 15, decoding_eager),
-    Check("walkthrough", "walkthrough in bf16", 45, walkthrough),
+    Check("walkthrough", "walkthrough in bf16", 40, walkthrough),
     Check("tests", "fast tier", 30, tests),
 ]
 BY_NAME = {c.name: c for c in CHECKS}
@@ -708,7 +742,8 @@ def run_check(check, limit):
     with tempfile.TemporaryDirectory() as tmp:
         rows_path = Path(tmp) / "rows.json"
         cmd = [sys.executable, "-m", "tools.gpu_check", f"--step={check.name}", f"--deadline={time.time() + limit}",
-               f"--work={work}", f"--rows_file={rows_path}"]
+               f"--work={work}", f"--rows_file={rows_path}", f"--gpu_peak_tflops={gpu_peak_tflops}",
+               f"--gpu_bandwidth_tbs={gpu_bandwidth_tbs}"]
         code, output = Run(cmd).wait(time.time() + limit + 10)  # its own deadline first, then 10 s to end
         if rows_path.is_file():
             found = jsonlib.loads(rows_path.read_text())
@@ -758,7 +793,9 @@ def main(argv):
         cli.require(step in BY_NAME, f"--step={step}: no such check")
         signal.signal(signal.SIGTERM, end_children)  # told to stop: the commands this check started stop too
         rows = run_step(BY_NAME[step], Context(quick, deadline, work))
-        Path(rows_file).write_text(jsonlib.dumps({"rows": rows, "device": None if quick else device_info()}))
+        # the card, where this check used it (one that only ran commands gets the header's)
+        info = device_info() if not quick and torch.cuda.is_initialized() else None
+        Path(rows_file).write_text(jsonlib.dumps({"rows": rows, "device": info}))
         return 0
     selected = [c for c in CHECKS if not only or c.name in only.split(",")]
     unknown = set(only.split(",")) - set(BY_NAME) if only else set()
@@ -780,11 +817,9 @@ def main(argv):
 def run_all(selected, shared):
     start = time.time()
     results = {**header(), "quick": quick, "budget_s": budget_s, "checks": {}}
-    print(f"gpu_check: {results['device'] or 'CUDA ' + str(results['cuda'])} | torch {results['torch']} | CUDA "
-          f"{results['cuda']}" + (f" | {results['gpus']} GPU(s), the card named by the first check" if not quick else "")
-          + f" | budget {budget_s} s", flush=True)
-    if any(c.name not in ("zero_gates", "sdpa_math", "compiled_decoding", "adapter_step", "decoding")
-           for c in selected):
+    where = results["device"] or f"{results['gpus']} CUDA device(s), the card named by the first check"
+    print(f"gpu_check: {where} | torch {results['torch']} | CUDA {results['cuda']} | budget {budget_s} s", flush=True)
+    if any(c.name in ("generate_cli", "nccl", "fp16") for c in selected):  # the checks that run the scripts
         prepare_work(shared)
     if any(c.name == "walkthrough" for c in selected):
         start_walkthrough_base(shared)
@@ -817,7 +852,8 @@ def run_all(selected, shared):
         write_json(results)
     rows = [r for c in results["checks"].values() for r in c["rows"]]
     width = max(len(r["check"]) for r in rows)
-    print(f"\n{results['device']} | torch {results['torch']} | CUDA {results['cuda']}"
+    print(f"\n{results['device'] or 'the card: not named (no check reached it)'} | torch {results['torch']} | "
+          f"CUDA {results['cuda']}"
           + (f" | cuDNN {results.get('cudnn')}" if not quick else ""))
     print(f"{'check':{width}}  {'ok':6}  result")
     for r in rows:
