@@ -218,8 +218,8 @@ jobs = compared(jobs)
 encoded = encode(jobs)  # every prompt checked before any is answered
 # The cache: as long as the longest prompt and its answer need (one length for every batch: a compiled step compiles
 # once), within max_seq_len. --max_batch_size=0: on a GPU as many as 90% of its free memory holds (batch_that_fits).
-# (--interactive: the cache each line needs, or max_seq_len when compiled, for lines of a few prompts at most.)
-cache_len = min(model.args.max_seq_len, max(map(len, encoded[0])) + args.max_gen_len) if jobs else None
+# (--interactive: the cache each line needs; compiled, a static one of up to 4,096 tokens, for a line and its answer.)
+cache_len = min(model.args.max_seq_len, max(map(len, encoded[0])) + args.max_gen_len if jobs else 4096)
 free = torch.cuda.mem_get_info(model_device)[0] if model_device.type == "cuda" and jobs else float("inf")
 max_batch_size = args.max_batch_size or lladapter.batch_that_fits(model, cache_len or 1, 0.9 * free)
 cli.require(max_batch_size > 0, f"the GPU's free memory holds no sequence of {cache_len} tokens with its KV cache: "
@@ -231,10 +231,14 @@ if args.interactive:
         if not line.strip():
             break
         asked = compared([(line.strip(), args.input, image, only, None)])
+        asked_encoded = encode(asked)
+        if args.compile and len(asked_encoded[0][0]) + args.max_gen_len > cache_len:
+            print(f"(that line and its answer would pass the compiled cache's {cache_len} tokens)", file=sys.stderr)
+            continue
         print("### Response: ", end="", flush=True)
-        texts = answer(asked, encode(asked), stream=len(asked) == 1)[0]
+        texts = answer(asked, asked_encoded, stream=len(asked) == 1)[0]
         if len(asked) > 1:  # --compare: the base's and each adapter's, once they are all there
-            print("\n" + "\n".join(f"    {job[3]}: {text}" for job, text in zip(asked, texts)))
+            print("\n" + "\n".join(f"    {job[3]}: {text!r}" for job, text in zip(asked, texts)))
 if not jobs:
     sys.exit(0)
 

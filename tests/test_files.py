@@ -327,3 +327,19 @@ def test_shard_index_without_a_map_of_file_names_is_refused_in_one_line(tmp_path
     for text in ['[]', '{"metadata": {}}', '{"weight_map": {"lm_head.weight": 2}}']:
         index.write_text(text)
         one_line_error(lambda: checkpoint.load_llama(tmp_path, adapter_layer=0), index, "no 'weight_map'")
+
+
+def test_a_base_read_from_hugging_face_saves_in_metas_layout_with_its_stated_swiglu_width_and_reloads(tmp_path,
+                                                                                                      spm_tokenizer):
+    # Hugging Face states the SwiGLU width (intermediate_size); 176 is no rounding of Meta's rule for dim 64, so it
+    # travels in params.json as hidden_dim: train.py --mode=full saves the model it trained in Meta's layout so
+    model = tiny_model(seed=3, hidden_dim=176)
+    write_hf_checkpoint(model, tmp_path / "hf", spm_tokenizer)
+    loaded, tokenizer = checkpoint.load_llama(tmp_path / "hf", device="cpu", adapter_layer=0, max_seq_len=64)
+    assert loaded.args.hidden_dim == 176 and loaded.layers[0].feed_forward.w1.weight.shape == (176, 64)
+    checkpoint.save_meta_checkpoint(loaded, tmp_path / "meta", tokenizer)
+    assert json.loads((tmp_path / "meta" / "params.json").read_text())["hidden_dim"] == 176
+    again, _ = checkpoint.load_llama(tmp_path / "meta", device="cpu", adapter_layer=0, max_seq_len=64)
+    x = tokens()
+    with torch.no_grad():
+        assert torch.equal(again(x), loaded(x))

@@ -2,7 +2,10 @@
 --compare), adapters trained with PEFT, answers for AlpacaEval, and prompts as long as the model's context."""
 import ast
 import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ import lladapter
 import tokenizer as tokenizers
 from cli import InputError
 from tests.conftest import run_generate
-from tests.fixtures import (LLAMA3_VOCAB, base_copy, llama3_model, safetensors_layout, tiny_model, tokens,
+from tests.fixtures import (ROOT, LLAMA3_VOCAB, base_copy, llama3_model, safetensors_layout, tiny_model, tokens,
                             write_hf_checkpoint, write_raw_safetensors)
 from test_lladapter import three_adapters
 
@@ -146,3 +149,19 @@ def test_a_701_token_prompt_generates_on_a_llama3_shaped_model_with_the_defaults
     assert code == 0, stderr
     code, _, stderr = run_generate(task, f"--ckpt_dir={tmp_path / 'llama3'}", f"--prompt={prompt}", "--max_seq_len=512")
     assert code == 1 and "over max_seq_len=512: raise --max_seq_len" in stderr
+
+
+def test_interactive_answers_each_line_as_a_prompt_does_and_compares_line_by_line(task, two_adapters):
+    adapter, greedy = f"--adapter={two_adapters / 'owls.pth'}", ["--temperature=0", "--max_gen_len=8"]
+    expected = [run_generate(task, *greedy, f"--prompt={p}", adapter)[1].strip() for p in PROMPTS[:2]]
+    result = subprocess.run([sys.executable, "generate.py", f"--ckpt_dir={task / 'ckpt'}", "--device=cpu", "--dtype=fp32",
+                             adapter, *greedy, "--interactive"], input="\n".join(PROMPTS[:2]) + "\n\n", cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert answers_of(result.stdout) == expected  # streamed as it grows, line by line
+    result = subprocess.run([sys.executable, "generate.py", f"--ckpt_dir={task / 'ckpt'}", "--device=cpu", "--dtype=fp32",
+                             adapter, *greedy, "--interactive", "--compare"], input=PROMPTS[0] + "\n", cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [line.strip().split(": ", 1) for line in result.stdout.splitlines() if line.startswith("    ")]
+    assert result.returncode == 0 and [name for name, _ in lines] == ["base", "owls"]
+    assert ast.literal_eval(lines[1][1]) == expected[0]
