@@ -10,17 +10,24 @@ import lladapter
 
 from tests.fixtures import VOCAB, tokens
 
+
+def saved_llama(transformers, folder, tokenizer, n_layers):
+    """A tiny Llama with grouped-query attention, made and saved by transformers (seeded), our tokenizer beside it."""
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=n_layers,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    shutil.copy(tokenizer, folder / "tokenizer.model")
+    return model
+
+
 def test_a_llama_saved_by_transformers_loads_to_its_logits_and_greedy_tokens(tmp_path, spm_tokenizer):
     # The other tests write Hugging Face's layout themselves; this one takes it from the library that defines it.
     # transformers is not a dependency: `pip install transformers` to run it.
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    reference = transformers.LlamaForCausalLM(config).eval()
-    reference.save_pretrained(tmp_path, safe_serialization=True)
-    shutil.copy(spm_tokenizer, tmp_path / "tokenizer.model")
+    reference = saved_llama(transformers, tmp_path, spm_tokenizer, n_layers=2)
     model, _ = checkpoint.load_llama(tmp_path, device="cpu", adapter_layer=0, max_seq_len=64)
     x = tokens().cpu()
     with torch.no_grad():
@@ -36,13 +43,7 @@ def test_an_adapter_trained_with_peft_loads_to_the_logits_peft_computes(tmp_path
     # `pip install transformers peft` to run this.
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(config).eval()
-    base.save_pretrained(tmp_path / "base", safe_serialization=True)
-    shutil.copy(spm_tokenizer, tmp_path / "base" / "tokenizer.model")
+    base = saved_llama(transformers, tmp_path / "base", spm_tokenizer, n_layers=3)
     adapted = peft.get_peft_model(base, peft.AdaptionPromptConfig(adapter_len=5, adapter_layers=2,
                                                                  task_type="CAUSAL_LM")).eval()
     with torch.no_grad():
