@@ -172,12 +172,13 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and not start_pos,
                                              enable_gqa=gqa)
 
-        if prompt is not None or start_pos is not None and self.prompt_kv is not None:
+        if prompt is not None or (start_pos is not None and self.prompt_kv is not None):
             # --- LLaMA-Adapter, paper Eq. 7: zero-initialized attention ---
             # Scores over [prompt; words] are softmaxed in two separate parts, so the prompt never takes
             # probability mass from the words; the prompt part is scaled by tanh(gate), per head:
             #   out = softmax(q k^T / sqrt(d)) v + tanh(gate) * softmax(q pk^T / sqrt(d)) pv
-            # Every position sees all K prompts (no mask). The prompt keys are not rotated: they have no position.
+            # Every position sees all K prompts (`seen` only hides the padding of a bank's shorter adapters). The
+            # prompt keys are not rotated: they have no position.
             if prompt is not None:  # training: rebuilt every time, so the prompt keeps receiving gradients
                 pk, pv, gate, seen = *self.prompt_keys_values(prompt, x.dtype, bsz), self.gate, None
             else:  # generation: projected once per call, or each row's adapter's (AdapterBank; seen: its K keys)
