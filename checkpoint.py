@@ -11,7 +11,7 @@ Weights and adapters, read and written without running code from any file.
   quantized as its rows are read, so the full-precision model never exists in memory.
 - Adapter files: the adapter's fp32 tensors plus "adapter_config" (plain ints: K, L, the image width and the
   base's shape), so `--adapter=` needs no other flag. Files without it (the original export's layout) load too:
-  L and K are read off the tensors.
+  L and K are read off the tensors; and so does a PEFT adaption_prompt folder (read_peft_adapter).
 
 Every problem a user can cause is an InputError naming the file, and the tensor where there is one.
 """
