@@ -128,7 +128,7 @@ def prefix_attention(attention, x, start_pos, rope, mask=None, prompt=None):
     if prompt is not None:  # training: rebuilt every forward, so the prompts keep receiving gradients
         pk, pv = attention.prompt_keys_values(prompt, x.dtype, bsz)
     else:  # generation: projected once per call, as in Attention.forward
-        pk, pv, _ = attention.prompt_kv
+        pk, pv = attention.prompt_kv[:2]
     keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)  # (bsz, n_kv_heads, K + words, head_dim)
     if mask is None:  # causal over the words (the keys are the queries' own), or one query that sees every word
         mask = torch.ones(seqlen, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - seqlen)
