@@ -741,6 +741,7 @@ def test_the_banks_prompt_keys_values_and_gates_are_those_the_model_computes():
             pk, pv = model.layers[i].attention.prompt_keys_values(prompt, torch.float32, 1)
             K = model.args.adapter_len
             assert torch.equal(keys[n, :, :K], pk[0]) and torch.equal(values[n, :, :K], pv[0])
-            assert torch.equal(gates[n], model.layers[i].attention.gate[0]) and seen[n, ..., :K].all()
+            assert torch.equal(gates[n], model.layers[i].attention.gate[0].expand_as(gates[n]))  # one per head
+            assert seen[n, ..., :K].all()
             assert not seen[n, ..., K:].any()
     assert bank.nbytes == 4 * 4 * 2 * base.args.n_heads * 5 * (base.args.dim // base.args.n_heads) * 4
