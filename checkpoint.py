@@ -258,7 +258,8 @@ def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dt
         if not isinstance(value, (int, float, type(None))):
             raise InputError(f"{source}: {key} is {value!r}, not a number")
     if adapter_path is not None:
-        model_args = {**model_args, **adapter_args(adapter_path, params, model_args)}
+        adapter = read_adapter(adapter_path, params)  # read once: what it is, then its tensors
+        model_args = {**model_args, **adapter_args(adapter_path, params, model_args, adapter)}
     try:
         args = ModelArgs(**{**params, **model_args})
         if args.vocab_size == -1:
@@ -301,7 +302,7 @@ def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dt
     if any(is_adapter_key(k) and k not in stored for k in expected):
         model.reset_adapter()
     if adapter_path is not None:
-        load_adapter(model, adapter_path)
+        load_adapter(model, adapter_path, adapter)
     return model, tokenizer
 
 
@@ -403,15 +404,16 @@ def read_peft_adapter(folder, params) -> dict:
     return state
 
 
-def adapter_args(path, params, given) -> dict:
+def adapter_args(path, params, given, state=None) -> dict:
     """adapter_len, adapter_layer and image_dim of the adapter file at `path`, for a base with `params`.
 
     From the file's adapter_config when it has one. Otherwise read off the tensors: the original export stores a
     gate for every layer, zero where it did not adapt, so the adapted layers are the top ones from the lowest
     nonzero gate up; our older files store only the adapted layers' gates. K = rows of adapter_query / L.
-    `given` (the user's flags) settles what the file leaves open, and must not contradict what it says.
+    `given` (the user's flags) settles what the file leaves open, and must not contradict what it says. state: the
+    file's contents, where read_adapter has read them already.
     """
-    state = read_adapter(path, params)
+    state = read_adapter(path, params) if state is None else state
     n_layers = params["n_layers"]
     config = state.get(ADAPTER_CONFIG)
     if config is not None:
@@ -454,23 +456,24 @@ def check_base(path, config, params):
                          f"has {fields_text({k: params[k] for k in BASE_FIELDS})}")
 
 
-def load_adapter(model, path):
-    """Copy an adapter's tensors into `model`, refusing any that don't fit it."""
-    state = adapter_state(path, model.args, adapter_tensors(model))
+def load_adapter(model, path, state=None):
+    """Copy an adapter's tensors into `model`, refusing any that don't fit it (state: as adapter_state's)."""
+    state = adapter_state(path, model.args, adapter_tensors(model), state)
     with torch.no_grad():
         for k, v in adapter_tensors(model).items():
             v.copy_(state[k])
 
 
-def adapter_state(path, args, expected=None) -> dict:
+def adapter_state(path, args, expected=None, state=None) -> dict:
     """The tensors of the adapter at `path` for a model of ModelArgs `args` (its adapter's tensors `expected`, or
-    those of a model built from args), refusing any that don't fit it: what an AdapterBank takes."""
+    those of a model built from args), refusing any that don't fit it: what an AdapterBank takes. state: the
+    file's contents, where read_adapter has read them already."""
     if expected is None:
         with torch.device("meta"):
             expected = adapter_tensors(Transformer(args))
     if not expected:
         raise InputError(f"{path}: this model has no adapter to load it into (adapter_layer=0)")
-    state = read_adapter(path, vars(args))
+    state = dict(read_adapter(path, vars(args)) if state is None else state)
     config = state.pop(ADAPTER_CONFIG, None)
     if config is not None:
         check_base(path, config, vars(args))

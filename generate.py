@@ -128,10 +128,11 @@ bank = None
 if banked:
     states = {}
     for name, path in adapters.items():
-        found = checkpoint.adapter_args(path, vars(model.args), given)
+        state = checkpoint.read_adapter(path, vars(model.args))  # read once: what it is, then its tensors
+        found = checkpoint.adapter_args(path, vars(model.args), given, state)
         cli.require(not found["image_dim"], f"{path}: an image adapter answers alone (its prompts depend on each "
                                             f"row's image): give it as the only --adapter, without --compare")
-        states[name] = checkpoint.adapter_state(path, replace(model.args, **found))
+        states[name] = checkpoint.adapter_state(path, replace(model.args, **found), state=state)
     bank = lladapter.AdapterBank(model, states)
     print(f"[{len(adapters)} adapter(s) on one base: their prompts' keys and values {bank.nbytes / 2**20:.2f} MiB, "
           f"{bank.nbytes / len(bank.names) / 2**20:.3f} MiB per adapter]", file=sys.stderr)
