@@ -166,12 +166,19 @@ def mib(value):
     return f"{value:,.0f} MiB" if math.isfinite(value) else "not measured here"
 
 
-def finish():
-    # An orderly end for every process: all leave their last collective together, then the process group goes
-    # (a process that exits while a peer still talks to it can abort in the group's threads).
+def finish(code=0):
+    # An orderly end for every process: all leave their last collective together, the process group goes, and
+    # the process exits with `code`. Several processes leave with os._exit, past Python's own teardown: gloo's
+    # worker threads can still be letting go of the last collectives' tensors then, which needs the interpreter
+    # (torch 2.13) and aborts a process in mid-teardown ("terminate called without an active exception") after
+    # a run that succeeded. Every file is written by then, and the output is flushed here.
     if distributed and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 resident_at_start = peak_memory_mib() if device_type == "cpu" else 0.0
@@ -410,8 +417,7 @@ for step in range(start_step, last_step):
     if broken:
         say(f"error: {broken} at step {done}: stopping. The last good checkpoint is in {out} "
             f"(written every {args.save_interval} steps); try a lower --base_lr")
-        finish()  # every process saw the same loss and stops here
-        sys.exit(1)
+        finish(1)  # every process saw the same loss and stops here
 
     tokens_seen += sum(len(examples[j][0]) for j in batch)
     step_seconds.append(time.time() - t_step)

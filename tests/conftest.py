@@ -76,7 +76,7 @@ def parallel_runs(task, tmp_path_factory):
 
 
 SHARDED_FORWARD = """
-import sys, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
 import checkpoint
 dist.init_process_group("gloo")
@@ -86,6 +86,7 @@ with torch.no_grad():
 if dist.get_rank() == 0:
     torch.save(logits, {out!r})
 dist.destroy_process_group()
+os._exit(0)  # past Python's teardown, as train.py's finish() does (gloo's threads may still hold tensors)
 """
 
 
