@@ -105,7 +105,8 @@ def read_tokenizer_json(path, text) -> tuple:
     to_byte = {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
     try:
         ranks = {bytes(to_byte[c] for c in token): int(i) for token, i in model["vocab"].items()}
-        special = {t["content"]: int(t["id"]) for t in data.get("added_tokens", []) if t["id"] not in ranks.values()}
+        ids = set(ranks.values())  # a set: 256 added tokens against 128,000 ids, one lookup each
+        special = {t["content"]: int(t["id"]) for t in data.get("added_tokens", []) if t["id"] not in ids}
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(f"{path}: not a byte-level BPE tokenizer ({str(e)[:60]!r} is not in GPT-2's byte "
                          f"characters, or an added token is malformed)") from None
