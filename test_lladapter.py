@@ -141,9 +141,10 @@ def test_logits_at_selects_positions_of_the_full_forward():
     assert model(x, logits_at=mask).shape == (int(mask.sum()), VOCAB)
 
 
-def eq7_reference(attn, x, prompt, prompt_scale=None):
+def eq7_reference(attn, x, prompt, prompt_scale=None, causal=True, rotary=True):
     """Paper Eq. 7 as written: scores over [prompt; words], each part softmaxed alone, the prompt part scaled by
-    tanh(gate); rotary embeddings in Meta's complex form; kv heads repeated for grouped-query attention."""
+    tanh(gate); rotary embeddings in Meta's complex form; kv heads repeated for grouped-query attention. causal and
+    rotary off: the same equation in a bidirectional encoder whose positions are already in x (walkthrough/beyond)."""
     bsz, n, _ = x.shape
     H, Hkv, d, K = attn.n_heads, attn.n_kv_heads, attn.head_dim, prompt.shape[0]
     q = (x @ attn.wq.weight.T).view(bsz, n, H, d)
@@ -151,8 +152,9 @@ def eq7_reference(attn, x, prompt, prompt_scale=None):
     v = (x @ attn.wv.weight.T).view(bsz, n, Hkv, d)
     freqs = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=x.device).float() / d))
     rot = torch.polar(torch.ones(n, d // 2, device=x.device), torch.outer(torch.arange(n, device=x.device).float(), freqs))
-    q = torch.view_as_real(torch.view_as_complex(q.reshape(bsz, n, H, d // 2, 2)) * rot[:, None]).flatten(-2)
-    k = torch.view_as_real(torch.view_as_complex(k.reshape(bsz, n, Hkv, d // 2, 2)) * rot[:, None]).flatten(-2)
+    if rotary:
+        q = torch.view_as_real(torch.view_as_complex(q.reshape(bsz, n, H, d // 2, 2)) * rot[:, None]).flatten(-2)
+        k = torch.view_as_real(torch.view_as_complex(k.reshape(bsz, n, Hkv, d // 2, 2)) * rot[:, None]).flatten(-2)
     pk = (prompt @ attn.wk.weight.T).view(K, Hkv, d)  # no rotation: prompts have no position
     pv = (prompt @ attn.wv.weight.T).view(K, Hkv, d)
     keys = torch.cat([pk.expand(bsz, K, Hkv, d), k], dim=1).repeat_interleave(H // Hkv, dim=2)
@@ -160,8 +162,8 @@ def eq7_reference(attn, x, prompt, prompt_scale=None):
     scores = torch.einsum("bqhd,bkhd->bhqk", q, keys) / math.sqrt(d)  # (bsz, H, n, K + n)
     if prompt_scale is not None:  # to show that a wrong scale would be caught
         scores[..., :K] *= prompt_scale * math.sqrt(d)
-    causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-    word_scores = scores[..., K:].masked_fill(~causal, float("-inf"))
+    seen = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(0 if causal else n)  # (query, key)
+    word_scores = scores[..., K:].masked_fill(~seen, float("-inf"))
     gate = torch.tanh(attn.gate)  # one per head, broadcast over the batch and positions
     weights = torch.cat([gate * scores[..., :K].softmax(-1), word_scores.softmax(-1)], dim=-1)
     out = torch.einsum("bhqk,bkhd->bqhd", weights, values).reshape(bsz, n, H * d)
