@@ -24,14 +24,157 @@ import re
 import warnings
 import zipfile
 from collections import namedtuple
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cli import InputError
+from cli import InputError, device_of, read_json
 from lladapter import ModelArgs, Transformer, adapter_state_dict, adapter_tensors, is_adapter_key, rope_of, set_precision
 from tokenizer import Tokenizer, read_tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building the model from a checkpoint
+
+def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dtype=None, shard=None, quantize="",
+               **model_args):
+    """Build a Transformer from a base checkpoint in Meta's or Hugging Face's layout; returns (model, tokenizer).
+
+    The tokenizer is tokenizer.model or tokenizer.json in ckpt_dir, or tokenizer.model beside it (any kind that
+    read_tokenizer reads). model_args override the checkpoint's own (max_seq_len, by default the model's context;
+    adapter_len, adapter_layer, image_dim, rope_scaling_factor); with adapter_path, K, L and the image width come
+    from the adapter (this project's file, the original release's, or a PEFT adaption_prompt folder).
+    The base weights go to `dtype` (default bf16 on a GPU, fp32 on CPU), the adapter stays fp32; without adapter_path
+    the adapter is new. shard: a function applied to the model before any weight is read (FSDP's fully_shard, in
+    train.py --fsdp); a parameter it splits is read only for this process's rows.
+    quantize="int8": the block matrices and the output head int8 with a scale per row (quantize.py), quantized as
+    they are read, a block of rows at a time, so the full-precision model never exists in memory.
+    """
+    ckpt_dir, device = Path(ckpt_dir), device_of(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if quantize not in ("", "int8"):
+        raise InputError(f"quantize={quantize!r}: expected int8, or nothing")
+    if quantize and shard is not None:  # FSDP2 gathers a block's tensors as one buffer of a single dtype
+        raise InputError("--quantize=int8 with a sharded (--fsdp) base is not supported: use DDP, or one process")
+    source, read_checkpoint = layout_of(ckpt_dir)
+    if tokenizer_path is None:
+        candidates = [ckpt_dir / "tokenizer.model", ckpt_dir / "tokenizer.json", ckpt_dir.parent / "tokenizer.model"]
+        tokenizer_path = next((p for p in candidates if p.is_file()), candidates[0])
+    tokenizer = read_tokenizer(tokenizer_path, stop_ids_of(ckpt_dir))
+    params, stored = read_checkpoint(ckpt_dir)
+    unknown = params.keys() - ModelArgs.__dataclass_fields__.keys()
+    if unknown:
+        raise InputError(f"{source}: unknown fields {sorted(unknown)}")
+    for key, value in params.items():
+        if not isinstance(value, (int, float, type(None))):
+            raise InputError(f"{source}: {key} is {value!r}, not a number")
+    adapter = read_adapter(adapter_path, params, model_args) if adapter_path is not None else None
+    try:
+        args = ModelArgs(**{**params, **model_args, **(adapter.settings() if adapter else {})})
+        if args.vocab_size == -1:
+            args.vocab_size = tokenizer.n_words
+        with torch.device("meta"):  # shapes only: the values come from the checkpoint, no time spent on init
+            model = Transformer(args)
+    except (ValueError, TypeError) as e:  # heads that don't divide dim, a string where a number goes, ...
+        raise InputError(f"{source}: {e}") from None
+    check_weights(model, stored, ckpt_dir, source)
+    set_precision(model, dtype)  # the adapter (absent from a base file, present in a full fine-tune's) in fp32
+    if quantize:
+        import quantize as quantization  # the reference needs it only here
+        quantization.int8_linears(model)
+    if shard is not None:
+        shard(model)
+    model.to_empty(device=device)
+    if args.tie_word_embeddings and not quantize:  # to_empty gave each its own tensor: share the one matrix again
+        model.output.weight = model.tok_embeddings.weight
+    fill_weights(model, stored)
+    model.rope = rope_of(args, device)
+    if any(k not in stored for k in adapter_tensors(model)):
+        model.reset_adapter()
+    if adapter is not None:
+        load_adapter(model, adapter)
+    return model, tokenizer
+
+
+def layout_of(ckpt_dir):
+    """(the file that describes the checkpoint, the function that reads it) for Hugging Face's layout or Meta's."""
+    if not ckpt_dir.is_dir():
+        raise InputError(f"{ckpt_dir}: no such checkpoint directory")
+    if (ckpt_dir / "config.json").is_file():
+        return ckpt_dir / "config.json", hf_checkpoint
+    if (ckpt_dir / "params.json").is_file():
+        return ckpt_dir / "params.json", meta_checkpoint
+    raise InputError(f"{ckpt_dir}: neither Meta's layout (params.json, consolidated.00.pth) nor Hugging Face's "
+                     f"(config.json, *.safetensors)")
+
+
+def check_weights(model, stored, ckpt_dir, source):
+    """Refuse a checkpoint whose tensors are not exactly the model's (the adapter's may be absent), or of other
+    shapes, naming them: no weight is ever left at its initial value unnoticed."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    unexpected = sorted(stored.keys() - expected.keys())
+    missing = sorted(k for k in expected.keys() - stored.keys() if not is_adapter_key(k))
+    if unexpected or missing:
+        hint = " (an adapter file, not a base checkpoint?)" if stored and all(map(is_adapter_key, stored)) else ""
+        raise InputError(f"{ckpt_dir}: the weights don't match {source.name}{hint}: missing {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+    for key, tensor in stored.items():
+        if tensor.shape != expected[key]:
+            raise InputError(f"{tensor.where}: {key} has shape {list(tensor.shape)}, {source.name} implies "
+                             f"{list(expected[key])}")
+
+
+@torch.no_grad()
+def fill_weights(model, stored):
+    """The checkpoint's values into the model's (empty) tensors, one at a time and only the rows this process holds;
+    an int8 matrix quantized from its full-precision rows as they are read."""
+    for name, p in model.named_parameters():
+        if name in stored and p.is_floating_point():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            local.copy_(stored[name].read(local_rows(p, stored[name].shape[0])))
+    for name, module in model.named_modules():
+        if hasattr(module, "quantize_"):  # quantize.Int8Linear
+            module.quantize_(stored[f"{name}.weight"].read)
+
+
+def local_rows(param, n_rows) -> slice:
+    """The rows of the whole tensor that this process holds: all of them, or its shard when FSDP split the
+    parameter (torch.chunk's split along dim 0: ceil(n / world) rows per process, fewer for the last)."""
+    if not hasattr(param, "to_local"):
+        return slice(None)
+    mesh_rank, world = param.device_mesh.get_local_rank(), param.device_mesh.size()
+    start = min(n_rows, mesh_rank * math.ceil(n_rows / world))
+    return slice(start, start + param.to_local().shape[0])
+
+
+def fully_shard_base(model):
+    """Shard the frozen base over the processes with FSDP2, for load_llama(shard=...) (train.py --fsdp).
+
+    Each TransformerBlock is a unit whose weights are gathered only while it runs; the embeddings, final norm and
+    output head belong to the root. The adapter stays whole in every process, in fp32: FSDP ignores it, and
+    train.py sums its gradients over processes, as DDP would.
+    """
+    from torch.distributed.fsdp import fully_shard
+    adapter = set(adapter_tensors(model).values())
+    for layer in model.layers:
+        fully_shard(layer, ignored_params=adapter & set(layer.parameters()))
+    fully_shard(model, ignored_params=adapter)
+
+
+def stop_ids_of(ckpt_dir):
+    """The ids that end a generation, from generation_config.json (in ckpt_dir, or beside it as for Meta's files in
+    a Hugging Face download's original/): eos_token_id, an int or a list; None where no such file says."""
+    for path in (ckpt_dir / "generation_config.json", ckpt_dir.parent / "generation_config.json"):
+        if path.is_file():
+            config = read_json(path)
+            ids = config.get("eos_token_id") if isinstance(config, dict) else None
+            ids = [ids] if isinstance(ids, int) else ids
+            if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+                raise InputError(f"{path}: eos_token_id is {ids!r}, not an id or a list of ids")
+            return set(ids)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -214,141 +357,31 @@ def hf_checkpoint(ckpt_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Building the model from a checkpoint
-
-def load_llama(ckpt_dir, tokenizer_path=None, adapter_path=None, device=None, dtype=None, shard=None, quantize="",
-               **model_args):
-    """Build a Transformer from a base checkpoint in Meta's or Hugging Face's layout; returns (model, tokenizer).
-
-    The tokenizer is tokenizer.model or tokenizer.json in ckpt_dir, or tokenizer.model beside it (any kind that
-    read_tokenizer reads). model_args override the checkpoint's own (max_seq_len, by default the model's context;
-    adapter_len, adapter_layer, image_dim, rope_scaling_factor); with adapter_path, K, L and the image width come
-    from the adapter file (this project's, the original release's, or a PEFT adaption_prompt folder).
-    The base weights go to `dtype` (default bf16 on a GPU, fp32 on CPU), the adapter stays fp32; without adapter_path
-    the adapter is new. shard: a function applied to the model before any weight is read (FSDP's fully_shard, in
-    train.py --fsdp); a parameter it splits is read only for this process's rows.
-    quantize="int8": the block matrices and the output head int8 with a scale per row (quantize.py), quantized as
-    they are read, a block of rows at a time, so the full-precision model never exists in memory.
-    """
-    ckpt_dir = Path(ckpt_dir)
-    if quantize not in ("", "int8"):
-        raise InputError(f"quantize={quantize!r}: expected int8, or nothing")
-    if quantize and shard is not None:  # FSDP2 gathers a block's tensors as one buffer of a single dtype
-        raise InputError("--quantize=int8 with a sharded (--fsdp) base is not supported: use DDP, or one process")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if not ckpt_dir.is_dir():
-        raise InputError(f"{ckpt_dir}: no such checkpoint directory")
-    if (ckpt_dir / "config.json").is_file():
-        source, read_checkpoint = ckpt_dir / "config.json", hf_checkpoint
-    elif (ckpt_dir / "params.json").is_file():
-        source, read_checkpoint = ckpt_dir / "params.json", meta_checkpoint
-    else:
-        raise InputError(f"{ckpt_dir}: neither Meta's layout (params.json, consolidated.00.pth) nor Hugging Face's "
-                         f"(config.json, *.safetensors)")
-    if tokenizer_path is None:
-        candidates = [ckpt_dir / "tokenizer.model", ckpt_dir / "tokenizer.json", ckpt_dir.parent / "tokenizer.model"]
-        tokenizer_path = next((p for p in candidates if p.is_file()), candidates[0])
-    tokenizer = read_tokenizer(tokenizer_path, stop_ids_of(ckpt_dir))
-    params, stored = read_checkpoint(ckpt_dir)
-    unknown = params.keys() - {f for f in ModelArgs.__dataclass_fields__}
-    if unknown:
-        raise InputError(f"{source}: unknown fields {sorted(unknown)}")
-    for key, value in params.items():
-        if not isinstance(value, (int, float, type(None))):
-            raise InputError(f"{source}: {key} is {value!r}, not a number")
-    if adapter_path is not None:
-        adapter = read_adapter(adapter_path, params)  # read once: what it is, then its tensors
-        model_args = {**model_args, **adapter_args(adapter_path, params, model_args, adapter)}
-    try:
-        args = ModelArgs(**{**params, **model_args})
-        if args.vocab_size == -1:
-            args.vocab_size = tokenizer.n_words
-        with torch.device("meta"):  # shapes only: the values come from the checkpoint, no time spent on init
-            model = Transformer(args)
-    except (ValueError, TypeError) as e:  # heads that don't divide dim, a string where a number goes, ...
-        raise InputError(f"{source}: {e}") from None
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    unexpected = sorted(stored.keys() - expected.keys())
-    missing = sorted(k for k in expected.keys() - stored.keys() if not is_adapter_key(k))
-    if unexpected or missing:
-        hint = " (an adapter file, not a base checkpoint?)" if stored and all(map(is_adapter_key, stored)) else ""
-        raise InputError(f"{ckpt_dir}: the weights don't match {source.name}{hint}: missing {missing[:5]}"
-                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
-    for key, tensor in stored.items():
-        if tensor.shape != expected[key]:
-            raise InputError(f"{tensor.where}: {key} has shape {list(tensor.shape)}, {source.name} implies "
-                             f"{list(expected[key])}")
-
-    set_precision(model, dtype)  # the adapter (absent from a base file, present in a full fine-tune's) in fp32
-    if quantize:
-        import quantize as quantization  # the reference needs it only here
-        quantization.int8_linears(model)
-    if shard is not None:
-        shard(model)
-    model.to_empty(device=device)
-    if args.tie_word_embeddings and not quantize:  # to_empty gave each its own tensor: share the one matrix again
-        model.output.weight = model.tok_embeddings.weight
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in stored and p.is_floating_point():  # one tensor at a time, only the rows this process holds
-                local = p.to_local() if hasattr(p, "to_local") else p
-                local.copy_(stored[name].read(local_rows(p, expected[name][0])))
-        if quantize:  # the int8 matrices, each quantized from its full-precision rows as they are read
-            for name, module in model.named_modules():
-                if isinstance(module, quantization.Int8Linear):
-                    module.quantize_(stored[f"{name}.weight"].read)
-    model.rope = rope_of(args, device)
-    if any(is_adapter_key(k) and k not in stored for k in expected):
-        model.reset_adapter()
-    if adapter_path is not None:
-        load_adapter(model, adapter_path, adapter)
-    return model, tokenizer
-
-
-def local_rows(param, n_rows) -> slice:
-    """The rows of the whole tensor that this process holds: all of them, or its shard when FSDP split the
-    parameter (torch.chunk's split along dim 0: ceil(n / world) rows per process, fewer for the last)."""
-    if not hasattr(param, "to_local"):
-        return slice(None)
-    mesh_rank, world = param.device_mesh.get_local_rank(), param.device_mesh.size()
-    start = min(n_rows, mesh_rank * math.ceil(n_rows / world))
-    return slice(start, start + param.to_local().shape[0])
-
-
-def fully_shard_base(model):
-    """Shard the frozen base over the processes with FSDP2, for load_llama(shard=...) (train.py --fsdp).
-
-    Each TransformerBlock is a unit whose weights are gathered only while it runs; the embeddings, final norm and
-    output head belong to the root. The adapter stays whole in every process, in fp32: FSDP ignores it, and
-    train.py sums its gradients over processes, as DDP would.
-    """
-    from torch.distributed.fsdp import fully_shard
-    adapter = set(adapter_tensors(model).values())
-    for layer in model.layers:
-        fully_shard(layer, ignored_params=adapter & set(layer.parameters()))
-    fully_shard(model, ignored_params=adapter)
-
-
-def stop_ids_of(ckpt_dir):
-    """The ids that end a generation, from generation_config.json (in ckpt_dir, or beside it as for Meta's files in
-    a Hugging Face download's original/): eos_token_id, an int or a list; None where no such file says."""
-    for path in (ckpt_dir / "generation_config.json", ckpt_dir.parent / "generation_config.json"):
-        if path.is_file():
-            config = read_json(path)
-            ids = config.get("eos_token_id") if isinstance(config, dict) else None
-            ids = [ids] if isinstance(ids, int) else ids
-            if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
-                raise InputError(f"{path}: eos_token_id is {ids!r}, not an id or a list of ids")
-            return set(ids)
-    return None
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Adapter files
 
 ADAPTER_CONFIG = "adapter_config"  # the key under which an adapter file describes itself (plain ints)
 BASE_FIELDS = ("dim", "n_layers", "n_heads")
+
+
+@dataclass
+class Adapter:
+    """An adapter as read from its file: its K, L and image width, and its fp32 tensors by name (adapter_query.weight
+    [L*K, dim], layers.{i}.attention.gate [1, n_heads, 1, 1] of its top L layers, and an image adapter's
+    adapter_image_proj), checked against the base it was read for. `path` names it in messages."""
+    path: Path
+    adapter_len: int
+    adapter_layer: int
+    image_dim: int
+    tensors: dict
+
+    def settings(self) -> dict:
+        return {"adapter_len": self.adapter_len, "adapter_layer": self.adapter_layer, "image_dim": self.image_dim}
+
+    @classmethod
+    def of_model(cls, model, path="(a model in memory)"):
+        """The adapter `model` holds, as its file would give it."""
+        a = model.args
+        return cls(Path(path), a.adapter_len, a.adapter_layer, a.image_dim, adapter_state_dict(model))
 
 
 def save_adapter(model, path):
@@ -358,9 +391,94 @@ def save_adapter(model, path):
     atomic_save({**adapter_state_dict(model), ADAPTER_CONFIG: config}, path)
 
 
-def read_adapter(path, params) -> dict:
-    """An adapter file's tensors and config; a folder is read as a PEFT adaption_prompt adapter for a base with
-    `params`, into the same form."""
+def read_adapter(path, params, given=None) -> Adapter:
+    """The adapter at `path` (this project's file, the original release's, or a PEFT adaption_prompt folder) for a
+    base with `params` (params.json's fields), read once and checked against that base.
+
+    K, L and the image width come from the file's adapter_config when it has one. Otherwise they are read off the
+    tensors: the original export stores a gate for every layer, zero where it did not adapt, so the adapted layers
+    are the top ones from the lowest nonzero gate up; our older files store only the adapted layers' gates;
+    K = rows of adapter_query / L. `given` (the user's settings) settles what the file leaves open, and must not
+    contradict what it says."""
+    state = read_adapter_file(path, params)
+    config, given = state.pop(ADAPTER_CONFIG, None), given or {}
+    if config is not None:
+        check_base(path, config, params)
+        found = {k: config[k] for k in ("adapter_len", "adapter_layer", "image_dim")}
+    else:
+        found = adapter_settings_of_tensors(path, state, params["n_layers"], given)
+    clash = {k: v for k, v in given.items() if k in found and v and v != found[k]}
+    if clash:
+        raise InputError(f"{path}: the file says {fields_text({k: found[k] for k in clash})}, the settings say "
+                         f"{fields_text(clash)}")
+    args = ModelArgs(**{**{k: v for k, v in params.items() if k in ModelArgs.__dataclass_fields__}, "vocab_size": 1,
+                        **found})
+    with torch.device("meta"):  # the tensors a model of these settings has: names and shapes
+        expected = adapter_tensors(Transformer(args))
+    return Adapter(Path(path), **found, tensors=fitted(path, state, expected, args, config))
+
+
+def adapter_settings_of_tensors(path, state, n_layers, given) -> dict:
+    """adapter_len, adapter_layer and image_dim of an adapter file that does not state them (see read_adapter)."""
+    if "adapter_query.weight" not in state:
+        hint = " (a full checkpoint?)" if any(k.endswith("attention.wq.weight") for k in state) else ""
+        raise InputError(f"{path}: not an adapter file{hint}: no adapter_query.weight")
+    gates = {int(k.split(".")[1]): v for k, v in state.items() if re.fullmatch(r"layers\.\d+\.attention\.gate", k)}
+    if len(gates) == n_layers:  # a gate for every layer: the adapted ones are nonzero
+        nonzero = [i for i in sorted(gates) if gates[i].any()]
+        L = n_layers - nonzero[0] if nonzero else given.get("adapter_layer")
+        if not L:
+            raise InputError(f"{path}: every gate is zero, so the file doesn't say which layers it adapts: "
+                             f"give --adapter_layer and --adapter_len")
+    else:
+        L = len(gates)
+    rows = state["adapter_query.weight"].shape[0]
+    if not L or rows % L:
+        raise InputError(f"{path}: {rows} prompt rows don't split over the {L} adapted layers its gates imply")
+    image = state.get("adapter_image_proj.weight")
+    return {"adapter_len": rows // L, "adapter_layer": L, "image_dim": image.shape[1] if image is not None else 0}
+
+
+def fitted(path, state, expected, args, config=None) -> dict:
+    """The adapter's tensors (fp32) for a model whose adapter tensors are `expected` (built from ModelArgs `args`),
+    refusing any that don't fit it."""
+    # The original export also stores zero gates for the layers it did not adapt: accept those, only those.
+    state = {k: v for k, v in state.items() if k in expected or not (k.endswith(".attention.gate") and not v.any())}
+    about = (f"it does not fit this model (dim={args.dim}, n_heads={args.n_heads}, adapter_layer={args.adapter_layer}, "
+             f"adapter_len={args.adapter_len}, image_dim={args.image_dim})")
+    if config is not None:
+        about += f"; it was made for {fields_text(config)}"
+    extra, missing = sorted(state.keys() - expected.keys()), sorted(expected.keys() - state.keys())
+    if not expected:
+        raise InputError(f"{path}: this model has no adapter to load it into (adapter_layer=0)")
+    if extra or missing:
+        what = " (a full checkpoint?)" if len(extra) > 10 else ""
+        raise InputError(f"{path}: {about}{what}: unexpected {extra[:4]}, missing {missing[:4]}")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise InputError(f"{path}: {about}: {k} has shape {list(v.shape)}, expected {list(expected[k].shape)}")
+    return {k: v.float() for k, v in state.items()}
+
+
+def load_adapter(model, adapter):
+    """Copy an adapter (an Adapter, or the path of one, whose tensors must then fit this model as it is) into
+    `model`."""
+    if not isinstance(adapter, Adapter):
+        state = read_adapter_file(adapter, vars(model.args))
+        config = state.pop(ADAPTER_CONFIG, None)
+        if config is not None:
+            check_base(adapter, config, vars(model.args))
+        a = model.args
+        adapter = Adapter(Path(adapter), a.adapter_len, a.adapter_layer, a.image_dim,
+                          fitted(adapter, state, adapter_tensors(model), a, config))
+    with torch.no_grad():
+        for k, v in adapter_tensors(model).items():
+            v.copy_(adapter.tensors[k])
+
+
+def read_adapter_file(path, params) -> dict:
+    """An adapter file's tensors and config as stored; a folder is read as a PEFT adaption_prompt adapter for a base
+    with `params`, into the same form."""
     if Path(path).is_dir():
         return read_peft_adapter(Path(path), params)
     state = torch_load(path, verify=True)
@@ -404,46 +522,6 @@ def read_peft_adapter(folder, params) -> dict:
     return state
 
 
-def adapter_args(path, params, given, state=None) -> dict:
-    """adapter_len, adapter_layer and image_dim of the adapter file at `path`, for a base with `params`.
-
-    From the file's adapter_config when it has one. Otherwise read off the tensors: the original export stores a
-    gate for every layer, zero where it did not adapt, so the adapted layers are the top ones from the lowest
-    nonzero gate up; our older files store only the adapted layers' gates. K = rows of adapter_query / L.
-    `given` (the user's flags) settles what the file leaves open, and must not contradict what it says. state: the
-    file's contents, where read_adapter has read them already.
-    """
-    state = read_adapter(path, params) if state is None else state
-    n_layers = params["n_layers"]
-    config = state.get(ADAPTER_CONFIG)
-    if config is not None:
-        check_base(path, config, params)
-        found = {k: config[k] for k in ("adapter_len", "adapter_layer", "image_dim")}
-    else:
-        if "adapter_query.weight" not in state:
-            hint = " (a full checkpoint?)" if any(k.endswith("attention.wq.weight") for k in state) else ""
-            raise InputError(f"{path}: not an adapter file{hint}: no adapter_query.weight")
-        gates = {int(k.split(".")[1]): v for k, v in state.items() if re.fullmatch(r"layers\.\d+\.attention\.gate", k)}
-        if len(gates) == n_layers:  # a gate for every layer: the adapted ones are nonzero
-            nonzero = [i for i in sorted(gates) if gates[i].any()]
-            L = n_layers - nonzero[0] if nonzero else given.get("adapter_layer")
-            if not L:
-                raise InputError(f"{path}: every gate is zero, so the file doesn't say which layers it adapts: "
-                                 f"give --adapter_layer and --adapter_len")
-        else:
-            L = len(gates)
-        rows = state["adapter_query.weight"].shape[0]
-        if not L or rows % L:
-            raise InputError(f"{path}: {rows} prompt rows don't split over the {L} adapted layers its gates imply")
-        image = state.get("adapter_image_proj.weight")
-        found = {"adapter_len": rows // L, "adapter_layer": L, "image_dim": image.shape[1] if image is not None else 0}
-    clash = {k: v for k, v in given.items() if k in found and v and v != found[k]}
-    if clash:
-        raise InputError(f"{path}: the file says {fields_text({k: found[k] for k in clash})}, the settings say "
-                         f"{fields_text(clash)}")
-    return found
-
-
 def fields_text(d):
     return ", ".join(f"{k}={v}" for k, v in d.items())
 
@@ -454,43 +532,6 @@ def check_base(path, config, params):
     if base != {k: params[k] for k in BASE_FIELDS}:
         raise InputError(f"{path}: an adapter for another base: it was trained on {fields_text(base)}, this base "
                          f"has {fields_text({k: params[k] for k in BASE_FIELDS})}")
-
-
-def load_adapter(model, path, state=None):
-    """Copy an adapter's tensors into `model`, refusing any that don't fit it (state: as adapter_state's)."""
-    state = adapter_state(path, model.args, adapter_tensors(model), state)
-    with torch.no_grad():
-        for k, v in adapter_tensors(model).items():
-            v.copy_(state[k])
-
-
-def adapter_state(path, args, expected=None, state=None) -> dict:
-    """The tensors of the adapter at `path` for a model of ModelArgs `args` (its adapter's tensors `expected`, or
-    those of a model built from args), refusing any that don't fit it: what an AdapterBank takes. state: the
-    file's contents, where read_adapter has read them already."""
-    if expected is None:
-        with torch.device("meta"):
-            expected = adapter_tensors(Transformer(args))
-    if not expected:
-        raise InputError(f"{path}: this model has no adapter to load it into (adapter_layer=0)")
-    state = dict(read_adapter(path, vars(args)) if state is None else state)
-    config = state.pop(ADAPTER_CONFIG, None)
-    if config is not None:
-        check_base(path, config, vars(args))
-    # The original export also stores zero gates for the layers it did not adapt: accept those, only those.
-    state = {k: v for k, v in state.items() if k in expected or not (k.endswith(".attention.gate") and not v.any())}
-    about = (f"it does not fit this model (dim={args.dim}, n_heads={args.n_heads}, adapter_layer={args.adapter_layer}, "
-             f"adapter_len={args.adapter_len}, image_dim={args.image_dim})")
-    if config is not None:
-        about += f"; it was made for {fields_text(config)}"
-    extra, missing = sorted(state.keys() - expected.keys()), sorted(expected.keys() - state.keys())
-    if extra or missing:
-        what = " (a full checkpoint?)" if len(extra) > 10 else ""
-        raise InputError(f"{path}: {about}{what}: unexpected {extra[:4]}, missing {missing[:4]}")
-    for k, v in state.items():
-        if v.shape != expected[k].shape:
-            raise InputError(f"{path}: {about}: {k} has shape {list(v.shape)}, expected {list(expected[k].shape)}")
-    return {k: v.float() for k, v in state.items()}
 
 
 PARAMS_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
@@ -546,16 +587,12 @@ def torch_load(path, mmap=False, verify=False):
         raise InputError(f"{path}: corrupted ({first_line(e)})") from None
     try:
         return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap and source is path)
-    except pickle.UnpicklingError as e:
-        refusal = re.search(r"Unsupported global: [^.]*", str(e))  # what the file asked to run
-        if refusal:
-            raise InputError(f"{path}: refused to unpickle, it holds more than tensors ({refusal.group(0)})") from None
-        raise InputError(f"{path}: not a readable torch file, truncated or corrupted? ({first_line(e)})") from None
-    except RuntimeError as e:
-        if mmap and "mmap" in str(e):  # files in torch's pre-1.6 format can't be memory-mapped: read them whole
-            return torch_load(path, verify=verify)
-        raise InputError(f"{path}: not a readable torch file, truncated or corrupted? ({first_line(e)})") from None
     except Exception as e:  # a corrupted file can fail in the unpickler in many ways
+        refusal = re.search(r"Unsupported global: [^.]*", str(e))  # what the file asked to run
+        if isinstance(e, pickle.UnpicklingError) and refusal:
+            raise InputError(f"{path}: refused to unpickle, it holds more than tensors ({refusal.group(0)})") from None
+        if isinstance(e, RuntimeError) and mmap and "mmap" in str(e):  # files in torch's pre-1.6 format can't be
+            return torch_load(path, verify=verify)  # memory-mapped: read them whole
         raise InputError(f"{path}: not a readable torch file, truncated or corrupted? ({first_line(e)})") from None
 
 
@@ -629,15 +666,6 @@ def read_safetensors(path) -> dict:
     if covered != data_size:
         raise InputError(f"{path}: its tensors end at byte {covered} of its {data_size} data bytes")
     return tensors
-
-
-def read_json(path):
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({first_line(e)})") from None
 
 
 def first_line(error) -> str:

@@ -73,6 +73,13 @@ def dtype_name(dtype) -> str:
     return next(name for name, d in DTYPES.items() if d == dtype)
 
 
+def device_of(name) -> torch.device:
+    """--device as a device: the one named, or CUDA where there is a GPU, else the CPU. CUDA always with its index
+    (the current device's, cuda:0 in a fresh process): torch.cuda.set_device refuses a bare "cuda"."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None else device
+
+
 def dtype_of(name: str, device) -> torch.dtype:
     """The frozen base's dtype for --dtype: "auto" is bf16 on a GPU of compute capability 8.0 or more (A100, H100,
     RTX 30xx on), fp16 below it (V100, T4: train.py then scales the loss), fp32 on a CPU. Not
@@ -100,6 +107,10 @@ def parse_json(text, where):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{where}: not valid JSON ({e})") from None
+
+
+def read_json(path):
+    return parse_json(read_text(path), path)
 
 
 def read_records(path) -> list:

@@ -14,17 +14,18 @@ Where we follow the paper, and where we chose differently:
   frozen wk and wv, with no RoPE. Their attention is softmaxed apart from the words' and scaled by tanh(gate),
   with gates starting at zero: at step 0 the model is exactly the pretrained one.
 - tanh is applied at inference too (the original inference code used the raw gate, which training never saw).
-- Word attention uses torch's scaled_dot_product_attention; the prompt branch is a second, small, unmasked
-  scaled_dot_product_attention beside it. Both softmaxes run in fp32 (SDPA accumulates in fp32).
+- Word attention uses torch's scaled_dot_product_attention; the prompt branch is a second, small one beside it,
+  with no causal mask (only a padding mask when rows of a batch have prompts of different lengths). Both softmaxes
+  run in fp32 (SDPA accumulates in fp32).
 - Precision lives in one place: frozen base weights in bf16 on a GPU (fp16 below compute capability 8.0, fp32 on a
   CPU; the scripts' --dtype), adapter tensors always fp32, local fp32 upcasts in RMSNorm and softmax, fp32 logits.
-- Generation keeps a KV cache and never waits on the device per token; its one-token step can be compiled
-  (compiled_step, with CUDA graphs on a GPU) and gives the same tokens.
+- The model keeps generation's KV cache (setup_cache); decoding, sampling and serving many adapters at once live
+  in generation.py, as Meta keeps generation apart from the model.
 - Optional image conditioning (paper Sec. 3.3): with image_dim > 0, a projected image feature is added to every
   prompt token of every adapted layer.
 - Beyond the paper: the Llama 3 family runs on the same model (rotary scaling, tied embeddings; its tokenizer in
   tokenizer.py); for small cards, activation checkpointing of the adapted blocks and a chunked loss are a flag each,
-  and an int8 base lives in quantize.py; and several adapters serve from one base in one batch (AdapterBank).
+  and an int8 base lives in quantize.py.
 """
 import itertools
 import math
@@ -112,6 +113,21 @@ def apply_rope(x, rope):
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
+def attention(q, k, v, mask=None, is_causal=False):
+    # softmax(q k^T / sqrt(head_dim) + mask) v, the softmax in fp32 inside torch's kernels. q: (bsz, n_heads, seqlen,
+    # head_dim); k, v: (bsz, n_kv_heads, keys, head_dim), each kv head shared by a group of n_heads / n_kv_heads query
+    # heads (grouped-query attention); mask: True where a query sees a key, broadcast to (bsz, heads, seqlen, keys).
+    bsz, n_heads, seqlen, head_dim = q.shape
+    group = n_heads // k.shape[1]
+    if group > 1 and mask is not None and mask.shape[-2] == 1:
+        # A mask the same for every query (a decoding step's, or the padding of shorter prompts): each group of query
+        # heads folds into the query axis, (bsz, n_kv_heads, group * seqlen, head_dim), exactly. A mask together with
+        # grouped heads would send the call to torch's math kernel, which copies k and v per query head, in fp32.
+        out = F.scaled_dot_product_attention(q.reshape(bsz, -1, group * seqlen, head_dim), k, v, attn_mask=mask)
+        return out.reshape(bsz, n_heads, seqlen, head_dim)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=group > 1)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, adapted: bool):
         super().__init__()
@@ -165,26 +181,23 @@ class Attention(nn.Module):
     def forward(self, x, start_pos, rope, mask=None, prompt=None):
         bsz, seqlen, _ = x.shape
         q, k, v = self.qkv(x, start_pos, rope)
-        gqa = self.n_kv_heads != self.n_heads  # SDPA shares each kv head among n_heads / n_kv_heads queries
         # LLaMA's word attention: softmax(q k^T / sqrt(head_dim) + causal mask) v. No mask tensor where the keys are
         # the queries' own (training, a prefill from position 0: is_causal) or one query sees every key (a decoding
-        # step), so that the fused kernels take it, grouped-query attention included; `mask` (True: seen) otherwise.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and not start_pos,
-                                             enable_gqa=gqa)
+        # step), so that the fused kernels take it; `mask` (True: seen) where cached keys lie beyond a query.
+        out = attention(q, k, v, mask, is_causal=mask is None and seqlen > 1)
 
-        if prompt is not None or (start_pos is not None and self.prompt_kv is not None):
-            # --- LLaMA-Adapter, paper Eq. 7: zero-initialized attention ---
-            # Scores over [prompt; words] are softmaxed in two separate parts, so the prompt never takes
-            # probability mass from the words; the prompt part is scaled by tanh(gate), per head:
-            #   out = softmax(q k^T / sqrt(d)) v + tanh(gate) * softmax(q pk^T / sqrt(d)) pv
-            # Every position sees all K prompts (`seen` only hides the padding of a bank's shorter adapters). The
-            # prompt keys are not rotated: they have no position.
-            if prompt is not None:  # training: rebuilt every time, so the prompt keeps receiving gradients
-                pk, pv, gate, seen = *self.prompt_keys_values(prompt, x.dtype, bsz), self.gate, None
-            else:  # generation: projected once per call, or each row's adapter's (AdapterBank; seen: its K keys)
-                pk, pv, gate, seen = self.prompt_kv
-            prompt_out = F.scaled_dot_product_attention(q, pk, pv, attn_mask=seen, enable_gqa=gqa)  # like q
-            out = out + (torch.tanh(gate) * prompt_out).type_as(out)  # gate: (1 or bsz, heads, 1, 1), fp32
+        # --- LLaMA-Adapter, paper Eq. 7: zero-initialized attention ---
+        # Scores over [prompt; words] are softmaxed in two separate parts, so the prompt never takes probability
+        # mass from the words; the prompt part is scaled by tanh(gate), per head:
+        #   out = softmax(q k^T / sqrt(d)) v + tanh(gate) * softmax(q pk^T / sqrt(d)) pv
+        # Every position sees all K prompts, which have no position: their keys are not rotated.
+        if prompt is not None:  # training: rebuilt every time, so the prompt keeps receiving gradients
+            prompt_kv = (*self.prompt_keys_values(prompt, x.dtype, bsz), self.gate, None)
+        else:  # generation: projected once per call (setup_cache); `seen` hides the padding of shorter prompts
+            prompt_kv = self.prompt_kv if start_pos is not None else None
+        if prompt_kv is not None:
+            pk, pv, gate, seen = prompt_kv  # gate: (1 or bsz, n_heads, 1, 1), fp32
+            out = out + (torch.tanh(gate) * attention(q, pk, pv, seen)).type_as(out)
 
         out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim)
         return self.wo(out)
@@ -255,10 +268,13 @@ class Transformer(nn.Module):
             self.adapter_query.weight.normal_()  # prompts N(0, 1)
             # Gates start at zero so the prompts, still random, add nothing: the adapted model begins as exactly
             # the pretrained one, and training opens each head's gate only as far as the prompts prove useful.
-            for layer in self.layers[self.first_adapted:]:
-                layer.attention.gate.zero_()
+            for gate in self.gates():
+                gate.zero_()
             if self.args.image_dim:
                 self.adapter_image_proj.reset_parameters()
+
+    def gates(self):  # the adapted layers' gates, bottom to top: (1, n_heads, 1, 1) each
+        return [layer.attention.gate for layer in self.layers[self.first_adapted:]]
 
     def adapter_prompts(self, image=None):
         # (1 or bsz, L, K, dim), fp32. Without an image every sequence shares one set of prompts.
@@ -287,7 +303,7 @@ class Transformer(nn.Module):
         positions = torch.arange(seqlen, device=tokens.device) + start
         rope = self.rope[positions]  # (seqlen, head_dim/2, 2)
         mask = None  # causal, or one query that sees every key: see Attention.forward
-        if isinstance(start_pos, torch.Tensor) or start_pos and seqlen > 1:  # keys a query must not see are cached
+        if isinstance(start_pos, torch.Tensor) or (start_pos and seqlen > 1):  # keys a query must not see are cached
             keys = self.cache_len if isinstance(start_pos, torch.Tensor) else start_pos + seqlen
             mask = positions[:, None] >= torch.arange(keys, device=tokens.device)  # (seqlen, keys): key <= query
         prompts = self.adapter_prompts(image) if self.args.adapter_layer and start_pos is None else None
@@ -308,14 +324,14 @@ class Transformer(nn.Module):
             return self.norm(h)
         return self.output(self.norm(h)).float()  # (bsz, seqlen, vocab_size), or (positions, vocab_size)
 
-    def setup_cache(self, batch_size: int, cache_len: int, image=None, bank=None, rows=None):
+    def setup_cache(self, batch_size: int, cache_len: int, image=None, prompt_kv=None):
         """Generation's state for a batch: each layer's KV cache (batch_size, cache_len, n_kv_heads, head_dim) in the
         weights' dtype and on their device (plain tensors even when the weights are sharded), and each adapted
-        layer's prompt keys, values and gate: this model's own adapter's, projected once (from each row's image
-        for an image adapter), or, with an AdapterBank, each row's adapter's (rows: a bank index per row).
-        Tensors of the last call's shapes are reused in place: the CUDA graph of a compiled step, recorded on
-        their addresses, then replays instead of recording again. Their stale values are never read: a position
-        is written before any query sees it."""
+        layer's prompt keys, values and gate, projected once (from each row's image for an image adapter).
+        prompt_kv: {layer: (keys, values, gate, seen)} instead of the model's own adapter (generation.AdapterBank:
+        each row its own adapter's). Tensors of the last call's shapes are reused in place: the CUDA graph of a
+        compiled step, recorded on their addresses, then replays instead of recording again. Their stale values
+        are never read: a position is written before any query sees it."""
         def reused(old, new):  # new's values in old's memory if it has new's shape and dtype; never in a parameter
             if old is None or new is None or isinstance(old, nn.Parameter) or (old.shape, old.dtype) != (new.shape,
                                                                                                      new.dtype):
@@ -323,20 +339,18 @@ class Transformer(nn.Module):
             return old.copy_(new)
 
         weight = self.tok_embeddings.weight
-        prompts = self.adapter_prompts(image) if self.args.adapter_layer and bank is None else None
+        if prompt_kv is None and self.args.adapter_layer:
+            prompts = self.adapter_prompts(image)  # (1 or bsz, L, K, dim)
+            prompt_kv = {i: (*self.layers[i].attention.prompt_keys_values(prompts[:, i - self.first_adapted],
+                                                                          weight.dtype, batch_size),
+                             self.layers[i].attention.gate, None) for i in range(self.first_adapted, len(self.layers))}
         for i, layer in enumerate(self.layers):
             a = layer.attention
             shape = (batch_size, cache_len, a.n_kv_heads, a.head_dim)
             if a.cache_k is None or a.cache_k.shape != shape or a.cache_k.dtype != weight.dtype:
                 a.cache_k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
                 a.cache_v = torch.zeros_like(a.cache_k)
-            if bank is not None:
-                state = bank.rows_of(i, rows)
-            elif prompts is not None and i >= self.first_adapted:
-                prompt = prompts[:, i - self.first_adapted]
-                state = (*a.prompt_keys_values(prompt, weight.dtype, batch_size), a.gate, None)
-            else:
-                state = None
+            state = (prompt_kv or {}).get(i)
             a.prompt_kv = state and tuple(map(reused, a.prompt_kv or (None,) * 4, state))
         self.cache_len = cache_len
 
@@ -371,7 +385,7 @@ def mark_only_adapter_trainable(model):
 @contextmanager
 def gates_closed(model):
     """Every gate at zero while inside: the model is then exactly its base model (the zero-init property)."""
-    gates = [layer.attention.gate for layer in model.layers[model.first_adapted:]]
+    gates = model.gates()
     saved = [g.detach().clone() for g in gates]
     with torch.no_grad():
         for g in gates:
@@ -490,160 +504,3 @@ def to_device(tensor, device):
     if torch.device(device).type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Sampling
-
-def sample_next(logits, temperature: float, top_p: float, generator=None):
-    # logits: (bsz, vocab). Greedy at temperature 0; otherwise nucleus sampling: draw from the smallest set of
-    # most likely tokens whose probabilities sum to at least top_p.
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs, order = torch.softmax(logits / temperature, dim=-1).sort(dim=-1, descending=True)
-    probs[probs.cumsum(-1) - probs > top_p] = 0  # keep a token if the ones before it sum to <= top_p
-    choice = torch.multinomial(probs, 1, generator=generator)  # multinomial normalizes what is left
-    return order.gather(-1, choice).squeeze(-1)
-
-
-@torch.no_grad()
-def generate(model, prompts, max_gen_len, temperature=0.1, top_p=0.75, eos_id=None, image=None,
-             generator=None, on_token=None, compile=False, bank=None, rows=None, cache_len=None):
-    """Continue each token list in `prompts`; returns the new tokens of each, up to and excluding EOS.
-
-    eos_id: the id that ends a sequence, or a collection of them (Llama 3's instruct models: any of 128001, 128008
-    and 128009); None: none does.
-
-    Prompts of different lengths share one batch: all start at position 0, decoding starts at the shortest
-    prompt's end, and a sequence still inside its prompt is fed its own next token instead of a sample, so each
-    gets what it would get alone. on_token(step_tokens) sees each step's (bsz,) new tokens as they come.
-    The loop never waits for the device except every few tokens, to see whether every sequence has ended.
-    compile: run the one-token steps compiled (see compiled_step) over a cache of the static length cache_len
-    (default max_seq_len), which the model keeps for the next call of the same batch size (model.clear_cache()
-    frees it). bank, rows: each prompt answered with its own adapter of an AdapterBank, rows[i] its index there
-    (0: the base model), all in one batch.
-    """
-    bsz, lengths = len(prompts), [len(p) for p in prompts]
-    max_seq_len = model.args.max_seq_len
-    if max(lengths) >= max_seq_len:
-        raise ValueError(f"a prompt of {max(lengths)} tokens leaves no room in max_seq_len={max_seq_len}")
-    device = model.tok_embeddings.weight.device
-    stops = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
-    stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=device)
-    start, end = min(lengths), min(max_seq_len, max(lengths) + max_gen_len)
-    tokens = torch.full((bsz, end), -1, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-    tokens = tokens.to(device)
-    in_prompt = tokens != -1
-    ends = torch.tensor(lengths, device=device) + max_gen_len  # where each sequence's budget runs out
-    done = torch.zeros(bsz, dtype=torch.bool, device=device)
-    cache_len = cache_len or max_seq_len
-    if compile and end > cache_len:
-        raise ValueError(f"{max(lengths)} prompt and {max_gen_len} new tokens exceed the cache_len={cache_len}")
-    rows = None if bank is None else torch.tensor(rows, dtype=torch.long, device=device)
-    model.setup_cache(bsz, cache_len if compile else end, image, bank, rows)
-    try:
-        # The prompts' common part in one forward, then one token at a time; logits only at the last position.
-        logits = model(tokens[:, :start], 0, logits_at=slice(-1, None))  # (bsz, 1, vocab_size)
-        position = torch.tensor([start], device=device)  # the compiled step's: a tensor, the same code every step
-        for cur in range(start, end):
-            next_token = sample_next(logits[:, -1], temperature, top_p, generator)
-            next_token = torch.where(in_prompt[:, cur], tokens[:, cur], next_token)  # still in its prompt: feed that
-            tokens[:, cur] = next_token
-            if on_token is not None:
-                on_token(next_token)
-            done |= ~in_prompt[:, cur] & (torch.isin(next_token, stop_ids) | (cur + 1 >= ends))
-            if cur + 1 == end or (cur - start) % 8 == 7 and done.all():  # a host sync every 8 tokens, not each
-                break
-            step = tokens[:, cur:cur + 1].clone(memory_format=torch.contiguous_format)  # (bsz, 1): strides (1, 1)
-            logits = compiled_step(model)(step, position) if compile else model(step, cur)
-            position += 1
-    finally:
-        if not compile:  # a compiled step's cache stays, for the next call (see setup_cache)
-            model.clear_cache()
-    out = []
-    for i, p in enumerate(tokens.tolist()):
-        new = p[lengths[i]:min(lengths[i] + max_gen_len, end)]
-        new = new[:new.index(-1)] if -1 in new else new
-        out.append(new[:next((j for j, t in enumerate(new) if t in stops), len(new))])
-    return out
-
-
-def batch_that_fits(model, cache_len, free_bytes, most=32):
-    """How many sequences generate() decodes at once in free_bytes, `most` at the most: each with its KV cache, its
-    prefill's largest transients (the feed-forward's hidden activations, a row of fp32 logits) and, where no fused
-    attention kernel takes the prefill (then torch's math kernel runs it, in fp32: grouped-query attention on some
-    GPUs, and so on), the math kernel's scores and weights, 2 x n_heads x cache_len^2 fp32 values per sequence."""
-    a, weight = model.layers[0].attention, model.tok_embeddings.weight
-    cache = 2 * model.args.n_layers * cache_len * a.n_kv_heads * a.head_dim * weight.element_size()
-    hidden = model.layers[0].feed_forward.w1.weight.shape[0]
-    prefill = cache_len * (3 * hidden + 4 * model.args.dim) * weight.element_size()
-    q, k = (torch.zeros(1, heads, 8, a.head_dim, dtype=weight.dtype, device=weight.device)
-            for heads in (a.n_heads, a.n_kv_heads))
-    params = torch.backends.cuda.SDPAParams(q, k, k, None, 0.0, True, a.n_kv_heads != a.n_heads)
-    fused = weight.is_cuda and any(can(params) for can in (torch.backends.cuda.can_use_flash_attention,
-                                                          torch.backends.cuda.can_use_efficient_attention,
-                                                          torch.backends.cuda.can_use_cudnn_attention))
-    attention = 0 if fused else 2 * a.n_heads * cache_len ** 2 * 4
-    return int(min(most, free_bytes / (cache + prefill + 4 * model.args.vocab_size + attention)))
-
-
-def compiled_step(model):
-    """The model compiled for one-token steps over a static cache: same shapes every step, so it compiles once per
-    batch size. On a GPU with CUDA graphs ("reduce-overhead"): each step replays as one graph instead of launching
-    every kernel (about 1,700 per token at 7B, which would leave batch-1 decoding bound by launch overhead, not
-    memory). Kept in the model's __dict__ (not as a submodule, so not in its state_dict): it goes when the model goes."""
-    if "compiled_step" not in model.__dict__:
-        mode = "reduce-overhead" if model.tok_embeddings.weight.is_cuda else "default"
-        model.__dict__["compiled_step"] = torch.compile(model, mode=mode, dynamic=False, fullgraph=True)
-    return model.__dict__["compiled_step"]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Several adapters on one base, in one batch: generate(bank=, rows=)
-
-class AdapterBank:
-    """Several text-only adapters of one base at once, for batches whose rows each use their own (generate's bank
-    and rows). A text-only adapter's prompt keys and values depend on nothing but the adapter, so they are projected
-    here once, through each layer's frozen wk and wv, in the base's dtype; each row then attends to its adapter's
-    keys with its adapter's gates. Row index 0 is the base model itself: its gates are zero everywhere, which makes
-    it exactly the base (the zero-init property). An adapter's gate is zero in the layers it does not adapt, and
-    adapters of different K mix: the keys past a row's own K are masked out.
-
-    adapters: {name: state dict} as adapter files hold them (adapter_query.weight [L*K, dim], and the gates
-    layers.{i}.attention.gate [1, n_heads, 1, 1] of its top L layers). Its memory, nbytes: K x L x 2 x n_kv_heads x
-    head_dim values per adapter (K and L the largest among them)."""
-
-    def __init__(self, model, adapters: dict):
-        self.names = ["base", *adapters]
-        args, weight, dtype = model.args, model.tok_embeddings.weight, model.tok_embeddings.weight.dtype
-        shapes = {name: (len([k for k in s if k.endswith(".attention.gate")]), s["adapter_query.weight"].shape[0])
-                  for name, s in adapters.items()}  # name: (L, L * K)
-        K = max(rows // L for L, rows in shapes.values())
-        mixed = len({rows // L for L, rows in shapes.values()}) > 1  # adapters of other K: a mask over the keys
-        self.first = args.n_layers - max(L for L, _ in shapes.values())  # layers below it: no adapter reaches them
-        self.layers = {}
-        for i in range(self.first, args.n_layers):
-            a = model.layers[i].attention
-            keys = torch.zeros(len(self.names), a.n_kv_heads, K, a.head_dim, dtype=dtype, device=weight.device)
-            values = torch.zeros_like(keys)
-            seen = torch.ones(len(self.names), 1, 1, K, dtype=torch.bool, device=weight.device)
-            gates = torch.zeros(len(self.names), a.n_heads, 1, 1, device=weight.device)  # fp32, as the adapter's
-            for n, (name, state) in enumerate(adapters.items(), 1):
-                L, rows = shapes[name]
-                if i >= args.n_layers - L:  # one of its adapted layers: its K prompts of this layer
-                    k = rows // L
-                    prompt = state["adapter_query.weight"].view(L, k, -1)[i - (args.n_layers - L)]
-                    pk, pv = a.prompt_keys_values(prompt[None].to(weight.device), dtype, 1)  # (1, n_kv_heads, k, head_dim)
-                    keys[n, :, :k], values[n, :, :k], seen[n, ..., k:] = pk[0], pv[0], False
-                    gates[n] = state[f"layers.{i}.attention.gate"][0].to(weight.device)
-            self.layers[i] = (keys, values, gates, seen if mixed else None)
-        self.nbytes = sum(keys.nbytes + values.nbytes for keys, values, _, _ in self.layers.values())
-
-    def rows_of(self, layer, rows):
-        """(keys, values, gate, seen) of this layer for rows of these bank indices (a (bsz,) LongTensor), or None
-        below the first layer any adapter reaches."""
-        if layer < self.first:
-            return None
-        return tuple(t[rows] if t is not None else None for t in self.layers[layer])

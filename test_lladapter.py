@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import generation
 import lladapter
 import tokenizer as tokenizers
 from cli import InputError
@@ -24,10 +25,6 @@ from tests.fixtures import (BPE_RANKS, BPE_TEXTS, DEVICE, LLAMA3_VOCAB, SHARED, 
                             tiny_model, tokens, write_bpe_tokenizer, write_hf_checkpoint, write_meta_checkpoint)
 
 LLAMA2_TOKENIZER, LLAMA3_TOKENIZER = SHARED / "llama2-tokenizer.model", SHARED / "llama3" / "tokenizer.model"
-
-
-def gates(model):
-    return [layer.attention.gate for layer in model.layers[model.first_adapted:]]
 
 
 # ---- the paper's claims ----------------------------------------------------------------------------------
@@ -48,7 +45,7 @@ def test_zero_gates_give_exactly_the_base_model(n_kv_heads):
     with torch.no_grad():  # and reopens them afterwards
         assert not torch.allclose(opened(x), base(x))
     with torch.no_grad():  # and the prompts do matter once a gate opens
-        gates(model)[-1].fill_(0.5)
+        model.gates()[-1].fill_(0.5)
         assert not torch.allclose(model(x), base(x)), "an open gate must let the prompts change the output"
 
 
@@ -75,7 +72,7 @@ def test_a_7b_adapter_file_is_about_4_7_mib(tmp_path):
     with torch.device("meta"):  # LLaMA-7B's shapes; only the adapter's tensors get real memory below
         model = Transformer(ModelArgs(vocab_size=32000))
     model.adapter_query.to_empty(device="cpu")
-    for layer in model.layers[model.first_adapted:]:
+    for layer in model.layers[model.first_adapted:]:  # real memory for the gates
         layer.attention.gate = torch.nn.Parameter(torch.empty_like(layer.attention.gate, device="cpu"))
     model.reset_adapter()
     checkpoint.save_adapter(model, tmp_path / "adapter.pth")  # what train.py writes
@@ -105,7 +102,7 @@ def test_prompt_gradient_is_zero_at_init_and_flows_after_one_step():
         optimizer.zero_grad()
         logits = model(x[:, :-1])
         F.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1)).backward()
-        return model.adapter_query.weight.grad, [gate.grad for gate in gates(model)]
+        return model.adapter_query.weight.grad, [gate.grad for gate in model.gates()]
 
     prompt_grad, gate_grads = loss_and_grads()
     assert torch.count_nonzero(prompt_grad) == 0, "zero-init: at step 0 the prompt's gradient is times tanh(0) = 0"
@@ -116,7 +113,7 @@ def test_prompt_gradient_is_zero_at_init_and_flows_after_one_step():
     prompt_grad, _ = loss_and_grads()  # step 2: the gates are open, the prompt learns
     assert torch.count_nonzero(prompt_grad) > 0.9 * prompt_grad.numel(), "from step 2 on, the prompts learn"
     optimizer.step()
-    lladapter.generate(model, [[1, 5, 7]], max_gen_len=3, temperature=0, eos_id=2)  # nor must a generation
+    generation.generate(model, [[1, 5, 7]], max_gen_len=3, temperature=0, eos_id=2)  # nor must a generation
     after_generation, _ = loss_and_grads()
     assert torch.count_nonzero(after_generation) > 0.9 * prompt_grad.numel()
     assert not torch.equal(after_generation, prompt_grad)  # computed from the updated prompt, not a stale copy
@@ -259,8 +256,8 @@ def test_tokenizer_matches_llama2():
 def test_batched_greedy_generation_matches_one_prompt_at_a_time():
     model = tiny_model(open_gates=True, n_kv_heads=2)
     prompts = [[1, 5, 9, 14], [1, 7], [1, 30, 31, 32, 33, 34, 35, 36, 37], [1, 3, 4]]
-    batched = lladapter.generate(model, prompts, max_gen_len=10, temperature=0, eos_id=2)
-    alone = [lladapter.generate(model, [p], max_gen_len=10, temperature=0, eos_id=2)[0] for p in prompts]
+    batched = generation.generate(model, prompts, max_gen_len=10, temperature=0, eos_id=2)
+    alone = [generation.generate(model, [p], max_gen_len=10, temperature=0, eos_id=2)[0] for p in prompts]
     assert batched == alone
     assert all(len(out) == 10 for out in alone)  # no EOS drawn here: each ran its full budget
 
@@ -268,7 +265,7 @@ def test_batched_greedy_generation_matches_one_prompt_at_a_time():
 def test_greedy_generation_is_the_argmax_of_the_full_forward():
     model = tiny_model(open_gates=True)
     seq = [1, 5, 9, 14]
-    out = lladapter.generate(model, [seq], max_gen_len=8, temperature=0, eos_id=2)[0]
+    out = generation.generate(model, [seq], max_gen_len=8, temperature=0, eos_id=2)[0]
     for _ in range(8):
         with torch.no_grad():
             seq = seq + [model(torch.tensor([seq], device=DEVICE))[0, -1].argmax().item()]
@@ -277,24 +274,24 @@ def test_greedy_generation_is_the_argmax_of_the_full_forward():
 
 def test_generation_stops_at_eos_and_sampling_is_seeded():
     model = tiny_model(open_gates=True)
-    greedy = lladapter.generate(model, [[1, 5, 9]], max_gen_len=6, temperature=0, eos_id=-5)[0]
+    greedy = generation.generate(model, [[1, 5, 9]], max_gen_len=6, temperature=0, eos_id=-5)[0]
     first = greedy[2]  # declare the third greedy token EOS: output stops before it
-    assert lladapter.generate(model, [[1, 5, 9]], max_gen_len=6, temperature=0, eos_id=first)[0] == greedy[:greedy.index(first)]
-    runs = [lladapter.generate(model, [[1, 5, 9]] * 3, max_gen_len=12, temperature=1.0, top_p=0.9, eos_id=-5,
+    assert generation.generate(model, [[1, 5, 9]], max_gen_len=6, temperature=0, eos_id=first)[0] == greedy[:greedy.index(first)]
+    runs = [generation.generate(model, [[1, 5, 9]] * 3, max_gen_len=12, temperature=1.0, top_p=0.9, eos_id=-5,
                                generator=torch.Generator(DEVICE).manual_seed(s)) for s in (7, 7, 8)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    draws = {lladapter.sample_next(logits, 1.0, 0.75, torch.Generator().manual_seed(s)).item() for s in range(200)}
+    draws = {generation.sample_next(logits, 1.0, 0.75, torch.Generator().manual_seed(s)).item() for s in range(200)}
     assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.75; tokens 2 and 3 are never drawn
-    assert lladapter.sample_next(logits, 0, 0.75).item() == 0
+    assert generation.sample_next(logits, 0, 0.75).item() == 0
 
 
 def test_generation_refuses_a_prompt_longer_than_max_seq_len():
     with pytest.raises(ValueError, match="max_seq_len=64"):
-        lladapter.generate(tiny_model(), [[1] * 64], max_gen_len=4, eos_id=2)
+        generation.generate(tiny_model(), [[1] * 64], max_gen_len=4, eos_id=2)
 
 
 # ---- the recipe's data side ------------------------------------------------------------------------------
@@ -349,8 +346,8 @@ def test_bf16_base_on_cpu_keeps_zero_init_exact_and_trains_an_fp32_adapter(tmp_p
 def test_compiled_decoding_gives_the_tokens_of_eager_decoding():
     model = tiny_model(open_gates=True, n_kv_heads=2)
     prompts = [[1, 5, 9, 14], [1, 7], [1, 30, 31, 32, 33, 34]]  # different lengths: prompt tokens fed in steps
-    eager = lladapter.generate(model, prompts, max_gen_len=12, temperature=0, eos_id=2)
-    compiled = lladapter.generate(model, prompts, max_gen_len=12, temperature=0, eos_id=2, compile=True)
+    eager = generation.generate(model, prompts, max_gen_len=12, temperature=0, eos_id=2)
+    compiled = generation.generate(model, prompts, max_gen_len=12, temperature=0, eos_id=2, compile=True)
     assert compiled == eager
     assert all(len(out) == 12 for out in eager)
 
@@ -584,11 +581,11 @@ def test_llama3_template_scores_the_response_and_eot_and_keeps_markers_as_ids(bp
 
 def test_generation_stops_at_any_of_several_stop_ids():
     model = tiny_model(open_gates=True)
-    greedy = lladapter.generate(model, [[1, 5, 9]], max_gen_len=8, temperature=0, eos_id=None)[0]
+    greedy = generation.generate(model, [[1, 5, 9]], max_gen_len=8, temperature=0, eos_id=None)[0]
     a, b = greedy[2], greedy[5]
-    assert lladapter.generate(model, [[1, 5, 9]], max_gen_len=8, temperature=0, eos_id={b, a})[0] == \
+    assert generation.generate(model, [[1, 5, 9]], max_gen_len=8, temperature=0, eos_id={b, a})[0] == \
         greedy[:min(greedy.index(a), greedy.index(b))]
-    assert lladapter.generate(model, [[1, 5, 9]], max_gen_len=8, temperature=0, eos_id=[-5, b])[0] == \
+    assert generation.generate(model, [[1, 5, 9]], max_gen_len=8, temperature=0, eos_id=[-5, b])[0] == \
         greedy[:greedy.index(b)]
 
 
@@ -717,20 +714,20 @@ def three_adapters():
 def test_each_row_of_a_mixed_batch_gets_what_its_adapter_alone_gives():
     models = three_adapters()
     base = base_copy(models["L2"])
-    bank = lladapter.AdapterBank(base, {name: lladapter.adapter_state_dict(m) for name, m in models.items()})
+    bank = generation.AdapterBank(base, {name: checkpoint.Adapter.of_model(m) for name, m in models.items()})
     prompts = [[1, 5, 9, 14], [1, 7], [1, 30, 31, 32, 33, 34], [1, 3, 4], [1, 8, 8, 8, 8], [1, 2], [1, 60, 61]]
     rows = [0, 1, 2, 3, 1, 0, 3]  # the base, and each adapter: ragged prompts, every row its own
-    mixed = lladapter.generate(base, prompts, 8, temperature=0, bank=bank, rows=rows)
+    mixed = generation.generate(base, prompts, 8, temperature=0, bank=bank, rows=rows)
     for prompt, row, tokens in zip(prompts, rows, mixed):
         alone = base if row == 0 else models[bank.names[row]]  # the adapter loaded the ordinary way
-        assert tokens == lladapter.generate(alone, [prompt], 8, temperature=0)[0], (bank.names[row], prompt)
+        assert tokens == generation.generate(alone, [prompt], 8, temperature=0)[0], (bank.names[row], prompt)
     assert len({tuple(t) for t in mixed[:4]}) == 4, "the adapters answer differently, or the test shows nothing"
 
 
 def test_the_banks_prompt_keys_values_and_gates_are_those_the_model_computes():
     models = three_adapters()
     base = base_copy(models["L2"])
-    bank = lladapter.AdapterBank(base, {name: lladapter.adapter_state_dict(m) for name, m in models.items()})
+    bank = generation.AdapterBank(base, {name: checkpoint.Adapter.of_model(m) for name, m in models.items()})
     assert bank.first == 0 and bank.names == ["base", "L2", "L4", "L1K5"]
     for i in range(base.args.n_layers):
         keys, values, gates, seen = bank.layers[i]

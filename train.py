@@ -123,15 +123,14 @@ cli.require(not args.resume or (out / "train_state.pth").is_file(),
 # process holds the whole base and DDP averages the adapter's gradients, or (--fsdp) each holds a shard of it.
 distributed = "RANK" in os.environ
 ddp = distributed and not args.fsdp
-device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-device_type = torch.device(device).type
-if distributed and device_type == "cuda":  # this process's GPU (a scheduler may show each process fewer than all)
-    device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+device = cli.device_of(args.device)
+if distributed and device.type == "cuda":  # this process's GPU (a scheduler may show each process fewer than all)
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+device_type = device.type
 if device_type == "cuda":  # before anything touches the GPU: the dtype, the memory figures and NCCL read this one
     torch.cuda.set_device(device)
 if distributed:  # the device given, so that NCCL never guesses it
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
-                            device_id=torch.device(device) if device_type == "cuda" else None)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", device_id=device if device_type == "cuda" else None)
     rank, world = dist.get_rank(), dist.get_world_size()
 else:
     rank, world = 0, 1
@@ -328,7 +327,7 @@ if args.fsdp:  # what this process holds of the frozen base: its shard of each t
         f"({100 * local / (n_total - n_trainable):.1f}%)")
 optimizer = torch.optim.AdamW(trainable.values(), lr=peak_lr, betas=(args.beta1, args.beta2),
                               weight_decay=args.weight_decay, fused=device_type == "cuda")
-gates = [layer.attention.gate for layer in raw_model.layers[raw_model.first_adapted:]]
+gates = raw_model.gates()
 
 settings = {**vars(args), "base_dtype": cli.dtype_name(compute_dtype)}  # the dtype --dtype=auto chose on this machine
 start_step = 0
@@ -458,7 +457,7 @@ if last_step < total_steps:
 elif args.mode == "adapter" and master:
     say(f"adapter: {out / 'adapter.pth'} ({os.path.getsize(out / 'adapter.pth') / 2**20:.2f} MiB)")
 if master:  # what tools read (tools/plan.py, walkthrough/ablations.py): this run's figures, never its printed lines
-    summary = {"steps": last_step, "total_steps": total_steps, "world": world, "device": device,
+    summary = {"steps": last_step, "total_steps": total_steps, "world": world, "device": str(device),
                "peak_memory_mib": peak if math.isfinite(peak) else None,
                "above_start_mib": peak - resident_at_start if device_type == "cpu" and math.isfinite(peak) else None,
                "load_peak_mib": load_peak_mib if math.isfinite(load_peak_mib) else None,

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the reference
 
 import checkpoint  # noqa: E402
 import cli
+import generation
 import lladapter
 from cli import InputError
 
@@ -157,7 +158,7 @@ def first_answer_accuracy(task, out, records, image_dim):
                                       adapter_len=3, image_dim=image_dim)
     prompt = tok.encode(lladapter.format_prompt(records[0]["instruction"]), bos=True, eos=False)
     image = torch.stack([cli.load_image_feature(r["image"], out.parent, 16, "test") for r in records])
-    answers = lladapter.generate(model, [prompt] * len(records), 1, 0, eos_id=tok.eos_id,
+    answers = generation.generate(model, [prompt] * len(records), 1, 0, eos_id=tok.eos_id,
                                  image=image.to(DEVICE) if image_dim else None)
     return sum(tok.decode(a) == r["output"] for a, r in zip(answers, records)) / len(records)
 

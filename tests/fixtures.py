@@ -41,8 +41,8 @@ def tiny_model(seed=0, open_gates=False, **overrides):
     model = Transformer(tiny_args(**overrides)).to(DEVICE)
     if open_gates:  # as after some training: every head's gate somewhere in (-1, 1)
         with torch.no_grad():
-            for layer in model.layers[model.first_adapted:]:
-                layer.attention.gate.uniform_(-1.5, 1.5)
+            for gate in model.gates():
+                gate.uniform_(-1.5, 1.5)
     return model
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import generation
 import lladapter
 import tokenizer as tokenizers
 
@@ -57,7 +58,7 @@ def test_only_zero_init_gives_the_prompts_no_gradient_at_step_0():
 
 def test_random_init_draws_the_same_gates_every_time_from_its_own_generator():
     first, second = variant_model("random_init", seed=0), variant_model("random_init", seed=1)
-    gates = [torch.cat([layer.attention.gate.flatten() for layer in m.layers[m.first_adapted:]])
+    gates = [torch.cat([gate.flatten() for gate in m.gates()])
              for m in (first, second)]
     assert torch.equal(gates[0], gates[1])  # whatever torch's global seed (which drew different prompts)
     assert not torch.equal(first.adapter_query.weight, second.adapter_query.weight)
@@ -125,7 +126,7 @@ def test_prefix_variant_decodes_through_the_kv_cache_to_its_full_forward(n_kv_he
         torch.testing.assert_close(cached_logits(model, x, chunks), full, rtol=1e-4, atol=1e-4)
     # and greedy generation, whose positions come as a tensor, picks the full forward's argmax at every step
     prompt = x[0, :6].tolist()
-    out = lladapter.generate(model, [prompt], max_gen_len=8, temperature=0)[0]
+    out = generation.generate(model, [prompt], max_gen_len=8, temperature=0)[0]
     with torch.no_grad():
         expected = model(torch.tensor([prompt + out]))[0, len(prompt) - 1:-1].argmax(-1)
     assert out == expected.tolist()
@@ -186,7 +187,7 @@ def test_quick_ablations_run_every_variant_and_write_the_table_and_the_figure(tm
     # the gates go from the trainable count with no_gate and prefix: as many as the walkthrough's model has
     model, _ = checkpoint.load_llama(tmp_path / "walk" / "base", device="cpu", adapter_len=world.SETTINGS["adapter_len"],
                                      adapter_layer=world.SETTINGS["adapter_layer"])
-    n_gates = sum(layer.attention.gate.numel() for layer in model.layers[model.first_adapted:])
+    n_gates = sum(gate.numel() for gate in model.gates())
     assert full["zero_init (the paper)"]["trainable"] - full["no_gate"]["trainable"] == n_gates
     assert full["prefix"]["trainable"] == full["no_gate"]["trainable"]
     assert full["L=1"]["trainable"] * 4 == full["L=4 (zero_init)"]["trainable"]

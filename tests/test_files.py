@@ -162,7 +162,7 @@ def test_original_layout_adapter_tells_its_K_and_L_by_its_nonzero_gates(tmp_path
     write_meta_checkpoint(source, tmp_path / "ckpt")
     path = tmp_path / "original.pth"
     torch.save(original_export(source), path)
-    assert checkpoint.adapter_args(path, {"dim": 64, "n_layers": 4, "n_heads": 4}, {}) == \
+    assert checkpoint.read_adapter(path, {"dim": 64, "n_layers": 4, "n_heads": 4}).settings() == \
         {"adapter_len": 2, "adapter_layer": 3, "image_dim": 0}
     model, _ = checkpoint.load_llama(tmp_path / "ckpt", spm_tokenizer, adapter_path=path, device=DEVICE)
     assert (model.args.adapter_layer, model.args.adapter_len) == (3, 2)
@@ -318,7 +318,7 @@ def test_files_that_are_not_utf8_are_refused_in_one_line(tmp_path, spm_tokenizer
     write_hf_checkpoint(tiny_model(), tmp_path / "hf", spm_tokenizer)
     for file in (tmp_path / "meta" / "params.json", tmp_path / "hf" / "config.json"):
         file.write_bytes(b"\xff\xfe{" + file.read_bytes())
-        one_line_error(lambda: checkpoint.load_llama(file.parent, spm_tokenizer), file, "not valid JSON")
+        one_line_error(lambda: checkpoint.load_llama(file.parent, spm_tokenizer), file, "not UTF-8 text")
 
 
 def test_shard_index_without_a_map_of_file_names_is_refused_in_one_line(tmp_path, spm_tokenizer):

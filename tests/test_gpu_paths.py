@@ -12,6 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import cli
+import generation
 import lladapter
 import quantize
 from tests.conftest import log_of, run_generate, train
@@ -54,18 +55,18 @@ def test_compiled_decoding_reuses_its_cache_memory_and_compiles_once_per_batch_s
     # their addresses from one generate() call to the next of the same batch size, or each call records anew.
     model = tiny_model(open_gates=True, n_kv_heads=2)
     prompts = [[1, 5, 9, 14], [1, 7], [1, 30, 31, 32, 33, 34]]
-    first = lladapter.generate(model, prompts, 10, temperature=0, compile=True)
+    first = generation.generate(model, prompts, 10, temperature=0, compile=True)
     memory = lambda: [(a.cache_k.data_ptr(), a.cache_v.data_ptr(), *(t.data_ptr() for t in a.prompt_kv or () if t is not None))  # noqa
                       for a in (layer.attention for layer in model.layers)]
     kept, graphs = memory(), counters["stats"]["unique_graphs"]
     others = [[1, 40, 41], [1, 8, 9, 10, 11], [1, 2]]
-    second = lladapter.generate(model, others, 10, temperature=0, compile=True)
+    second = generation.generate(model, others, 10, temperature=0, compile=True)
     assert memory() == kept, "a second call of the same batch size must reuse the cache's memory"
     assert counters["stats"]["unique_graphs"] == graphs, "and must not compile again"
-    assert second == lladapter.generate(model, others, 10, temperature=0)  # the eager tokens
-    assert lladapter.generate(model, prompts, 10, temperature=0, compile=True) == first  # stale entries never read
+    assert second == generation.generate(model, others, 10, temperature=0)  # the eager tokens
+    assert generation.generate(model, prompts, 10, temperature=0, compile=True) == first  # stale entries never read
     for prompt in ([1, 5, 9], [1, 2, 3, 4, 5, 6, 7]):  # batch 1, prompts of two lengths: one graph too
-        lladapter.generate(model, [prompt], 10, temperature=0, compile=True)
+        generation.generate(model, [prompt], 10, temperature=0, compile=True)
     assert counters["stats"]["unique_graphs"] == graphs + 1, "a step's input must keep its strides"
     model.clear_cache()
     assert all(layer.attention.cache_k is None for layer in model.layers)
@@ -105,7 +106,7 @@ def test_decoding_with_no_mask_gives_the_tokens_of_the_masked_path_also_with_gro
     x = tokens(seqlen=20)
     with SDPACalls() as calls:
         unmasked = cached_logits(model, x, [6] + [1] * 14)
-        lladapter.generate(model, [[1, 5, 9, 14], [1, 7]], 6, temperature=0)
+        generation.generate(model, [[1, 5, 9, 14], [1, 7]], 6, temperature=0)
     assert calls.masks and all(mask is None for mask in calls.masks), "eager decoding passes attention a mask"
     masked = masked_logits(model, x, 6)
     assert torch.equal(unmasked.argmax(-1), masked.argmax(-1))
@@ -135,9 +136,9 @@ def test_the_batch_that_fits_counts_the_math_kernels_fp32_scores_where_no_fused_
     attention = 2 * a.n_heads * length ** 2 * 4
     assert attention > cache  # what counting only the cache would miss
     free = 10 * (cache + prefill + attention) + 1
-    assert lladapter.batch_that_fits(model, length, free) == 10
-    assert lladapter.batch_that_fits(model, length, free, most=4) == 4
-    assert lladapter.batch_that_fits(model, length, cache + prefill) == 0
+    assert generation.batch_that_fits(model, length, free) == 10
+    assert generation.batch_that_fits(model, length, free, most=4) == 4
+    assert generation.batch_that_fits(model, length, cache + prefill) == 0
 
 
 def prompts_of_this_process(model):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import checkpoint
+import generation
 import lladapter
 import quantize
 from tests.fixtures import (ROOT, base_copy, tiny_model, tokens, write_hf_checkpoint,
@@ -111,5 +112,5 @@ def test_an_adapter_trained_on_an_int8_base_loads_and_works_on_the_full_precisio
 def test_compiled_decoding_on_an_int8_base_gives_the_tokens_of_eager_decoding():
     model = quantize.int8_linears(tiny_model(open_gates=True).eval(), quantize_from_weights=True)
     prompts = tokens(bsz=2, seqlen=6).tolist()
-    eager = lladapter.generate(model, prompts, 8, temperature=0)
-    assert lladapter.generate(model, prompts, 8, temperature=0, compile=True) == eager
+    eager = generation.generate(model, prompts, 8, temperature=0)
+    assert generation.generate(model, prompts, 8, temperature=0, compile=True) == eager

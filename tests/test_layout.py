@@ -7,7 +7,8 @@ import pytest
 
 from tests.fixtures import ROOT
 
-REFERENCE = ["lladapter.py", "tokenizer.py", "checkpoint.py", "quantize.py", "cli.py", "train.py", "generate.py"]
+REFERENCE = ["lladapter.py", "generation.py", "tokenizer.py", "checkpoint.py", "quantize.py", "cli.py", "train.py",
+             "generate.py"]
 LAB = {"walkthrough", "tools", "tests"}
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import checkpoint
+import generation
 import lladapter
 from tests.conftest import log_of, run_generate, train
 from tests.fixtures import BPE_RANKS, LLAMA3_VOCAB, llama3_model, write_hf_checkpoint
@@ -51,5 +52,5 @@ def test_a_llama3_saved_by_transformers_loads_to_its_logits_and_greedy_tokens(tm
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x).logits.float(), rtol=1e-4, atol=1e-4)
         theirs = reference.generate(x[:, :12], max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
-    ours = lladapter.generate(model, x[:, :12].tolist(), max_gen_len=16, temperature=0.0)
+    ours = generation.generate(model, x[:, :12].tolist(), max_gen_len=16, temperature=0.0)
     assert ours == theirs[:, 12:].tolist(), "greedy continuations differ from transformers' own"

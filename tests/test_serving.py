@@ -1,9 +1,10 @@
-"""Slow tier: many adapters on one base, in one batch (lladapter.AdapterBank, generate.py --adapter repeated and
+"""Slow tier: many adapters on one base, in one batch (generation.AdapterBank, generate.py --adapter repeated and
 --compare), adapters trained with PEFT, answers for AlpacaEval, and prompts as long as the model's context."""
 import ast
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import checkpoint
+import generation
 import lladapter
 import tokenizer as tokenizers
 from cli import InputError
@@ -23,12 +25,12 @@ from test_lladapter import three_adapters
 def test_a_mixed_batch_decoded_by_the_compiled_step_gives_the_eager_tokens():
     models = three_adapters()
     base = base_copy(models["L2"])
-    bank = lladapter.AdapterBank(base, {name: lladapter.adapter_state_dict(m) for name, m in models.items()})
+    bank = generation.AdapterBank(base, {name: checkpoint.Adapter.of_model(m) for name, m in models.items()})
     prompts, rows = [[1, 5, 9, 14], [1, 7], [1, 30, 31, 32, 33, 34], [1, 3, 4]], [0, 1, 2, 3]
-    eager = lladapter.generate(base, prompts, 8, temperature=0, bank=bank, rows=rows)
-    assert lladapter.generate(base, prompts, 8, temperature=0, bank=bank, rows=rows, compile=True) == eager
-    assert lladapter.generate(base, prompts, 8, temperature=0, bank=bank, rows=rows[::-1], compile=True) == \
-        lladapter.generate(base, prompts, 8, temperature=0, bank=bank, rows=rows[::-1])  # other rows, the same graph
+    eager = generation.generate(base, prompts, 8, temperature=0, bank=bank, rows=rows)
+    assert generation.generate(base, prompts, 8, temperature=0, bank=bank, rows=rows, compile=True) == eager
+    assert generation.generate(base, prompts, 8, temperature=0, bank=bank, rows=rows[::-1], compile=True) == \
+        generation.generate(base, prompts, 8, temperature=0, bank=bank, rows=rows[::-1])  # other rows, the same graph
 
 
 def write_peft_adapter(model, folder, gates, per_head=False, bin_file=False):
@@ -112,7 +114,10 @@ def test_compare_answers_each_prompt_with_the_base_and_each_adapter_as_each_alon
     for k, (name, text) in enumerate(side_by_side):
         assert ast.literal_eval(text) == alone[name][k // 3], (name, PROMPTS[k // 3])
     assert len({tuple(answers) for answers in alone.values()}) == 3, "the three answer differently, or this shows nothing"
-    assert "MiB per adapter" in stderr
+    # the status line counts the adapters given, not the base's row: two, and their keys and values twice one's
+    status = re.search(r"\[(\d+) adapters beside the base model, in one batch: their prompts' keys and values "
+                       r"([\d.]+) MiB, ([\d.]+) MiB each\]", stderr)
+    assert status and status[1] == "2" and abs(float(status[2]) - 2 * float(status[3])) <= 0.01, stderr
 
 
 def test_records_name_their_adapter_and_a_json_out_is_the_list_alpacaeval_reads(task, two_adapters, tmp_path):

@@ -71,7 +71,7 @@ def test_decode_bound_counts_the_weights_and_the_whole_cache_once_per_step():
     model = bench.random_model(args, torch.device("cpu"), torch.bfloat16)
     base = sum(p.numel() for n, p in model.named_parameters()
                if not n.startswith("tok_embeddings") and not lladapter.is_adapter_key(n))
-    gates = sum(layer.attention.gate.numel() for layer in model.layers[model.first_adapted:])  # read off the model
+    gates = sum(gate.numel() for gate in model.gates())  # read off the model
     # bf16 base weights, fp32 gates; K and V, batch 3, 2 layers x 40 positions + 10 prompts
     read = 2 * base + 4 * gates + 2 * 3 * 64 * 2 * (2 * 40 + 1 * 10)
     assert bench.decode_bound(model, 3, 40, 1.0) == pytest.approx(3 * 1e12 / read)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import checkpoint
+import generation
 import lladapter
 
 from tests.fixtures import VOCAB, tokens
@@ -33,7 +34,7 @@ def test_a_llama_saved_by_transformers_loads_to_its_logits_and_greedy_tokens(tmp
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x).logits.float(), rtol=1e-4, atol=1e-4)
         theirs = reference.generate(x, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
-    ours = lladapter.generate(model, x.tolist(), max_gen_len=16, temperature=0.0)
+    ours = generation.generate(model, x.tolist(), max_gen_len=16, temperature=0.0)
     assert ours == theirs[:, x.shape[1]:].tolist(), "greedy continuations differ from transformers' own"
 
 

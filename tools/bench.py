@@ -35,6 +35,7 @@ import torch
 
 import checkpoint
 import cli
+import generation
 import lladapter
 import quantize as quantization
 from lladapter import ModelArgs, Transformer
@@ -96,8 +97,8 @@ def random_model(args, device, dtype, seed=0):
 def open_gates(model, value=0.1):
     # An adapter in use: its branch runs at every step and changes the output.
     with torch.no_grad():
-        for layer in model.layers[model.first_adapted:]:
-            layer.attention.gate.fill_(value)
+        for gate in model.gates():
+            gate.fill_(value)
 
 
 class Trainer:
@@ -231,7 +232,7 @@ def recompute_generate(model, prompt, n):
 
 def cache_against_recompute(model, bsz):
     prompt = torch.randint(3, model.args.vocab_size, (bsz, prompt_len))
-    cached = timed(lambda: lladapter.generate(model, prompt.tolist(), new_tokens, temperature=0, eos_id=-1))
+    cached = timed(lambda: generation.generate(model, prompt.tolist(), new_tokens, temperature=0, eos_id=-1))
     recompute = timed(lambda: recompute_generate(model, prompt, new_tokens))
     row = {"batch": bsz, "cached_tokens_per_s": bsz * new_tokens / cached,
            "recompute_tokens_per_s": bsz * new_tokens / recompute, "speedup": recompute / cached}
@@ -255,7 +256,7 @@ def decode_overhead(n_tokens, use_compile, repeats=3):
     torch.set_num_threads(1)
     for i in range(repeats + 1):
         for m in modes:
-            t = timed(lambda: lladapter.generate(model, prompt, n_tokens, temperature=0, eos_id=-1, compile=m))
+            t = timed(lambda: generation.generate(model, prompt, n_tokens, temperature=0, eos_id=-1, compile=m))
             if i > 0:  # the first call of each warms up (and compiles)
                 times[m].append(t / n_tokens)
     torch.set_num_threads(threads)
@@ -270,7 +271,7 @@ def decode_overhead(n_tokens, use_compile, repeats=3):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# CPU: several adapters on one base (lladapter.AdapterBank), side by side with one adapter and with one at a time
+# CPU: several adapters on one base (generation.AdapterBank), side by side with one adapter and with one at a time
 
 def adapter_serving(repeats=3, n_new=64):
     """Tokens/s of 8 rows over 4 different adapters in one batch (a bank), of the same 8 rows over one adapter (a
@@ -286,8 +287,10 @@ def adapter_serving(repeats=3, n_new=64):
         generator = torch.Generator().manual_seed(seed)
         states.append({k: torch.randn(v.shape, generator=generator) * (1.0 if v.dim() == 2 else 0.3)
                        for k, v in lladapter.adapter_state_dict(model).items()})
-    four = lladapter.AdapterBank(base, {f"a{i}": state for i, state in enumerate(states)})
-    one = lladapter.AdapterBank(base, {"a0": states[0]})
+    adapters = [checkpoint.Adapter(f"a{i}", model.args.adapter_len, model.args.adapter_layer, 0, state)
+                for i, state in enumerate(states)]
+    four = generation.AdapterBank(base, {a.path: a for a in adapters})
+    one = generation.AdapterBank(base, {"a0": adapters[0]})
     prompts = torch.randint(3, vocab_size, (8, prompt_len)).tolist()
 
     def one_at_a_time():  # each adapter in the model itself, its 2 rows decoded apart
@@ -295,10 +298,10 @@ def adapter_serving(repeats=3, n_new=64):
             with torch.no_grad():
                 for k, v in lladapter.adapter_tensors(model).items():
                     v.copy_(state[k])
-            lladapter.generate(model, prompts[2 * i:2 * i + 2], n_new, temperature=0, eos_id=-1)
-    runs = {"4 adapters in one batch of 8": lambda: lladapter.generate(base, prompts, n_new, temperature=0, eos_id=-1,
+            generation.generate(model, prompts[2 * i:2 * i + 2], n_new, temperature=0, eos_id=-1)
+    runs = {"4 adapters in one batch of 8": lambda: generation.generate(base, prompts, n_new, temperature=0, eos_id=-1,
                                                                           bank=four, rows=[1, 2, 3, 4] * 2),
-            "1 adapter in one batch of 8": lambda: lladapter.generate(base, prompts, n_new, temperature=0, eos_id=-1,
+            "1 adapter in one batch of 8": lambda: generation.generate(base, prompts, n_new, temperature=0, eos_id=-1,
                                                                          bank=one, rows=[1] * 8),
             "4 adapters one at a time, batch 2": one_at_a_time}
     times = {name: [] for name in runs}
@@ -312,7 +315,7 @@ def adapter_serving(repeats=3, n_new=64):
         big = Transformer(replace(llama_args("Llama-3.1-8B"), adapter_layer=0))
     paper = {f"layers.{i}.attention.gate": torch.zeros(1, 32, 1, 1) for i in range(2, 32)}
     paper["adapter_query.weight"] = torch.zeros(30 * 10, 4096)
-    big_bank = lladapter.AdapterBank(lladapter.set_precision(big, torch.bfloat16), {"a": paper})
+    big_bank = generation.AdapterBank(lladapter.set_precision(big, torch.bfloat16), {"a": checkpoint.Adapter("a", 10, 30, 0, paper)})
     row = {"tokens_per_s": tokens_per_s, "mixed_over_one": tokens_per_s["4 adapters in one batch of 8"] /
            tokens_per_s["1 adapter in one batch of 8"], "mixed_over_one_at_a_time": tokens_per_s[
            "4 adapters in one batch of 8"] / tokens_per_s["4 adapters one at a time, batch 2"],
@@ -356,7 +359,7 @@ def memory_options(argv):
     for i in range(3):
         for name, model in (("fp32", fp32), ("int8", int8)):
             open_gates(model)
-            t = timed(lambda: lladapter.generate(model, prompt, new_tokens // 4, temperature=0, eos_id=-1))
+            t = timed(lambda: generation.generate(model, prompt, new_tokens // 4, temperature=0, eos_id=-1))
             if i:
                 times[name].append(t)
     row["decode_tokens_per_s"] = {k: new_tokens // 4 / statistics.median(v) for k, v in times.items()}
@@ -550,13 +553,13 @@ def decode_bound(model, bsz, cache_len, bandwidth_tbs):
 
 
 def decoding(model, device, batches, compile_modes, n_new, n_prompt, bandwidth_tbs, log=print):
-    """lladapter.generate's tokens/s at each batch size, eager and compiled, beside the bandwidth bound."""
+    """generation.generate's tokens/s at each batch size, eager and compiled, beside the bandwidth bound."""
     rows = []
     for use_compile in compile_modes:
         for bsz in batches:
             prompts = torch.randint(3, model.args.vocab_size, (bsz, n_prompt)).tolist()
-            lladapter.generate(model, prompts, 4, temperature=0, eos_id=-1, compile=use_compile)  # warm-up, compiles
-            t = timed(lambda: lladapter.generate(model, prompts, n_new, temperature=0, eos_id=-1, compile=use_compile))
+            generation.generate(model, prompts, 4, temperature=0, eos_id=-1, compile=use_compile)  # warm-up, compiles
+            t = timed(lambda: generation.generate(model, prompts, n_new, temperature=0, eos_id=-1, compile=use_compile))
             cache_len = model.args.max_seq_len if use_compile else n_prompt + n_new  # the cache generate() allocates
             bound = decode_bound(model, bsz, cache_len, bandwidth_tbs)
             row = {"batch": bsz, "compiled": use_compile, "tokens_per_s": bsz * n_new / t, "bound_tokens_per_s": bound}

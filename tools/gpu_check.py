@@ -13,13 +13,13 @@ In the order they run (seconds of the budget; a check may also use what the ones
                          adapter_layer=0, in bf16: full forward and cached decoding (the paper's zero-init property)
   sdpa_math          15  the prompt branch (paper Eq. 7's gated part) with the default attention kernel against
                          torch's math kernel, bf16, with and without grouped-query attention: output and gradient
-  compiled_decoding  90  lladapter.generate(compile=True) at LLaMA-7B's shapes, batch 1 and 8: CUDA graphs, one
+  compiled_decoding  90  generation.generate(compile=True) at LLaMA-7B's shapes, batch 1 and 8: CUDA graphs, one
                          compilation and one graph recording per batch size, then a second call timed on the kept
                          cache (no capture in it), beside the memory-bandwidth bound
   generate_cli       35  generate.py as users run it, on a small random base written in Meta's layout: 9 prompts
                          from a file, --max_batch_size=4 --compile: one compilation and one CUDA-graph recording,
                          counted on its stderr (TORCH_LOGS=recompiles,cudagraphs,dynamo); then --max_batch_size=0,
-                         the batch lladapter.batch_that_fits fits to free memory, at --max_seq_len=2048 on the same
+                         the batch generation.batch_that_fits fits to free memory, at --max_seq_len=2048 on the same
                          grouped-query model with all but 1 GiB of the card taken first: no out of memory
   nccl               30  train.py under torchrun (NCCL), DDP and --fsdp in 1 process (and in 2 where there are 2
                          GPUs), against python train.py on the same steps: the adapter.pth files agree within
@@ -31,7 +31,7 @@ In the order they run (seconds of the budget; a check may also use what the ones
                          peak memory reserved at most 1.10x the planner's prediction (tools/plan.py)
   adapter_step       25  LLaMA-7B's shapes, train.py's step at length 512, micro-batch 1, 2, 4, 8 (bench.py's code):
                          tokens/s, MFU, peak memory reserved, the planner's prediction, the attention kernels that ran
-  decoding           15  lladapter.generate at batch 1 and 8, eager, beside the memory-bandwidth bound
+  decoding           15  generation.generate at batch 1 and 8, eager, beside the memory-bandwidth bound
   walkthrough        40  python train.py --dtype=bf16: the walkthrough's targets, read from its walkthrough.json (its
                          base is pretrained on the CPU alongside the checks above, or copied from out/walkthrough)
   tests              30  the fast tier, python -m pytest -q test_lladapter.py, with LLADAPTER_TEST_DEVICE=cuda
@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from tools import bench, plan
 import checkpoint
 import cli
+import generation
 import lladapter
 from lladapter import ModelArgs, Transformer
 
@@ -388,7 +389,7 @@ def decoding_compiled(ctx):
             def count():  # graphs compiled, CUDA graphs recorded, re-recordings, so far in this process
                 return counters["stats"]["unique_graphs"], graphs.recorded, graphs.rerecorded
 
-            call = functools.partial(lladapter.generate, model, prompts, n_new, temperature=0, eos_id=-1, compile=True)
+            call = functools.partial(generation.generate, model, prompts, n_new, temperature=0, eos_id=-1, compile=True)
             before = count()
             call()
             warm = count()

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import cli
+import generation
 import lladapter
 
 
@@ -99,8 +100,7 @@ def random_init(model):
     # a generator of its own with a fixed seed: the same gates in every run, and torch's global draws untouched.
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for layer in model.layers[model.first_adapted:]:
-            gate = layer.attention.gate
+        for gate in model.gates():
             gate.copy_(torch.randn(gate.shape, generator=generator))
 
 
@@ -164,7 +164,7 @@ def base_qa(model, tokenizer, questions, batch_size=100):
     max_gen_len = max(len(tokenizer.encode(" " + answer, bos=False, eos=True)) for _, answer in questions) + 4
     answers = []
     for i in range(0, len(prompts), batch_size):
-        outs = lladapter.generate(model, prompts[i:i + batch_size], max_gen_len, temperature=0,
+        outs = generation.generate(model, prompts[i:i + batch_size], max_gen_len, temperature=0,
                                   eos_id=tokenizer.eos_id)
         answers += [tokenizer.decode(out).strip() for out in outs]
     exact = sum(answer == expected for answer, (_, expected) in zip(answers, questions))

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from checkpoint import atomic_save, save_meta_checkpoint
 from cli import require
-from lladapter import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, ModelArgs, Transformer, format_prompt, gates_closed, generate
+from generation import generate
+from lladapter import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, ModelArgs, Transformer, format_prompt, gates_closed
 from tokenizer import Tokenizer
 
 # train.py settings for the adapter run (intervals in optimizer steps: 12 per epoch here, 480 in all). A model this
