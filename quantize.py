@@ -17,10 +17,11 @@ import torch.nn as nn
 
 
 def dequantized(weight, scales, dtype):
-    # (out, in) in `dtype`: each int8 times its row's scale, multiplied in fp32 and rounded once. The scale goes on
-    # the weight, not on x @ weight^T: that product is the output times 127 / max|row| (10^3 and more), which
-    # overflows fp16 (65504) on LLaMA's activations in the thousands.
-    return weight.to(dtype).mul_(scales[:, None])
+    # (out, in) in `dtype`: each int8 times its row's scale, multiplied in fp32 and rounded once, in one pass (read
+    # 1 byte, write 2 per weight, where a 16-bit copy scaled in place moves 9). The scale goes on the weight, not on
+    # x @ weight^T: that product is the output times 127 / max|row| (10^3 and more), which overflows fp16 (65504)
+    # on LLaMA's activations in the thousands.
+    return torch.mul(weight, scales[:, None], out=torch.empty(weight.shape, dtype=dtype, device=weight.device))
 
 
 class Int8Matmul(torch.autograd.Function):
