@@ -9,6 +9,7 @@ import base64
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ import lladapter
 import tokenizer as tokenizers
 from cli import InputError
 from lladapter import ModelArgs, Transformer
-from tests.fixtures import (BPE_RANKS, BPE_TEXTS, DEVICE, LLAMA3_VOCAB, SHARED, VOCAB, base_copy, base_logits,
+from tests.fixtures import (BPE_RANKS, BPE_TEXTS, DEVICE, LLAMA3_VOCAB, SHARED, VOCAB, as_adapter, base_copy, base_logits,
                             bpe_tokenizer, cached_logits, llama3_model, requires_tiktoken, rounded_to, spm_tokenizer,
                             tiny_model, tokens, write_bpe_tokenizer, write_hf_checkpoint, write_meta_checkpoint)
 
@@ -140,9 +141,11 @@ def test_logits_at_selects_positions_of_the_full_forward():
 
 def eq7_reference(attn, x, prompt, prompt_scale=None, causal=True, rotary=True):
     """Paper Eq. 7 as written: scores over [prompt; words], each part softmaxed alone, the prompt part scaled by
-    tanh(gate); rotary embeddings in Meta's complex form; kv heads repeated for grouped-query attention. causal and
-    rotary off: the same equation in a bidirectional encoder whose positions are already in x (walkthrough/beyond)."""
+    tanh(gate); rotary embeddings in Meta's complex form; kv heads repeated for grouped-query attention. prompt None:
+    LLaMA's own attention. causal and rotary off: the same equation in a bidirectional encoder whose positions are
+    already in x (walkthrough/beyond)."""
     bsz, n, _ = x.shape
+    prompt = x.new_zeros(0, x.shape[-1]) if prompt is None else prompt
     H, Hkv, d, K = attn.n_heads, attn.n_kv_heads, attn.head_dim, prompt.shape[0]
     q = (x @ attn.wq.weight.T).view(bsz, n, H, d)
     k = (x @ attn.wk.weight.T).view(bsz, n, Hkv, d)
@@ -161,7 +164,7 @@ def eq7_reference(attn, x, prompt, prompt_scale=None, causal=True, rotary=True):
         scores[..., :K] *= prompt_scale * math.sqrt(d)
     seen = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(0 if causal else n)  # (query, key)
     word_scores = scores[..., K:].masked_fill(~seen, float("-inf"))
-    gate = torch.tanh(attn.gate)  # one per head, broadcast over the batch and positions
+    gate = torch.tanh(attn.gate) if K else 0  # one per head, broadcast over the batch and positions
     weights = torch.cat([gate * scores[..., :K].softmax(-1), word_scores.softmax(-1)], dim=-1)
     out = torch.einsum("bhqk,bkhd->bqhd", weights, values).reshape(bsz, n, H * d)
     return out @ attn.wo.weight.T
@@ -181,6 +184,70 @@ def test_attention_matches_paper_eq7(n_kv_heads):
         # the prompt scores are scaled by 1/sqrt(head_dim); 1/sqrt(dim), a bug peers shipped, would differ
         wrong = eq7_reference(attn, x, prompt, prompt_scale=1 / math.sqrt(model.args.dim))
     assert not torch.allclose(ours, wrong, atol=1e-3)
+
+
+# ---- LLaMA itself, held to what it did not compute ---------------------------------------------------------------
+
+REFERENCE = Path(__file__).resolve().parent / "tests" / "reference"
+
+
+@pytest.mark.parametrize("name", ["llama2-tiny", "llama3-tiny"])
+def test_llama_gives_the_logits_that_transformers_computed(name, spm_tokenizer):
+    # Tiny seeded Llamas that Hugging Face's transformers built and ran (tests/reference/make_llamas.py): LLaMA-2's
+    # shape, and Llama 3.2's (grouped-query attention, "llama3" rotary scaling, tied embeddings). Read through
+    # checkpoint.py's Hugging Face path, rotary row permutation included. Any one-line break of RMSNorm, RoPE,
+    # SwiGLU, a residual, a norm or the head changes these logits.
+    model, _ = checkpoint.load_llama(REFERENCE / name, tokenizer_path=spm_tokenizer, device=DEVICE, dtype=torch.float32,
+                                     adapter_layer=0, max_seq_len=64)
+    expected = torch.load(REFERENCE / name / "logits.pt")
+    with torch.no_grad():
+        logits = model(expected["tokens"].to(DEVICE))
+    torch.testing.assert_close(logits, expected["logits"].to(DEVICE), rtol=1e-5, atol=1e-5, msg=lambda m: (
+        f"LLaMA ({name}) no longer computes the logits transformers computed for the same weights\n" + m))
+
+
+def rms_norm_reference(x, weight, eps):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight  # x / RMS(x), times a weight per channel
+
+
+def llama_reference(model, tokens):
+    """LLaMA's forward written out as Meta's paper and code define it: the embedding; per block a pre-norm attention
+    (eq7_reference without a prompt) added to its input, then a pre-norm SwiGLU feed-forward, w2(silu(w1 x) * w3 x),
+    added to its input; the final norm; the output head. silu(x) = x * sigmoid(x)."""
+    eps = model.args.norm_eps
+    h = model.tok_embeddings.weight[tokens]
+    for block in model.layers:
+        h = h + eq7_reference(block.attention, rms_norm_reference(h, block.attention_norm.weight, eps), None)
+        f, g = block.feed_forward, rms_norm_reference(h, block.ffn_norm.weight, eps)
+        gate, up = g @ f.w1.weight.T, g @ f.w3.weight.T
+        h = h + (gate * torch.sigmoid(gate) * up) @ f.w2.weight.T
+    return rms_norm_reference(h, model.norm.weight, eps) @ model.output.weight.T
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_llama_is_the_block_written_out_literally(n_kv_heads):
+    model = tiny_model(n_kv_heads=n_kv_heads, adapter_layer=0, seed=7)
+    with torch.no_grad():  # norms away from 1, so that a norm's weight matters
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+        x = tokens(seqlen=14)
+        torch.testing.assert_close(model(x), llama_reference(model, x), rtol=1e-5, atol=1e-5, msg=lambda m: (
+            "LLaMA: pre-norm attention and SwiGLU, each added to its input; RMSNorm x / sqrt(mean(x^2) + eps) * "
+            "weight; rotary pairs (2i, 2i+1)\n" + m))
+
+
+def test_the_loss_is_the_next_tokens_cross_entropy_over_the_response_alone():
+    model = tiny_model(open_gates=True)
+    x = tokens(seqlen=12)
+    labels = x.clone()
+    labels[0, :5], labels[1, :8] = lladapter.IGNORE_INDEX, lladapter.IGNORE_INDEX  # the prompts: not scored
+    with torch.no_grad():
+        logits = model(x)  # logits[b, i] predict token i + 1
+        expected = sum(-torch.log_softmax(logits[b, i - 1], -1)[labels[b, i]] for b in range(2) for i in range(1, 12)
+                       if labels[b, i] != lladapter.IGNORE_INDEX)
+        torch.testing.assert_close(lladapter.response_loss(model, x, labels), expected, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: "the loss sums -log p(token i | tokens before i) over scored i\n" + m)
 
 
 # ---- loading Meta checkpoints and adapter files -----------------------------------------------------------
@@ -705,16 +772,16 @@ def test_chunked_loss_gives_the_loss_and_gradients_of_the_unchunked_one(dtype):
 
 # ---- many adapters on one base, in one batch -------------------------------------------------------------------
 
-def three_adapters():
+def three_adapters(**overrides):
     """Adapters of one base (the same seed draws the same base weights whatever K and L), with different L and K."""
-    return {name: tiny_model(open_gates=True, adapter_layer=L, adapter_len=K)
+    return {name: tiny_model(open_gates=True, adapter_layer=L, adapter_len=K, **overrides)
             for name, (L, K) in {"L2": (2, 3), "L4": (4, 3), "L1K5": (1, 5)}.items()}
 
 
 def test_each_row_of_a_mixed_batch_gets_what_its_adapter_alone_gives():
     models = three_adapters()
     base = base_copy(models["L2"])
-    bank = generation.AdapterBank(base, {name: checkpoint.Adapter.of_model(m) for name, m in models.items()})
+    bank = generation.AdapterBank(base, {name: as_adapter(m) for name, m in models.items()})
     prompts = [[1, 5, 9, 14], [1, 7], [1, 30, 31, 32, 33, 34], [1, 3, 4], [1, 8, 8, 8, 8], [1, 2], [1, 60, 61]]
     rows = [0, 1, 2, 3, 1, 0, 3]  # the base, and each adapter: ragged prompts, every row its own
     mixed = generation.generate(base, prompts, 8, temperature=0, bank=bank, rows=rows)
@@ -727,7 +794,7 @@ def test_each_row_of_a_mixed_batch_gets_what_its_adapter_alone_gives():
 def test_the_banks_prompt_keys_values_and_gates_are_those_the_model_computes():
     models = three_adapters()
     base = base_copy(models["L2"])
-    bank = generation.AdapterBank(base, {name: checkpoint.Adapter.of_model(m) for name, m in models.items()})
+    bank = generation.AdapterBank(base, {name: as_adapter(m) for name, m in models.items()})
     assert bank.first == 0 and bank.names == ["base", "L2", "L4", "L1K5"]
     for i in range(base.args.n_layers):
         keys, values, gates, seen = bank.layers[i]

@@ -53,6 +53,13 @@ def base_copy(model):
     return base
 
 
+def as_adapter(model):
+    """The adapter `model` holds, as checkpoint.read_adapter would give it from its file."""
+    a = model.args
+    return checkpoint.Adapter(Path("(a model in memory)"), a.adapter_len, a.adapter_layer, a.image_dim,
+                              lladapter.adapter_state_dict(model))
+
+
 def adapter_file_tensors(path):
     """The tensors of an adapter file, without the config that describes them."""
     return {k: v for k, v in torch.load(path).items() if k != "adapter_config"}

@@ -3,7 +3,7 @@
 - Exercises: each row of the README's Exercises table names an edit to lladapter.py (its first code span is replaced
   by its second) and the fast-tier tests it breaks. The edit is applied to a copy of the reference, the fast tier
   runs against the copy, and exactly the tests the row names must fail.
-- Reading order: each item "`file.py` N-M ..." must span the definitions it names in backticks.
+- Reading order: each item "`file.py` N-M ..." must span the definitions it names in backticks, every one of them.
 """
 import re
 import shutil
@@ -72,9 +72,9 @@ def test_the_reading_order_points_at_the_definitions_it_names():
     assert len(items) >= 6, "the README's reading order lost its items, or its format changed"
     for file, first, last, names in items:
         lines = (ROOT / file).read_text(encoding="utf-8").splitlines()
-        for name in names:
+        for name in names:  # each a def, a class, or an assignment or dataclass field (`name: type = ...`)
             where = [i + 1 for i, line in enumerate(lines)
-                     if re.match(rf"\s*(def|class) {name}\b|{name} = ", line)]
-            if where:  # names that are not definitions (a setting, a variable) are not checked
-                assert any(first <= n <= last for n in where), \
-                    f"README: {file} {first}-{last} names `{name}`, defined at line(s) {where}"
+                     if re.match(rf"\s*(def|class) {name}\b|\s*{name}(: [^=]+)? = ", line)]
+            assert where, f"README: {file} {first}-{last} names `{name}`, which {file} does not define"
+            assert any(first <= n <= last for n in where), \
+                f"README: {file} {first}-{last} names `{name}`, defined at line(s) {where}"
