@@ -4,19 +4,23 @@ masked attention that no fused kernel takes, processes that start from different
 dtype, a compiled training step that compiles again for every length."""
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
+import checkpoint
 import cli
 import generation
 import lladapter
 import quantize
 from tests.conftest import log_of, run_generate, train
-from tests.fixtures import ROOT, VOCAB, adapter_file_tensors, cached_logits, tiny_model, tokens
+from tests.fixtures import ROOT, VOCAB, adapter_file_tensors, as_adapter, base_copy, cached_logits, tiny_model, tokens
+from test_lladapter import three_adapters
 
 
 @pytest.mark.parametrize("capability, dtype", [((7, 0), torch.float16), ((7, 5), torch.float16),
@@ -175,3 +179,146 @@ def test_compiled_training_compiles_no_graph_per_sequence_length(task, tmp_path)
     assert not [r for r in reasons if "size mismatch" in r], reasons
     assert "recompile_limit" not in output and "cache_size_limit" not in output
     assert [r["step"] for r in log_of(tmp_path)] == [1, 2, 3] and all("val_loss" in r for r in log_of(tmp_path))
+
+
+# ---- issue 29: a GPU run that starts, and stays fast --------------------------------------------------------------
+
+PRETEND_CUDA = '''
+import os, torch, torch._utils
+torch.cuda.is_available = lambda: True  # CUDA pretended on this CPU: what a GPU machine's torch answers
+torch.cuda.current_device = lambda: 0
+
+
+def set_device(device):  # torch's own check of its argument (torch/cuda/__init__.py), then stop: nothing here runs CUDA
+    index = torch._utils._get_device_index(device, optional=False)
+    print(f"set_device(cuda:{index})", flush=True)
+    os._exit(0)
+
+
+torch.cuda.set_device = set_device
+'''
+
+
+@pytest.mark.parametrize("script", ["train.py", "generate.py"])
+def test_a_gpu_run_started_as_a_user_types_it_sets_an_indexed_device(tmp_path, script):
+    # `python train.py` and `python generate.py`, no flags, on a machine with CUDA: torch.cuda.set_device("cuda")
+    # raises "Expected a torch.device with a specified index", which once ended every default GPU run at its start.
+    (tmp_path / "sitecustomize.py").write_text(PRETEND_CUDA)
+    result = subprocess.run([sys.executable, script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0 and "set_device(cuda:0)" in result.stdout, result.stdout + result.stderr[-3000:]
+
+
+def test_compiled_decoding_sizes_its_cache_by_the_call_not_by_the_models_context():
+    # Every compiled step attends over the whole static cache: a default of the model's context (2,048 here,
+    # 131,072 for Llama 3.1) made a short answer read all of it at every step.
+    model = tiny_model(open_gates=True, n_kv_heads=2, max_seq_len=2048)
+    prompt = [1, 5, 9, 14, 3, 4, 7, 8]
+    compiled = generation.generate(model, [prompt], 32, temperature=0, compile=True)
+    assert model.layers[0].attention.cache_k.shape[1] == 64, "8 + 32 tokens: a cache of 64, the smallest bucket"
+    assert compiled == generation.generate(model, [prompt], 32, temperature=0)
+    graphs = counters["stats"]["unique_graphs"]
+    generation.generate(model, [prompt[:5]], 30, temperature=0, compile=True)  # 35 tokens: the same bucket, no compile
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert [generation.static_cache_len(n, 2048) for n in (1, 64, 65, 1000, 2048)] == [64, 64, 128, 1024, 2048]
+    assert generation.static_cache_len(100_000, 131_072) == 131_072
+    model.clear_cache()
+
+
+def test_compiled_decoding_past_dynamos_graph_limit_still_runs_compiled(monkeypatch):
+    # One graph per (batch size, cache length); past dynamo's limit it would decode eagerly, and say nothing.
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 2)
+    model = tiny_model(open_gates=True)
+    graphs = counters["stats"]["unique_graphs"]
+    for bsz in (1, 2, 3):
+        generation.generate(model, [[1, 5, 9]] * bsz, 4, temperature=0, compile=True)
+    assert counters["stats"]["unique_graphs"] == graphs + 3, "each shape compiled, none left to eager decoding"
+    model.clear_cache()
+
+
+class SDPAShapes(torch.overrides.TorchFunctionMode):
+    """Records (query heads, key heads, whether a mask was given) of every scaled_dot_product_attention call."""
+
+    def __enter__(self):
+        self.calls = []
+        return super().__enter__()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+            self.calls.append((args[0].shape[1], args[1].shape[1], mask is not None))
+        return func(*args, **kwargs)
+
+
+def test_grouped_query_decoding_never_passes_a_mask_with_grouped_heads_and_folds_exactly():
+    # A mask together with enable_gqa goes to torch's math kernel on most cards, which copies K and V per query head
+    # in fp32 (8x the layer's bf16 cache at Llama-3-8B). The compiled step (a tensor position, the whole cache under
+    # a mask) and the bank's padding mask fold each group of query heads into the query axis instead.
+    models = three_adapters(n_kv_heads=2)
+    base = base_copy(models["L2"])
+    bank = generation.AdapterBank(base, {name: as_adapter(m) for name, m in models.items()})
+    model, x = models["L4"], tokens(seqlen=12)
+    model.setup_cache(x.shape[0], 16)
+    with SDPAShapes() as sdpa, torch.no_grad():
+        model(x[:, :5], 0)  # the prefill, then the compiled step's code (a tensor position), run eagerly
+        for p in range(5, 12):
+            model(x[:, p:p + 1], torch.tensor([p]))
+        generation.generate(base, [[1, 5, 9, 14], [1, 7], [1, 3]], 6, temperature=0, bank=bank, rows=[1, 2, 3])
+    model.clear_cache()
+    assert any(masked for _, _, masked in sdpa.calls), "the test must see masked calls"
+    assert not [c for c in sdpa.calls if c[2] and c[0] != c[1]], "a mask passed with grouped-query heads"
+    for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):  # the fold against SDPA's own GQA
+        q, k, v = (torch.randn(3, heads, n, 16, generator=torch.Generator().manual_seed(heads)).to(dtype)
+                   for heads, n in ((8, 1), (2, 40), (2, 40)))
+        mask = torch.rand(3, 1, 1, 40, generator=torch.Generator().manual_seed(9)) > 0.3
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        torch.testing.assert_close(lladapter.attention(q, k, v, mask), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_an_adapter_bank_keeps_no_autograd_graph():
+    # generate.py builds its bank from a base whose parameters require gradients (load_llama freezes nothing): every
+    # projection would keep its input for a backward that never comes (2.3 GiB per 1,000 Llama-3-8B adapters).
+    models = three_adapters()
+    base = base_copy(models["L2"])
+    assert all(p.requires_grad for p in base.parameters())
+    bank = generation.AdapterBank(base, {name: as_adapter(m) for name, m in models.items()})
+    held = [t for state in bank.layers.values() for t in state if t is not None]
+    assert held and not [t for t in held if t.requires_grad or t.grad_fn is not None]
+
+
+def test_int8_dequantizes_in_one_pass_bit_identical_to_a_copy_scaled_in_place():
+    # One kernel writes the 16-bit matrix (reads 1 byte, writes 2 per weight); a 16-bit copy scaled in place is two,
+    # the second reading and writing the copy again.
+    class Kernels(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.shape == (96, 64) and out.is_floating_point():
+                self.writes.append(func)
+            return out
+
+    weight = torch.randint(-127, 128, (96, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    scales = torch.rand(96, generator=torch.Generator().manual_seed(1)) / 100
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        kernels = Kernels()
+        kernels.writes = []
+        with kernels:
+            one_pass = quantize.dequantized(weight, scales, dtype)
+        assert torch.equal(one_pass, weight.to(dtype).mul_(scales[:, None])), dtype
+        assert len([f for f in kernels.writes if "empty" not in str(f)]) == 1, kernels.writes
+
+
+def test_tokens_per_second_counts_no_filler_row(task, open_adapter, tmp_path):
+    # Compiled, a short last batch is filled up with copies of its last prompt; their tokens are not answers, so the
+    # count must be the eager run's, which fills nothing.
+    (tmp_path / "prompts.txt").write_text("Which colour is the owl?\nWhich colour is the cat?\nWhich colour is the yak?\n")
+    counts = []
+    for compiled in ([], ["--compile"]):
+        code, _, stderr = run_generate(task, f"--prompts_file={tmp_path / 'prompts.txt'}", "--temperature=0",
+                                       "--max_gen_len=5", "--max_batch_size=2", f"--out={tmp_path / 'answers.jsonl'}",
+                                       *compiled, adapter=open_adapter)
+        assert code == 0, stderr
+        counts.append(int(re.search(r"\[(\d+) tokens in", stderr)[1]))
+    answers = [json.loads(line)["output"] for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert answers[-1], "the filled batch's prompt must answer something, or the test shows nothing"
+    assert counts[1] == counts[0], counts

@@ -17,7 +17,7 @@ import lladapter
 import tokenizer as tokenizers
 from cli import InputError
 from tests.conftest import run_generate
-from tests.fixtures import (ROOT, LLAMA3_VOCAB, base_copy, llama3_model, safetensors_layout, tiny_model, tokens,
+from tests.fixtures import (ROOT, LLAMA3_VOCAB, as_adapter, base_copy, llama3_model, safetensors_layout, tiny_model, tokens,
                             write_hf_checkpoint, write_raw_safetensors)
 from test_lladapter import three_adapters
 
@@ -25,7 +25,7 @@ from test_lladapter import three_adapters
 def test_a_mixed_batch_decoded_by_the_compiled_step_gives_the_eager_tokens():
     models = three_adapters()
     base = base_copy(models["L2"])
-    bank = generation.AdapterBank(base, {name: checkpoint.Adapter.of_model(m) for name, m in models.items()})
+    bank = generation.AdapterBank(base, {name: as_adapter(m) for name, m in models.items()})
     prompts, rows = [[1, 5, 9, 14], [1, 7], [1, 30, 31, 32, 33, 34], [1, 3, 4]], [0, 1, 2, 3]
     eager = generation.generate(base, prompts, 8, temperature=0, bank=bank, rows=rows)
     assert generation.generate(base, prompts, 8, temperature=0, bank=bank, rows=rows, compile=True) == eager
