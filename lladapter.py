@@ -23,9 +23,8 @@ Where we follow the paper, and where we chose differently:
   in generation.py, as Meta keeps generation apart from the model.
 - Optional image conditioning (paper Sec. 3.3): with image_dim > 0, a projected image feature is added to every
   prompt token of every adapted layer.
-- Beyond the paper: the Llama 3 family runs on the same model (rotary scaling, tied embeddings; its tokenizer in
-  tokenizer.py); for small cards, activation checkpointing of the adapted blocks and a chunked loss are a flag each,
-  and an int8 base lives in quantize.py.
+- Beyond the paper: the Llama 3 family (rotary scaling, tied embeddings), activation checkpointing of the adapted
+  blocks and a chunked loss for small cards (an int8 base is in quantize.py).
 """
 import itertools
 import math
@@ -146,38 +145,6 @@ class Attention(nn.Module):
         self.register_buffer("cache_v", None, persistent=False)
         self.prompt_kv = None  # (keys, values, gate, seen): the batch's prompt here, projected once per call
 
-    def qkv(self, x, start_pos, rope):
-        """Queries, and the keys and values they attend to, as (bsz, heads, length, head_dim), the layout of
-        scaled_dot_product_attention. start_pos None (training): the keys are the chunk's own. In generation the
-        chunk goes into the cache at its positions and the keys are the cache up to the chunk's end, as Meta slices
-        it; with start_pos a tensor (the compiled step, whose shapes never change), the whole cache."""
-        bsz, seqlen, _ = x.shape
-        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
-        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        xq, xk = apply_rope(xq, rope), apply_rope(xk, rope)
-        if isinstance(start_pos, int):
-            end = start_pos + seqlen
-            self.cache_k[:, start_pos:end] = xk
-            self.cache_v[:, start_pos:end] = xv
-            xk, xv = self.cache_k[:, :end], self.cache_v[:, :end]  # (bsz, end, n_kv_heads, head_dim)
-        elif start_pos is not None:
-            positions = start_pos + torch.arange(seqlen, device=x.device)
-            self.cache_k[:, positions] = xk
-            self.cache_v[:, positions] = xv
-            xk, xv = self.cache_k, self.cache_v  # (bsz, cache_len, n_kv_heads, head_dim)
-        return xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
-
-    def prompt_keys_values(self, prompt, dtype, bsz):
-        # The prompt goes through this layer's own frozen wk and wv: no norm, no RoPE, no new weights.
-        # prompt: (1 or bsz, K, dim) fp32 -> keys, values: (bsz, n_kv_heads, K, head_dim). A text-only prompt is
-        # shared by the batch, yet expanded first and so projected once per sequence: bsz small (K, dim) matmuls
-        # per step, on purpose: SDPA gets real tensors, not stride-0 views, which one CUDA kernel family got wrong.
-        prompt = prompt.to(dtype).expand(bsz, -1, -1)
-        pk = self.wk(prompt).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
-        pv = self.wv(prompt).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
-        return pk, pv
-
     def forward(self, x, start_pos, rope, mask=None, prompt=None):
         bsz, seqlen, _ = x.shape
         q, k, v = self.qkv(x, start_pos, rope)
@@ -201,6 +168,33 @@ class Attention(nn.Module):
 
         out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim)
         return self.wo(out)
+
+    def prompt_keys_values(self, prompt, dtype, bsz):
+        # The prompt goes through this layer's own frozen wk and wv: no norm, no RoPE, no new weights.
+        # prompt: (1 or bsz, K, dim) fp32 -> keys, values: (bsz, n_kv_heads, K, head_dim). A text-only prompt is
+        # shared by the batch, yet expanded first and so projected once per sequence: bsz small (K, dim) matmuls
+        # per step, on purpose: SDPA gets real tensors, not stride-0 views, which one CUDA kernel family got wrong.
+        prompt = prompt.to(dtype).expand(bsz, -1, -1)
+        pk = self.wk(prompt).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        pv = self.wv(prompt).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        return pk, pv
+
+    def qkv(self, x, start_pos, rope):
+        """Queries, and the keys and values they attend to, as (bsz, heads, length, head_dim), the layout of
+        scaled_dot_product_attention. start_pos None (training): the keys are the chunk's own. In generation the
+        chunk goes into the cache at its positions, and the keys are the cache up to the chunk's end, as Meta slices
+        it; with start_pos a tensor (the compiled step, whose shapes never change), the whole cache."""
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xq, xk = apply_rope(xq, rope), apply_rope(xk, rope)
+        if start_pos is not None:
+            chunk, seen = ((slice(start_pos, start_pos + seqlen), slice(start_pos + seqlen)) if isinstance(start_pos, int)
+                           else (start_pos + torch.arange(seqlen, device=x.device), slice(None)))
+            self.cache_k[:, chunk], self.cache_v[:, chunk] = xk, xv
+            xk, xv = self.cache_k[:, seen], self.cache_v[:, seen]  # (bsz, keys, n_kv_heads, head_dim)
+        return xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
 
 
 class FeedForward(nn.Module):
