@@ -1,17 +1,14 @@
 """
-Weights and adapters, read and written without running code from any file.
+Weights and adapters, read and written without running code from any file. load_llama, first below, builds the model.
 
 - Base checkpoints in Meta's layout (params.json, consolidated.NN.pth: one file per model-parallel rank) and in
-  Hugging Face's (config.json with model_type "llama", then model.safetensors, model-0000N-of-0000M.safetensors
-  with model.safetensors.index.json, or pytorch_model*.bin), LLaMA-1, 2 and Llama 3.x; load_llama builds the model
-  from either. Torch files go through torch.load's weights_only unpickler; safetensors files are read here (no
-  dependency), memory-mapped so that a 13 GB file is neither copied nor read twice.
-- Every tensor is read lazily, and only the rows asked for: one process of a sharded (FSDP) run reads just its
-  own rows of each weight, no process ever holds the whole merged model, and an int8 base (quantize.py) is
-  quantized as its rows are read, so the full-precision model never exists in memory.
-- Adapter files: the adapter's fp32 tensors plus "adapter_config" (plain ints: K, L, the image width and the
-  base's shape), so `--adapter=` needs no other flag. Files without it (the original export's layout) load too:
-  L and K are read off the tensors; and so does a PEFT adaption_prompt folder (read_peft_adapter).
+  Hugging Face's (config.json, then model.safetensors, sharded safetensors with their index, or pytorch_model*.bin),
+  LLaMA-1, 2 and Llama 3.x. Torch files go through torch.load's weights_only unpickler; safetensors files are read
+  here, memory-mapped. Every tensor is read lazily and only the rows asked for: an FSDP process reads just its own
+  rows, and an int8 base (quantize.py) is quantized as its rows are read, never whole in full precision.
+- Adapter files: the adapter's fp32 tensors plus "adapter_config" (K, L, the image width and the base's shape), so
+  `--adapter=` needs no other flag; the original export's files (K and L read off the tensors) and PEFT's
+  adaption_prompt folders load too.
 
 Every problem a user can cause is an InputError naming the file, and the tensor where there is one.
 """
@@ -360,7 +357,7 @@ def hf_checkpoint(ckpt_dir):
 # Adapter files
 
 ADAPTER_CONFIG = "adapter_config"  # the key under which an adapter file describes itself (plain ints)
-BASE_FIELDS = ("dim", "n_layers", "n_heads")
+ADAPTER_FIELDS, BASE_FIELDS = ("adapter_len", "adapter_layer", "image_dim"), ("dim", "n_layers", "n_heads")
 
 
 @dataclass
@@ -375,23 +372,16 @@ class Adapter:
     tensors: dict
 
     def settings(self) -> dict:
-        return {"adapter_len": self.adapter_len, "adapter_layer": self.adapter_layer, "image_dim": self.image_dim}
-
-    @classmethod
-    def of_model(cls, model, path="(a model in memory)"):
-        """The adapter `model` holds, as its file would give it."""
-        a = model.args
-        return cls(Path(path), a.adapter_len, a.adapter_layer, a.image_dim, adapter_state_dict(model))
+        return {k: getattr(self, k) for k in ADAPTER_FIELDS}
 
 
 def save_adapter(model, path):
     """The adapter's tensors (fp32) and what is needed to rebuild it on its base, written atomically."""
-    a = model.args
-    config = {k: getattr(a, k) for k in ("adapter_len", "adapter_layer", "image_dim", *BASE_FIELDS)}
+    config = {k: getattr(model.args, k) for k in (*ADAPTER_FIELDS, *BASE_FIELDS)}
     atomic_save({**adapter_state_dict(model), ADAPTER_CONFIG: config}, path)
 
 
-def read_adapter(path, params, given=None) -> Adapter:
+def read_adapter(path, params, given=None, model=None) -> Adapter:
     """The adapter at `path` (this project's file, the original release's, or a PEFT adaption_prompt folder) for a
     base with `params` (params.json's fields), read once and checked against that base.
 
@@ -399,23 +389,45 @@ def read_adapter(path, params, given=None) -> Adapter:
     tensors: the original export stores a gate for every layer, zero where it did not adapt, so the adapted layers
     are the top ones from the lowest nonzero gate up; our older files store only the adapted layers' gates;
     K = rows of adapter_query / L. `given` (the user's settings) settles what the file leaves open, and must not
-    contradict what it says."""
-    state = read_adapter_file(path, params)
-    config, given = state.pop(ADAPTER_CONFIG, None), given or {}
-    if config is not None:
-        check_base(path, config, params)
-        found = {k: config[k] for k in ("adapter_len", "adapter_layer", "image_dim")}
+    contradict what it says. model: the tensors must fit this model's adapter as it is instead."""
+    state = read_peft_adapter(Path(path), params) if Path(path).is_dir() else torch_load(path, verify=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for k, v in state.items() if k != ADAPTER_CONFIG):
+        raise InputError(f"{path}: not an adapter file (expected a dict of tensors)")
+    config = state.pop(ADAPTER_CONFIG, None)
+    base = {k: (config or {}).get(k) for k in BASE_FIELDS}
+    if config is not None and base != {k: params[k] for k in BASE_FIELDS}:
+        raise InputError(f"{path}: an adapter for another base: it was trained on {fields_text(base)}, this base "
+                         f"has {fields_text({k: params[k] for k in BASE_FIELDS})}")
+    if model is not None:
+        args, expected = model.args, adapter_tensors(model)
     else:
-        found = adapter_settings_of_tensors(path, state, params["n_layers"], given)
-    clash = {k: v for k, v in given.items() if k in found and v and v != found[k]}
-    if clash:
-        raise InputError(f"{path}: the file says {fields_text({k: found[k] for k in clash})}, the settings say "
-                         f"{fields_text(clash)}")
-    args = ModelArgs(**{**{k: v for k, v in params.items() if k in ModelArgs.__dataclass_fields__}, "vocab_size": 1,
-                        **found})
-    with torch.device("meta"):  # the tensors a model of these settings has: names and shapes
-        expected = adapter_tensors(Transformer(args))
-    return Adapter(Path(path), **found, tensors=fitted(path, state, expected, args, config))
+        found = ({k: config[k] for k in ADAPTER_FIELDS} if config is not None else
+                 adapter_settings_of_tensors(path, state, params["n_layers"], given or {}))
+        clash = {k: v for k, v in (given or {}).items() if k in found and v and v != found[k]}
+        if clash:
+            raise InputError(f"{path}: the file says {fields_text({k: found[k] for k in clash})}, the settings say "
+                             f"{fields_text(clash)}")
+        args = ModelArgs(**{**{k: v for k, v in params.items() if k in ModelArgs.__dataclass_fields__},
+                            "vocab_size": 1, **found})
+        with torch.device("meta"):  # the tensors a model of these settings has: names and shapes
+            expected = adapter_tensors(Transformer(args))
+    if not expected:
+        raise InputError(f"{path}: this model has no adapter to load it into (adapter_layer=0)")
+    # The original export also stores zero gates for the layers it did not adapt: accept those, only those.
+    state = {k: v for k, v in state.items() if k in expected or not (k.endswith(".attention.gate") and not v.any())}
+    about = (f"it does not fit this model (dim={args.dim}, n_heads={args.n_heads}, adapter_layer={args.adapter_layer}, "
+             f"adapter_len={args.adapter_len}, image_dim={args.image_dim})")
+    if config is not None:
+        about += f"; it was made for {fields_text(config)}"
+    extra, missing = sorted(state.keys() - expected.keys()), sorted(expected.keys() - state.keys())
+    if extra or missing:
+        what = " (a full checkpoint?)" if len(extra) > 10 else ""
+        raise InputError(f"{path}: {about}{what}: unexpected {extra[:4]}, missing {missing[:4]}")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise InputError(f"{path}: {about}: {k} has shape {list(v.shape)}, expected {list(expected[k].shape)}")
+    return Adapter(Path(path), args.adapter_len, args.adapter_layer, args.image_dim,
+                   {k: v.float() for k, v in state.items()})
 
 
 def adapter_settings_of_tensors(path, state, n_layers, given) -> dict:
@@ -439,52 +451,12 @@ def adapter_settings_of_tensors(path, state, n_layers, given) -> dict:
     return {"adapter_len": rows // L, "adapter_layer": L, "image_dim": image.shape[1] if image is not None else 0}
 
 
-def fitted(path, state, expected, args, config=None) -> dict:
-    """The adapter's tensors (fp32) for a model whose adapter tensors are `expected` (built from ModelArgs `args`),
-    refusing any that don't fit it."""
-    # The original export also stores zero gates for the layers it did not adapt: accept those, only those.
-    state = {k: v for k, v in state.items() if k in expected or not (k.endswith(".attention.gate") and not v.any())}
-    about = (f"it does not fit this model (dim={args.dim}, n_heads={args.n_heads}, adapter_layer={args.adapter_layer}, "
-             f"adapter_len={args.adapter_len}, image_dim={args.image_dim})")
-    if config is not None:
-        about += f"; it was made for {fields_text(config)}"
-    extra, missing = sorted(state.keys() - expected.keys()), sorted(expected.keys() - state.keys())
-    if not expected:
-        raise InputError(f"{path}: this model has no adapter to load it into (adapter_layer=0)")
-    if extra or missing:
-        what = " (a full checkpoint?)" if len(extra) > 10 else ""
-        raise InputError(f"{path}: {about}{what}: unexpected {extra[:4]}, missing {missing[:4]}")
-    for k, v in state.items():
-        if v.shape != expected[k].shape:
-            raise InputError(f"{path}: {about}: {k} has shape {list(v.shape)}, expected {list(expected[k].shape)}")
-    return {k: v.float() for k, v in state.items()}
-
-
 def load_adapter(model, adapter):
-    """Copy an adapter (an Adapter, or the path of one, whose tensors must then fit this model as it is) into
-    `model`."""
-    if not isinstance(adapter, Adapter):
-        state = read_adapter_file(adapter, vars(model.args))
-        config = state.pop(ADAPTER_CONFIG, None)
-        if config is not None:
-            check_base(adapter, config, vars(model.args))
-        a = model.args
-        adapter = Adapter(Path(adapter), a.adapter_len, a.adapter_layer, a.image_dim,
-                          fitted(adapter, state, adapter_tensors(model), a, config))
+    """Copy an adapter into `model`: an Adapter, or the path of one, whose tensors must fit this model as it is."""
+    adapter = adapter if isinstance(adapter, Adapter) else read_adapter(adapter, vars(model.args), model=model)
     with torch.no_grad():
         for k, v in adapter_tensors(model).items():
             v.copy_(adapter.tensors[k])
-
-
-def read_adapter_file(path, params) -> dict:
-    """An adapter file's tensors and config as stored; a folder is read as a PEFT adaption_prompt adapter for a base
-    with `params`, into the same form."""
-    if Path(path).is_dir():
-        return read_peft_adapter(Path(path), params)
-    state = torch_load(path, verify=True)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for k, v in state.items() if k != ADAPTER_CONFIG):
-        raise InputError(f"{path}: not an adapter file (expected a dict of tensors)")
-    return state
 
 
 def read_peft_adapter(folder, params) -> dict:
@@ -524,14 +496,6 @@ def read_peft_adapter(folder, params) -> dict:
 
 def fields_text(d):
     return ", ".join(f"{k}={v}" for k, v in d.items())
-
-
-def check_base(path, config, params):
-    """Refuse an adapter whose config names another base than `params` (dim, n_layers, n_heads), naming both."""
-    base = {k: config.get(k) for k in BASE_FIELDS}
-    if base != {k: params[k] for k in BASE_FIELDS}:
-        raise InputError(f"{path}: an adapter for another base: it was trained on {fields_text(base)}, this base "
-                         f"has {fields_text({k: params[k] for k in BASE_FIELDS})}")
 
 
 PARAMS_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
