@@ -106,8 +106,9 @@ def compiled_step(model, batch_size, cache_len):
         model.__dict__["compiled_shapes"] = set()
     shapes = model.__dict__["compiled_shapes"]
     shapes.add((batch_size, cache_len))
-    config = torch._dynamo.config  # cache_size_limit: the name from torch 2.5 on (recompile_limit in 2.6 and later)
-    config.cache_size_limit = max(config.cache_size_limit, 8 + len(shapes))  # and 8 spare, for other guards
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its name before 2.6
+    setattr(config, limit, max(getattr(config, limit), 8 + len(shapes)))  # and 8 spare, for other guards
     return model.__dict__["compiled_step"]
 
 

@@ -225,13 +225,15 @@ def test_compiled_decoding_sizes_its_cache_by_the_call_not_by_the_models_context
     model.clear_cache()
 
 
-def test_compiled_decoding_past_dynamos_graph_limit_still_runs_compiled(monkeypatch):
+def test_compiled_decoding_past_dynamos_graph_limit_still_runs_compiled():
     # One graph per (batch size, cache length); past dynamo's limit it would decode eagerly, and say nothing.
-    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 2)
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     model = tiny_model(open_gates=True)
     graphs = counters["stats"]["unique_graphs"]
-    for bsz in (1, 2, 3):
-        generation.generate(model, [[1, 5, 9]] * bsz, 4, temperature=0, compile=True)
+    with config.patch(**{limit: 2}):
+        for bsz in (1, 2, 3):
+            generation.generate(model, [[1, 5, 9]] * bsz, 4, temperature=0, compile=True)
     assert counters["stats"]["unique_graphs"] == graphs + 3, "each shape compiled, none left to eager decoding"
     model.clear_cache()
 
