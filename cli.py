@@ -7,7 +7,9 @@ parser from it, the comment as the field's help, so that block is the single sou
 """
 import argparse
 import dataclasses
+import difflib
 import json
+import os
 import re
 import sys
 import typing
@@ -28,8 +30,9 @@ class Parser(argparse.ArgumentParser):
 
 def parse(settings, doc, argv=None, defaults=None):
     """An instance of the dataclass `settings` from the command line (--name=value or --name value): a bool is
-    --name or --no-name, a tuple takes --name once per item, a Literal one of its values. defaults: a preset's own
-    values, under the command line's."""
+    --name or --no-name, a tuple takes --name once per item, a Literal one of its values. Hyphens are read as
+    underscores (--adapter-len is --adapter_len), and an unknown setting is answered with the nearest known one.
+    defaults: a preset's own values, under the command line's."""
     source = Path(sys.modules[settings.__module__].__file__).read_text(encoding="utf-8")
     comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", source, re.M))  # `    name: type = default  # comment`
     parser = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -46,15 +49,37 @@ def parse(settings, doc, argv=None, defaults=None):
         else:
             options.update(type=kind, metavar=kind.__name__.upper())
         parser.add_argument(f"--{field.name}", **options)
-    given = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    known = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    argv = [underscored(a, known) for a in (sys.argv[1:] if argv is None else argv)]
+    given, unknown = parser.parse_known_args(argv)
+    if unknown:
+        names = [a.split("=")[0] for a in unknown if a.startswith("--")]
+        near = difflib.get_close_matches(names[0], known, n=1) if names else []
+        raise InputError(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {near[0]}?)" if near else ""))
+    given = vars(given)
     return settings(**{k: tuple(v) if isinstance(v, list) else values[k] if v is None else v for k, v in given.items()})
 
 
-def exit_on_input_error():
-    """Make a script print an InputError as one line and exit with status 1, without a traceback."""
+def underscored(arg, known):
+    """--adapter-len=5 as --adapter_len=5 (and --no-show-gates as --no-show_gates) where that is a setting."""
+    if not arg.startswith("--"):
+        return arg
+    name, equals, value = arg.partition("=")
+    no = "--no-" if name.startswith(("--no-", "--no_")) else "--"
+    spelled = no + name[len(no):].replace("-", "_")
+    return spelled + equals + value if spelled in known and name not in known else arg
+
+
+def exit_on_input_error(stopped=lambda: "nothing was written"):
+    """Make a script end without a traceback where the user caused it: an InputError as one line `error: ...` (exit
+    status 1), and Ctrl-C as one line `stopped: ...` giving stopped(), what is kept and the command that continues
+    (printed by process 0 alone under torchrun, whose processes all get the signal)."""
     def hook(kind, error, traceback):
         if issubclass(kind, InputError):
             print(f"error: {error}", file=sys.stderr)
+        elif issubclass(kind, KeyboardInterrupt):
+            if os.environ.get("RANK", "0") == "0":
+                print(f"stopped: {stopped()}", file=sys.stderr, flush=True)
         else:
             sys.__excepthook__(kind, error, traceback)
     sys.excepthook = hook
@@ -76,7 +101,11 @@ def dtype_name(dtype) -> str:
 def device_of(name) -> torch.device:
     """--device as a device: the one named, or CUDA where there is a GPU, else the CPU. CUDA always with its index
     (the current device's, cuda:0 in a fresh process): torch.cuda.set_device refuses a bare "cuda"."""
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise InputError(f"--device={name}: {e}") from None
+    require(device.type != "cuda" or torch.cuda.is_available(), f"--device={name}: no CUDA device here")
     return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None else device
 
 
@@ -113,6 +142,12 @@ def read_json(path):
     return parse_json(read_text(path), path)
 
 
+def record_at(path, i) -> str:
+    """How errors name record i of a data file: by its index in the list, counted from 0 as JSON tools (jq) and
+    Python do; JSON Lines errors name lines, counted from 1 as editors do."""
+    return f"{path}: record {i} (counting from 0)"
+
+
 def read_records(path) -> list:
     """The records of a JSON list, or of JSON Lines (one record per line) for a .jsonl file: each a JSON object."""
     path = Path(path)
@@ -125,7 +160,7 @@ def read_records(path) -> list:
         raise InputError(f"{path}: expected a non-empty list of records")
     for i, r in enumerate(records):
         if not isinstance(r, dict):
-            raise InputError(f"{path}: record {i} is not an object")
+            raise InputError(f"{record_at(path, i)} is not an object")
     return records
 
 

@@ -13,17 +13,17 @@ Answer instructions with a base LLaMA and its adapters: one, several side by sid
 
 Prompts are wrapped in the training template. --prompts_file holds one instruction per line, or Alpaca-format records
 (a JSON list, or JSON Lines in a .jsonl file), each with "input" if any, "image" for an image adapter, "adapter": the
-name of the adapter that answers it ("base" or none: the base), and "output" to compare the answers with. They are
-answered in batches of --max_batch_size. Several adapters share the one base in memory and every batch: each row
-attends to its own adapter's prompts (generation.AdapterBank). An adapter file says its own K, L and image width.
+name of the adapter that answers it ("base": the base), and "output" to compare the answers with. Several adapters
+share the one base and every batch (generation.AdapterBank); an adapter file says its own K, L and image width.
 """
 import functools
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
+from collections import namedtuple
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import torch
@@ -32,7 +32,6 @@ import checkpoint
 import cli
 import generation
 import lladapter
-from cli import InputError
 
 
 @dataclass
@@ -64,19 +63,12 @@ class Settings:
     show_gates: bool = False  # print the adapter's tanh(gate) as a layers x heads heat map
 
 
-@dataclass
-class Job:
-    """One instruction to answer, and who answers it."""
-    instruction: str
-    input: str = ""
-    image: Optional[str] = None  # a .npy file of an image feature, or the feature itself (image adapters only)
-    adapter: Optional[str] = "base"  # the name of the adapter that answers it; "base": the base model alone
-    expected: Optional[str] = None  # the answer a record expects, which --compare counts matches against
+# One instruction to answer: its input, its image feature (a .npy file or the vector itself), the name of the adapter
+# that answers it ("base": the base model alone), and the answer a record expects (--compare counts matches)
+Job = namedtuple("Job", "instruction input image adapter expected", defaults=("", None, "base", None))
 
-
-cli.exit_on_input_error()
+cli.exit_on_input_error()  # Ctrl-C: "nothing was written" (--out is written whole, at the end)
 args = cli.parse(Settings, __doc__)
-cli.require(not args.device.startswith("cuda") or torch.cuda.is_available(), f"--device={args.device}: no CUDA device here")
 device = cli.device_of(args.device)
 if device.type == "cuda":  # this GPU, not GPU 0, for the dtype, the free memory and every kernel
     torch.cuda.set_device(device)
@@ -98,9 +90,8 @@ for spec in args.adapter:
     cli.require(name not in adapter_paths and name != "base", f"--adapter={spec}: the name {name!r} is taken; give NAME=PATH")
     adapter_paths[name] = path
 
-# The jobs. A prompt that names no adapter is answered by the one given, or by the base when none is; with several,
-# each record names its own, or --compare asks each. An image named on the command line is a path from here; in a
-# file, from its folder.
+# The jobs. A prompt that names no adapter gets the one given, or the base when none is; with several, each record
+# names its own, or --compare asks each. An image on the command line is a path from here; in a file, from its folder.
 image = str(Path(args.image).resolve()) if args.image else None
 default = next(iter(adapter_paths)) if len(adapter_paths) == 1 else None if adapter_paths else "base"
 jobs = [Job(p, args.input, image, default) for p in args.prompt]
@@ -109,10 +100,10 @@ if args.prompts_file:
     if path.suffix in (".json", ".jsonl"):
         for i, r in enumerate(cli.read_records(path)):
             cli.require(isinstance(r.get("instruction"), str) and all(isinstance(r.get(k, ""), str) for k in
-                        ("input", "adapter", "output")), f"{path}: record {i} (from 0): expected strings: "
+                        ("input", "adapter", "output")), f"{cli.record_at(path, i)}: expected strings: "
                                                          f"'instruction' (and 'input', 'adapter', 'output')")
             name = r.get("adapter", default)
-            cli.require(name in ("base", *adapter_paths, None), f"{path}: record {i} (from 0): no --adapter named "
+            cli.require(name in ("base", *adapter_paths, None), f"{cli.record_at(path, i)}: no --adapter named "
                                                                 f"{name!r} (given: {', '.join(adapter_paths) or 'none'})")
             feature = str(path.parent / r["image"]) if isinstance(r.get("image"), str) else r.get("image", image)
             jobs.append(Job(r["instruction"], r.get("input", ""), feature, name, r.get("output")))
@@ -128,59 +119,51 @@ cli.require(out_path is None or out_path.parent.is_dir(), f"--out={args.out}: no
 
 # The base, with one adapter loaded into it the ordinary way; or several (or one beside the base) in an AdapterBank
 use_bank = args.compare or len(adapter_paths) > 1 or any(job.adapter != default for job in jobs)
-settings = {k: v for k, v in dict(adapter_len=args.adapter_len, adapter_layer=args.adapter_layer,
-                                  image_dim=args.image_dim).items() if v}  # what a file leaves open, or must agree with
+settings = {k: getattr(args, k) for k in checkpoint.ADAPTER_FIELDS if getattr(args, k)}  # to agree with the files
 single = None if use_bank else adapter_paths.get(default)  # the one adapter file loaded into the model
 model, tokenizer = checkpoint.load_llama(args.ckpt_dir, args.tokenizer_path or None, single, device=device,
                                          dtype=cli.dtype_of(args.dtype, device), quantize=args.quantize,
                                          **(settings if single else {"adapter_layer": 0}),
                                          **({"max_seq_len": args.max_seq_len} if args.max_seq_len else {}))
-
-
-def tanh_gates(tensors):  # {layer: tanh(gate) per head} of an adapter's tensors, for --show_gates
-    return {int(k.split(".")[1]): torch.tanh(v).flatten().tolist() for k, v in tensors.items() if k.endswith(".gate")}
-
-
-bank, gates = None, {}  # gates: {adapter name: tanh_gates}
+bank = None
 if use_bank and adapter_paths:
     adapters = {name: checkpoint.read_adapter(path, vars(model.args), settings) for name, path in adapter_paths.items()}
-    for a in adapters.values():
-        cli.require(not a.image_dim, f"{a.path}: an image adapter answers alone (its prompts depend on each row's "
-                                     f"image): give it as the only --adapter, without --compare")
+    cli.require(not any(a.image_dim for a in adapters.values()), "an image adapter answers alone (its prompts depend "
+                "on each row's image): give it as the only --adapter, without --compare")
     bank = generation.AdapterBank(model, adapters)
-    gates = {name: tanh_gates(a.tensors) for name, a in adapters.items()}
-    adapters = None  # what decoding needs is in the bank: the files' tensors can go
-    n = len(adapter_paths)
-    print(f"[{n} adapter{'s' * (n > 1)} beside the base model, in one batch: their prompts' keys and values "
-          f"{n * bank.nbytes_per_row / 2**20:.2f} MiB, {bank.nbytes_per_row / 2**20:.3f} MiB each]", file=sys.stderr)
-elif single:
-    gates = {default: tanh_gates(lladapter.adapter_state_dict(model))}
+    gates_shown = {name: a.tensors for name, a in adapters.items()} if args.show_gates else {}
+    print(f"[{len(adapters)} adapter{'s' * (len(adapters) > 1)} beside the base model, in one batch: their prompts' "
+          f"keys and values {len(adapters) * bank.nbytes_per_row / 2**20:.2f} MiB, {bank.nbytes_per_row / 2**20:.3f} "
+          f"MiB each]", file=sys.stderr)
+    del adapters  # what decoding needs is in the bank: the files' tensors go (but for --show_gates's)
+else:
+    gates_shown = {default: lladapter.adapter_state_dict(model)} if single else {}
 # A response ends at any of the model's stop ids (Llama 3 instruct: 128001, 128008, 128009), or at its template's end
 stop_ids = tokenizer.stop_ids | {lladapter.response_end_id(tokenizer, args.template)}
 
 
-def heatmap(name, gates):
-    """One row of shaded characters per adapted layer, one character per head: darker is a wider-open gate."""
-    shades, top = " ░▒▓█", max(abs(v) for row in gates.values() for v in row) or 1.0
+def heatmap(name, tensors):
+    """An adapter's |tanh(gate)|: a row of shaded characters per adapted layer, one per head; darker is wider open."""
+    gates = {int(k.split(".")[1]): torch.tanh(v).abs().flatten().tolist() for k, v in tensors.items() if "gate" in k}
+    shades, top = " ░▒▓█", max(max(row) for row in gates.values()) or 1.0
     lines = [f"{name}: |tanh(gate)|, one column per head, one row per adapted layer (the largest is {top:.3f}):"]
     for layer, row in gates.items():
-        cells = "".join(shades[min(4, int(np.ceil(4 * abs(v) / top)))] for v in row)
-        lines.append(f"layer {layer:>3} │{cells}│ mean {np.mean(np.abs(row)):.3f}")
+        cells = "".join(shades[min(4, int(np.ceil(4 * v / top)))] for v in row)
+        lines.append(f"layer {layer:>3} │{cells}│ mean {np.mean(row):.3f}")
     lines.append("scale: ' ' 0, " + ", ".join(f"{s} up to {top * (i + 1) / 4:.3f}" for i, s in enumerate(shades[1:])))
     return "\n".join(lines)
 
 
 if args.show_gates:
-    print("\n\n".join(heatmap(name, layers) for name, layers in gates.items()) + ("\n" if jobs else ""))
+    print("\n\n".join(heatmap(name, tensors) for name, tensors in gates_shown.items()) + ("\n" if jobs else ""))
 
 
 def encode(jobs):
     """Token lists and image features (or None) of the jobs, checked against the model."""
     prompts = [lladapter.encode_prompt(tokenizer, job.instruction, job.input, args.template) for job in jobs]
     for job, tokens in zip(jobs, prompts):
-        if len(tokens) >= model.args.max_seq_len:
-            raise InputError(f"the prompt {job.instruction[:40]!r}... is {len(tokens)} tokens, over max_seq_len="
-                             f"{model.args.max_seq_len}: raise --max_seq_len (up to the model's context)")
+        cli.require(len(tokens) < model.args.max_seq_len, f"the prompt {job.instruction[:40]!r}... is {len(tokens)} "
+                    f"tokens, over max_seq_len={model.args.max_seq_len}: raise --max_seq_len (up to the model's context)")
     if all(job.image is None for job in jobs):
         return prompts, None
     cli.require(model.args.image_dim, "an image was given, but the adapter is text-only")
@@ -190,14 +173,14 @@ def encode(jobs):
 
 
 def compared(jobs):  # --compare: every job asked of the base and of each adapter
-    return [replace(job, adapter=name) for job in jobs for name in ("base", *adapter_paths)] if args.compare else jobs
+    return [job._replace(adapter=name) for job in jobs for name in ("base", *adapter_paths)] if args.compare else jobs
 
 
 jobs = compared(jobs)
 encoded = encode(jobs)  # every prompt checked before any is answered
 # The cache: as long as the longest prompt and its answer need (one length for every batch: a compiled step compiles
-# once), within max_seq_len. --max_batch_size=0: on a GPU as many as 90% of its free memory holds (batch_that_fits).
-# (--interactive: the cache each line needs; compiled, a static one of up to 4,096 tokens, for a line and its answer.)
+# once), within max_seq_len; --interactive and compiled: 4,096 tokens at most, for a line and its answer.
+# --max_batch_size=0: on a GPU as many as 90% of its free memory holds (batch_that_fits).
 cache_len = min(model.args.max_seq_len, max(map(len, encoded[0])) + args.max_gen_len if jobs else 4096)
 free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" and jobs else float("inf")
 max_batch_size = args.max_batch_size or generation.batch_that_fits(model, cache_len or 1, 0.9 * free)
@@ -214,8 +197,7 @@ def answer(jobs, encoded, stream=False):
     def print_growing_text(new_tokens):  # pieces decode differently alone: decode all so far, print what's new
         nonlocal shown
         streamed.append(new_tokens[0].item())
-        end = next((i for i, t in enumerate(streamed) if t in stop_ids), len(streamed))
-        text = tokenizer.decode(streamed[:end])
+        text = tokenizer.decode(streamed[:next((i for i, t in enumerate(streamed) if t in stop_ids), len(streamed))])
         print(text[len(shown):], end="", flush=True)
         shown = text
 
@@ -272,8 +254,7 @@ if out_path:  # AlpacaEval's records, the answering adapter their generator; wri
     print(f"wrote {len(answers)} answers to {out_path}", file=sys.stderr)
 elif args.compare:  # each prompt's answers side by side, and how many match the expected output where records say
     names = ["base", *adapter_paths]
-    for k in range(0, len(jobs), len(names)):
-        job = jobs[k]
+    for k, job in list(enumerate(jobs))[::len(names)]:
         print(f"### Instruction: {job.instruction}" + (f"  ### Input: {job.input}" if job.input else ""))
         print(*([f"    expected: {job.expected!r}"] if job.expected is not None else []),
               *(f"    {name}: {text!r}" for name, text in zip(names, answers[k:k + len(names)])), sep="\n")

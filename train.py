@@ -6,14 +6,15 @@ Fine-tune LLaMA-Adapter on Alpaca-format instructions, with the paper's recipe (
     torchrun --nproc_per_node 8 train.py --ckpt_dir=llama/7B --data_path=alpaca_data.json
     torchrun --nproc_per_node 8 train.py --ckpt_dir=llama/65B --data_path=alpaca_data.json --fsdp   # sharded base
     python train.py --ckpt_dir=llama/7B --data_path=alpaca_data.json --resume      # continue a stopped run
-    python train.py --ckpt_dir=Llama-3.1-8B --data_path=alpaca_data.json --quantize=int8 \
+    python train.py --ckpt_dir=Llama-3.1-8B --data_path=alpaca_data.json --quantize=int8 \\
         --activation_checkpointing --loss_chunk=256                               # a 12-16 GB card
 
 Every setting below can be overridden as --key=value or --key value; --help lists them. The effective batch
 (batch_size) holds at any number of processes: each process runs micro-batches and accumulates gradients until the
 global batch is done. ckpt_dir may hold Meta's layout or Hugging Face's (config.json + safetensors), LLaMA-1, 2 or
-Llama 3.x. Writes out_dir/adapter.pth (the adapter alone, fp32, ~4.7 MiB at 7B), out_dir/train_state.pth (what
---resume needs), out_dir/log.jsonl (one line per optimizer step) and out_dir/summary.json (the run's figures).
+Llama 3.x. Writes into out_dir: adapter.pth (the adapter alone, fp32, ~4.7 MiB at 7B; --mode=full: the whole model in
+Meta's layout instead, params.json and consolidated.00.pth), train_state.pth (what --resume needs), log.jsonl (one
+line per optimizer step) and summary.json (the run's figures); the walkthrough also walkthrough.json (its result).
 """
 import functools
 import importlib
@@ -85,7 +86,20 @@ RUN_IDENTITY = ["ckpt_dir", "data_path", "mode", "variant", "adapter_len", "adap
                 "template"]
 # ----------------------------------------------------------------------------------------------------------
 
-cli.exit_on_input_error()
+saved_step = None  # the last optimizer step whose state is on disk (train_state.pth), for what Ctrl-C says
+
+
+def stopped():
+    # What Ctrl-C (cli.exit_on_input_error) prints: what this run keeps, and the command that continues it.
+    launch = f"torchrun --nproc_per_node {os.environ['WORLD_SIZE']}" if "RANK" in os.environ else "python"
+    command = " ".join([launch, "train.py", *(a for a in sys.argv[1:] if a not in ("--resume", "--no-resume"))])
+    if saved_step is None:
+        return f"nothing of this run is written yet; start it again with: {command}"
+    return (f"{Path(args.out_dir) / 'train_state.pth'} keeps step {saved_step} (saved every {args.save_interval} "
+            f"steps); continue with: {command} --resume")
+
+
+cli.exit_on_input_error(stopped)
 args = cli.parse(Settings, __doc__)
 walkthrough = None
 if not args.ckpt_dir:  # no base: the built-in walkthrough (walkthrough/world.py), its settings under the command line's
@@ -102,7 +116,6 @@ cli.require(args.mode == "full" or args.adapter_len > 0 and args.adapter_layer !
             f"--adapter_layer={args.adapter_layer}: an adapter needs at least one prompt in one layer (or --mode=full)")
 cli.require(0 <= args.val_fraction < 1 and args.base_lr > 0 and 0 <= args.beta1 < 1 and 0 <= args.beta2 < 1,
             "--val_fraction, --beta1 and --beta2 must lie in [0, 1), --base_lr must be positive")
-cli.require(not args.device.startswith("cuda") or torch.cuda.is_available(), f"--device={args.device}: no CUDA device here")
 cli.require(not (args.quantize and args.mode == "full"), "--quantize=int8: an int8 base is frozen, for --mode=adapter")
 cli.require(not args.fsdp or "RANK" in os.environ and args.mode == "adapter" and not args.compile,
             "--fsdp: runs under torchrun (one process per GPU), in adapter mode, without --compile")
@@ -193,14 +206,14 @@ def load_records(path):
     for i, r in enumerate(records):
         missing = [key for key in ("instruction", "output") if key not in r]
         if missing:
-            raise InputError(f"{path}: record {i} has no {missing[0]!r}")
+            raise InputError(f"{cli.record_at(path, i)} has no {missing[0]!r}")
         for key in ("instruction", "input", "output"):
             if not isinstance(r.get(key, ""), str):
-                raise InputError(f"{path}: record {i}: {key!r} is a {type(r[key]).__name__}, not a string")
+                raise InputError(f"{cli.record_at(path, i)}: {key!r} is a {type(r[key]).__name__}, not a string")
         if "image" in r and not args.image_dim:
-            raise InputError(f"{path}: record {i} has an image, but this adapter is text-only (set --image_dim)")
+            raise InputError(f"{cli.record_at(path, i)} has an image, but this adapter is text-only (set --image_dim)")
         if args.image_dim and "image" not in r:
-            raise InputError(f"{path}: record {i} has no 'image', and --image_dim={args.image_dim} needs one per record")
+            raise InputError(f"{cli.record_at(path, i)} has no 'image', and --image_dim={args.image_dim} needs one per record")
     return records
 
 
@@ -228,7 +241,7 @@ for i, r in enumerate(records):
     n_truncated += encoded[2]
     if args.image_dim:
         features.append(cli.load_image_feature(r["image"], Path(args.data_path).parent, args.image_dim,
-                                               f"{args.data_path}: record {i}"))
+                                               cli.record_at(args.data_path, i)))
 if not examples:
     raise InputError(f"{args.data_path}: no record fits in max_seq_len={args.max_seq_len}")
 features = torch.stack(features) if args.image_dim else None
@@ -296,10 +309,11 @@ def loss_sum(model, idx):
 def validation_loss():
     share = val_idx[rank::world]
     batches = [share[i:i + micro_batch_size] for i in range(0, len(share), micro_batch_size)]
+    loss = sum(loss_sum(raw_model, idx) for idx in batches)
     if args.fsdp:  # each forward gathers the shards from every process: all must run as many as the busiest, so the
-        # ones with fewer examples run a repeat that isn't counted
-        batches += [[]] * (math.ceil(math.ceil(len(val_idx) / world) / micro_batch_size) - len(batches))
-    loss = sum(loss_sum(raw_model, idx or val_idx[:1]) * bool(idx) for idx in batches)
+        # ones with fewer examples run repeats that aren't counted
+        for _ in range(math.ceil(math.ceil(len(val_idx) / world) / micro_batch_size) - len(batches)):
+            loss_sum(raw_model, val_idx[:1])
     total = torch.tensor([float(loss), sum(n_scored[j] for j in share)], device=device)  # summed loss, tokens
     if distributed:
         dist.all_reduce(total)
@@ -346,7 +360,7 @@ if args.resume:
             p.copy_(state["trainable"][name])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state.get("scaler", {}))
-    start_step = state["step"]
+    start_step = saved_step = state["step"]
     say(f"resumed from {out / 'train_state.pth'} at step {start_step}")
 if master and (out / "log.jsonl").exists():  # a new run starts a new log; a resumed one keeps its steps so far
     kept = [line for line in (out / "log.jsonl").read_text().splitlines() if json.loads(line)["step"] <= start_step]
@@ -355,6 +369,7 @@ if master and (out / "log.jsonl").exists():  # a new run starts a new log; a res
 
 def save_checkpoint(step):
     # The deliverable first, then the resume state; each written whole under a temporary name, then renamed.
+    global saved_step
     if args.mode == "adapter":
         checkpoint.save_adapter(raw_model, out / "adapter.pth")
     else:  # the whole fine-tuned model in Meta's layout, loadable with --ckpt_dir=out_dir
@@ -362,6 +377,7 @@ def save_checkpoint(step):
     checkpoint.atomic_save({"step": step, "settings": settings, "optimizer": optimizer.state_dict(),
                             "scaler": scaler.state_dict(),
                             "trainable": {n: p.detach().cpu() for n, p in trainable.items()}}, out / "train_state.pth")
+    saved_step = step
 
 
 if args.compile:  # in place, block by block: parameter names, DDP and the saved files stay as they are. Dynamic
@@ -379,20 +395,15 @@ if ddp:  # DDP syncs what trains and nothing else: the frozen base was read from
 # ----------------------------------------------------------------------------------------------------------
 # the loop: one optimizer step per global batch
 
-last_step = min(total_steps, args.stop_after or total_steps)
-t_start, tokens_seen, step_seconds = time.time(), 0, []
-for step in range(start_step, last_step):
-    t_step = time.time()
-    batch = global_batch(step)
+
+def accumulate_gradients(batch):
+    """The gradients of the global batch's mean token loss, this process's micro-batches one after another (and the
+    processes' summed); returns that loss."""
     targets = sum(n_scored[j] for j in batch)  # scored tokens in the whole global batch
-    lr = lr_at(step)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
     step_loss = torch.zeros((), device=device)
     parts = micro_batches(batch)
     for i, idx in enumerate(parts):
-        last = i == len(parts) - 1
-        with model.no_sync() if ddp and not last else nullcontext():  # DDP averages gradients on the last one
+        with model.no_sync() if ddp and i < len(parts) - 1 else nullcontext():  # DDP averages on the last one
             # Each micro-batch adds its share of the global batch's mean token loss. DDP divides the processes'
             # summed gradients by `world`, hence the factor; under FSDP the adapter's are summed below.
             loss = loss_sum(model, idx) / targets
@@ -403,7 +414,32 @@ for step in range(start_step, last_step):
             dist.all_reduce(p.grad)
     if distributed:
         dist.all_reduce(step_loss)
-    step_loss = step_loss.item()
+    return step_loss.item()
+
+
+def write_log(record, tokens_seen, elapsed):
+    """The step's line in log.jsonl, and every log_interval steps (or with a validation loss) a printed one."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    done = record["step"]
+    if done % args.log_interval == 0 or done == last_step or "val_loss" in record:
+        val = f" | val loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+        eta = elapsed / (done - start_step) * (last_step - done)
+        print(f"step {done}/{total_steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | lr "
+              f"{record['lr']:.3e} | {tokens_seen / elapsed:,.0f} tok/s | {elapsed:.0f}s elapsed, eta {eta:.0f}s | "
+              f"mean |tanh(gate)| {record['gate']:.4f}{val}", flush=True)
+
+
+last_step = min(total_steps, args.stop_after or total_steps)
+t_start, tokens_seen, step_seconds = time.time(), 0, []
+for step in range(start_step, last_step):
+    t_step = time.time()
+    batch = global_batch(step)
+    lr = lr_at(step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = accumulate_gradients(batch)
     scale = scaler.get_scale()
     scaler.step(optimizer)  # unscales the gradients; with fp16, skips the update if any overflowed
     scaler.update()
@@ -411,8 +447,12 @@ for step in range(start_step, last_step):
     done = step + 1
     saving = done % args.save_interval == 0 or done == last_step
     # A non-finite loss, or a step that broke the weights about to be saved, ends the run; nothing bad is written.
-    broken = f"the loss is {step_loss}" if not math.isfinite(step_loss) else \
-        "the weights are no longer finite" if saving and not all(p.isfinite().all() for p in trainable.values()) else ""
+    if not math.isfinite(step_loss):
+        broken = f"the loss is {step_loss}"
+    elif saving and not all(p.isfinite().all() for p in trainable.values()):
+        broken = "the weights are no longer finite"
+    else:
+        broken = ""
     if broken:
         say(f"error: {broken} at step {done}: stopping. The last good checkpoint is in {out} "
             f"(written every {args.save_interval} steps); try a lower --base_lr")
@@ -421,9 +461,8 @@ for step in range(start_step, last_step):
     tokens_seen += sum(len(examples[j][0]) for j in batch)
     step_seconds.append(time.time() - t_step)
     per_layer = torch.stack([torch.tanh(g).abs().mean() for g in gates]).tolist() if gates else []  # per layer
-    gate = sum(per_layer) / len(per_layer) if per_layer else 0.0
-    record = {"step": done, "epoch": done / steps_per_epoch, "loss": step_loss, "lr": lr, "gate": gate,
-              "gates": per_layer}
+    record = {"step": done, "epoch": done / steps_per_epoch, "loss": step_loss, "lr": lr,
+              "gate": sum(per_layer) / len(per_layer) if per_layer else 0.0, "gates": per_layer}
     if scaler.is_enabled():
         record["loss_scale"] = scaler.get_scale()
         if record["loss_scale"] < scale:
@@ -432,16 +471,7 @@ for step in range(start_step, last_step):
     if (done % args.eval_interval == 0 or done == total_steps) and val_idx:
         record["val_loss"] = validation_loss()  # every process evaluates its share
     if master:
-        elapsed = time.time() - t_start
-        eta = elapsed / (done - start_step) * (last_step - done)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if done % args.log_interval == 0 or done == last_step or "val_loss" in record:
-            val = f" | val loss {record['val_loss']:.4f}" if "val_loss" in record else ""
-            print(f"step {done}/{total_steps} | epoch {record['epoch']:.2f} | loss {step_loss:.4f} | lr {lr:.3e} | "
-                  f"{tokens_seen / elapsed:,.0f} tok/s | {elapsed:.0f}s elapsed, eta {eta:.0f}s | "
-                  f"mean |tanh(gate)| {gate:.4f}{val}", flush=True)
+        write_log(record, tokens_seen, time.time() - t_start)
         if saving:
             save_checkpoint(done)
 

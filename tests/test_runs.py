@@ -6,8 +6,10 @@ import os
 import re
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from dataclasses import dataclass
@@ -260,21 +262,23 @@ def test_generate_is_reproducible_per_seed(task, open_adapter):
     assert runs[0] == runs[1] != runs[2]
 
 
-def test_gate_heatmap_shows_the_gates_it_is_given(task, tmp_path):
+def test_gate_heatmap_shows_the_gates_it_is_given_one_character_per_head_beside_the_comparison(task, tmp_path):
     model = tiny_model(max_seq_len=512)
     # tanh(gate) per head; shaded by magnitude in quarters of the largest (0.9): 0, (0, 1/4], (1/4, 1/2], ...
-    shade = {0.0: "  ", 0.2: "░░", -0.45: "▒▒", 0.9: "██", 0.45: "▒▒", 0.666: "▓▓", 0.684: "██"}
+    shade = {0.0: " ", 0.2: "░", -0.45: "▒", 0.9: "█", 0.45: "▒", 0.666: "▓", 0.684: "█"}
     values = {2: [0.0, 0.2, -0.45, 0.9], 3: [0.9, 0.45, 0.666, 0.684]}  # as many as the model has gates per layer
     with torch.no_grad():
         for i, row in values.items():
             gate = model.layers[i].attention.gate
             gate.copy_(torch.atanh(torch.tensor(row[:gate.numel()])).view_as(gate))
     checkpoint.save_adapter(model, tmp_path / "known.pth")
-    code, stdout, _ = run_generate(task, "--show_gates", adapter=tmp_path / "known.pth")
+    code, stdout, _ = run_generate(task, "--show_gates", "--compare", "--prompt=Which colour is the owl?",
+                                   "--max_gen_len=4", adapter=tmp_path / "known.pth")
     rows = {line.split("│")[0].strip(): line.split("│")[1] for line in stdout.splitlines() if "│" in line}
-    assert code == 0 and "up to 0.900" in stdout
-    for i, row in values.items():
+    assert code == 0 and "(the largest is 0.900)" in stdout and "▓ up to 0.675, █ up to 0.900" in stdout, stdout
+    for i, row in values.items():  # 4 heads: 4 characters
         assert rows[f"layer   {i}"] == "".join(shade[v] for v in row[:model.layers[i].attention.gate.numel()])
+    assert [line.split(":")[0].strip() for line in stdout.splitlines() if line.startswith("    ")] == ["base", "known"]
 
 
 def test_generate_bad_input_is_one_clear_message(task, tmp_path):
@@ -309,10 +313,10 @@ def test_an_answer_only_the_image_holds_is_learned_with_images_and_not_without(t
 
 def test_image_input_errors_name_the_record(task, tmp_path):
     good = {"instruction": "Which colour is the picture?", "output": "red"}
-    cases = [([{**good, "image": "missing.npy"}], ["--image_dim=16"], "record 0: image feature 'missing.npy'"),
-             ([good, {**good, "image": [0.5] * 8}], ["--image_dim=16"], "record 0 has no 'image'"),
+    cases = [([{**good, "image": "missing.npy"}], ["--image_dim=16"], "record 0 (counting from 0): image feature 'missing.npy'"),
+             ([good, {**good, "image": [0.5] * 8}], ["--image_dim=16"], "record 0 (counting from 0) has no 'image'"),
              ([{**good, "image": [0.5] * 8}] * 2, ["--image_dim=16"], "has shape [8], expected [16]"),
-             ([{**good, "image": [0.5] * 16}], [], "record 0 has an image, but this adapter is text-only")]
+             ([{**good, "image": [0.5] * 16}], [], "record 0 (counting from 0) has an image, but this adapter is text-only")]
     for i, (records, args, message) in enumerate(cases):
         (tmp_path / f"d{i}.json").write_text(json.dumps(records))
         code, output = train(task, tmp_path / f"out{i}", f"--data_path={tmp_path / f'd{i}.json'}", *args, check=False)
@@ -442,3 +446,63 @@ def test_scripts_given_damaged_files_exit_1_with_one_line_and_write_nothing(task
         errors = [line for line in output.splitlines() if line.startswith("error: ")]
         assert code == 1 and len(errors) == 1 and message in errors[0] and "Traceback" not in output, (name, output)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.pth", "ckpt"]
+
+
+# ---- what a class trips on: --help, Ctrl-C ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", ["train.py", "generate.py"])
+def test_help_prints_each_example_line_as_the_docstring_writes_it(script):
+    # A backslash ending a line of a docstring joins it to the next one ("--quantize=int8         --activation_...")
+    raw = (ROOT / script).read_text(encoding="utf-8").split('"""')[1]  # as written in the file
+    shown = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120).stdout.splitlines()
+    for line in raw.strip("\n").splitlines():
+        assert not line.strip() or line.replace("\\\\", "\\") in shown, f"{script} --help mangles: {line}"
+
+
+def wait_for(stream, text, timeout=300):
+    """Read `stream` line by line until a line holds `text`; the lines read."""
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"never printed {text!r}:\n{''.join(lines)}")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT, as a terminal's Ctrl-C does on Linux and macOS")
+def test_ctrl_c_in_training_prints_one_line_with_what_is_kept_and_the_command_that_continues(task, tmp_path):
+    cmd = [sys.executable, "train.py", f"--ckpt_dir={task / 'ckpt'}", f"--data_path={task / 'data.json'}",
+           f"--out_dir={tmp_path}", "--adapter_layer=2", "--adapter_len=3", "--batch_size=8", "--micro_batch_size=2",
+           "--epochs=40", "--log_interval=1", "--save_interval=2", "--dtype=fp32", "--device=cpu"]
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}) as run:
+        wait_for(run.stdout, "step 3/")
+        run.send_signal(signal.SIGINT)
+        stderr = run.communicate(timeout=120)[1]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert run.returncode != 0 and len(lines) == 1 and "Traceback" not in stderr, stderr
+    kept = int(re.search(r"train_state.pth keeps step (\d+)", lines[0])[1])
+    assert kept >= 2 and lines[0].startswith("stopped: ") and lines[0].endswith(" --resume"), lines[0]
+    command = lines[0].split("continue with: ")[1].split()
+    assert command[:2] == ["python", "train.py"] and "--resume" == command[-1]
+    result = subprocess.run([sys.executable, *command[1:], "--stop_after=" + str(kept + 1)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0 and f"resumed from {tmp_path / 'train_state.pth'} at step {kept}" in result.stdout, \
+        result.stdout + result.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT, as a terminal's Ctrl-C does on Linux and macOS")
+def test_ctrl_c_at_the_interactive_prompt_prints_one_line(task, open_adapter):
+    cmd = [sys.executable, "generate.py", f"--ckpt_dir={task / 'ckpt'}", f"--adapter={open_adapter}", "--device=cpu",
+           "--dtype=fp32", "--interactive"]
+    with subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) as run:
+        wait_for(run.stderr, "Type an instruction")
+        run.send_signal(signal.SIGINT)
+        stderr = run.communicate(timeout=120)[1]
+    assert run.returncode != 0 and "Traceback" not in stderr, stderr
+    assert [line for line in stderr.splitlines() if line.strip()] == ["stopped: nothing was written"], stderr
