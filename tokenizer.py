@@ -1,8 +1,10 @@
 """
 The tokenizers LLaMA checkpoints come with, told apart by their content: SentencePiece (LLaMA-1 and 2), and Llama 3's
 byte-level BPE as Meta ships it (tokenizer.model, a "base64(bytes) rank" line per token) or as Hugging Face does
-(tokenizer.json). Both have one interface: encode(text, bos, eos), decode(ids), bos_id, eos_id, n_words and the
-stop_ids that end a generation. Llama 3's runs on tiktoken, imported only when one is read (pip install tiktoken).
+(tokenizer.json). Both have one interface: encode(text, bos, eos), decode(ids), bos_id, eos_id, n_words, the stop_ids
+that end a generation, and chat_prompt(user), the chat format's prompt (Llama 3's; a SentencePiece one refuses it);
+Llama 3's also has `special`, its special tokens by name. It runs on tiktoken, imported only when one is read (pip
+install tiktoken).
 """
 import base64
 import binascii
@@ -130,10 +132,12 @@ def read_tokenizer(path, stop_ids=None):
     ranks, special = read_tokenizer_json(path, text) if head.lstrip()[:1] == b"{" else read_rank_file(path, text)
     missing = [t for t in ("<|begin_of_text|>", "<|end_of_text|>") if t not in special]
     lost = [b for b in range(256) if bytes([b]) not in ranks]
-    if missing or lost or len(set(ranks.values())) != len(ranks) or len(set(special.values())) != len(special):
-        raise InputError(f"{path}: " + (f"not a Llama 3 tokenizer (no {missing[0]})" if missing else
-                                        f"not a byte-level BPE: byte {lost[0]:#04x} has no token" if lost else
-                                        "two tokens share an id"))
+    if missing:
+        raise InputError(f"{path}: not a Llama 3 tokenizer (no {missing[0]})")
+    if lost:
+        raise InputError(f"{path}: not a byte-level BPE: byte {lost[0]:#04x} has no token")
+    if len(set(ranks.values())) != len(ranks) or len(set(special.values())) != len(special):
+        raise InputError(f"{path}: two tokens share an id")
     try:
         return BPETokenizer(ranks, special, path, stop_ids)
     except ImportError:
