@@ -99,14 +99,18 @@ def dtype_name(dtype) -> str:
 
 
 def device_of(name) -> torch.device:
-    """--device as a device: the one named, or CUDA where there is a GPU, else the CPU. CUDA always with its index
-    (the current device's, cuda:0 in a fresh process): torch.cuda.set_device refuses a bare "cuda"."""
+    """--device as a device: the one named, or CUDA where there is a GPU, else the CPU. CUDA always with its index:
+    torch.cuda.set_device refuses a bare "cuda". The index is cuda:0's in a process that has not used CUDA yet, asked of
+    nothing, as asking would start CUDA, and each torchrun process would make a context on GPU 0 before choosing its
+    own; the current device's in a process that has."""
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
         raise InputError(f"--device={name}: {e}") from None
     require(device.type != "cuda" or torch.cuda.is_available(), f"--device={name}: no CUDA device here")
-    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None else device
+    if device.type != "cuda" or device.index is not None:
+        return device
+    return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
 
 
 def dtype_of(name: str, device) -> torch.dtype:

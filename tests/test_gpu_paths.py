@@ -186,7 +186,6 @@ def test_compiled_training_compiles_no_graph_per_sequence_length(task, tmp_path)
 PRETEND_CUDA = '''
 import os, torch, torch._utils
 torch.cuda.is_available = lambda: True  # CUDA pretended on this CPU: what a GPU machine's torch answers
-torch.cuda.current_device = lambda: 0
 
 
 def set_device(device):  # torch's own check of its argument (torch/cuda/__init__.py), then stop: nothing here runs CUDA
@@ -203,6 +202,7 @@ torch.cuda.set_device = set_device
 def test_a_gpu_run_started_as_a_user_types_it_sets_an_indexed_device(tmp_path, script):
     # `python train.py` and `python generate.py`, no flags, on a machine with CUDA: torch.cuda.set_device("cuda")
     # raises "Expected a torch.device with a specified index", which once ended every default GPU run at its start.
+    # Nothing may start CUDA before set_device either (here any other CUDA call fails: torch has no CUDA).
     (tmp_path / "sitecustomize.py").write_text(PRETEND_CUDA)
     result = subprocess.run([sys.executable, script], cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"})
