@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,7 +186,8 @@ def test_quick_ablations_run_every_variant_and_write_the_table_and_the_figure(tm
     assert full["zero_init (the paper)"]["loss_at_0"] == full["base model alone"]["loss_at_0"]  # gates at 0: the base
     assert full["random_init"]["loss_at_0"] != full["base model alone"]["loss_at_0"]
     # the gates go from the trainable count with no_gate and prefix: as many as the walkthrough's model has
-    model, _ = checkpoint.load_llama(tmp_path / "walk" / "base", device="cpu", adapter_len=world.SETTINGS["adapter_len"],
+    model, _ = checkpoint.load_llama(world.paths(tmp_path / "walk", smoke=True)["ckpt_dir"], device="cpu",
+                                     adapter_len=world.SETTINGS["adapter_len"],
                                      adapter_layer=world.SETTINGS["adapter_layer"])
     n_gates = sum(gate.numel() for gate in model.gates())
     assert full["zero_init (the paper)"]["trainable"] - full["no_gate"]["trainable"] == n_gates
@@ -266,6 +268,7 @@ def test_walkthrough_smoke_runs_end_to_end_and_again_to_the_same_log(tmp_path):
     trainable, total = (int(c.replace(",", "")) for c in counts)
     assert 0 < trainable < 0.02 * total, "the adapter is a small fraction of the model"
     assert logs[0] == logs[1], "the same command twice gives the same numbers"
-    assert {p.name for p in (out / "base").iterdir()} == {"consolidated.00.pth", "params.json", "tokenizer.model"}
-    model, _ = checkpoint.load_llama(out / "base", adapter_path=out / "adapter.pth", device="cpu")  # K, L: the file
+    base = world.paths(out, smoke=True)["ckpt_dir"]  # the base every smoke run beside `out` shares
+    assert {p.name for p in Path(base).iterdir()} == {"consolidated.00.pth", "params.json", "tokenizer.model"}
+    model, _ = checkpoint.load_llama(base, adapter_path=out / "adapter.pth", device="cpu")  # K, L: the file
     assert model.args.dim == 128 and model.args.vocab_size == 512

@@ -37,7 +37,6 @@ import functools
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 import time
@@ -63,7 +62,7 @@ import lladapter
 @dataclass
 class Settings:
     out_dir: str = ""  # empty: <walkthrough_dir>/ablations; each run in a folder of its own inside
-    walkthrough_dir: str = ""  # the walkthrough's base model and data, built once and reused; empty: the walkthrough's own
+    walkthrough_dir: str = ""  # the walkthrough run's folder: its base and data, beside it, are shared; empty: its own
     quick: bool = False  # CI: the smoke walkthrough's barely pretrained base and world, 2 epochs; the numbers mean nothing
     short_epochs: int = 5  # the short budget (see SHORT_BUDGET); 0: the full budget only
     short_warmup_epochs: float = 2.0  # its linear warmup, as the paper's
@@ -457,18 +456,16 @@ def main():
     walk = Path(s["walkthrough_dir"] or walk_settings["out_dir"]).resolve()
     out = Path(s["out_dir"] or walk / "ablations").resolve()
     walk_settings = {k: v for k, v in walk_settings.items() if k != "out_dir"}
-    # The world and base, built once (then reused): build() pretrains on the walkthrough's THREADS, as train.py does
+    # The world and base that every walkthrough run beside `walk` shares, built once (then reused): build()
+    # pretrains on the walkthrough's THREADS, as train.py does
     found = {k: str(Path(v).resolve()) for k, v in wt.build(walk, s["quick"]).items()}
     t_ready = time.time()
-    # The base's own pretraining documents, for the retention probes: its world drawn again as prepare() drew it
-    # (the first draws from its seed), checked against the held-out instructions prepare() wrote from it.
-    pretrain = {**wt.PRETRAIN, **(wt.SMOKE_PRETRAIN if s["quick"] else {})}
-    world = wt.make_world(random.Random(wt.SEED), pretrain["n_creatures"])
-    heldout = json.loads(Path(found["heldout_path"]).read_text())
-    cli.require(sorted(map(json.dumps, wt.instructions(world[:pretrain["n_heldout"]]))) ==
-                       sorted(map(json.dumps, heldout)), f"{found['heldout_path']} is not about the world that "
-                       f"walkthrough/world.py draws{' with --quick' * s['quick']}: delete {walk} to rebuild it")
-    docs = wt.corpus_docs(world)
+    # The base's own pretraining documents, for the retention probes: its world drawn again as build() drew it,
+    # checked against the held-out instructions build() wrote from it.
+    _, docs, _, heldout = wt.draw(wt.pretraining(s["quick"]))
+    cli.require(json.loads(Path(found["heldout_path"]).read_text()) == heldout, f"{found['heldout_path']} is not "
+                f"about the world that walkthrough/world.py draws{' with --quick' * s['quick']}: delete "
+                f"{found['base_dir']} to build it again")
 
     # The configurations: (name, group, label, what differs from the walkthrough's settings). The walkthrough's
     # own K and L are zero_init's run (change None: trained once) shown in each group.
