@@ -6,7 +6,6 @@
 - Reading order: each item "`file.py` N-M ..." must span the definitions it names in backticks, every one of them.
 """
 import re
-import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -14,6 +13,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from tests.fixtures import ROOT
+from tests.test_fast_tier import fast_tier_copy
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -50,10 +50,7 @@ def test_the_readme_lists_exercises():
 
 @pytest.mark.parametrize("name, old, new, expected", exercises(), ids=[e[0] for e in exercises()])
 def test_each_exercise_fails_exactly_the_tests_the_readme_names(tmp_path, name, old, new, expected):
-    for file in [*ROOT.glob("*.py"), ROOT / "tests" / "__init__.py", ROOT / "tests" / "fixtures.py",
-                 *ROOT.glob("walkthrough/*.py")]:  # the reference, the fast tier and what it imports
-        (tmp_path / file.parent.relative_to(ROOT)).mkdir(exist_ok=True)
-        shutil.copy(file, tmp_path / file.relative_to(ROOT))
+    fast_tier_copy(tmp_path)  # the reference, the fast tier and what it reads
     source = (tmp_path / "lladapter.py").read_text(encoding="utf-8")
     assert source.count(old) == 1, f"exercise {name!r}: `{old}` should occur exactly once in lladapter.py"
     (tmp_path / "lladapter.py").write_text(source.replace(old, new), encoding="utf-8")
