@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import cli
+import generation
 import lladapter
 import quantize as quantization
 from lladapter import ModelArgs, Transformer
@@ -450,20 +451,19 @@ def card_table(length=512, log=print):
 
 
 def generation_memory(size, batch, cache_len, quantize=""):
-    """Predicted peak of generate.py: the base (bf16, or int8), every layer's KV cache as setup_cache allocates it
-    (read off a model on the meta device), and the prefill's largest transients (the feed-forward's hidden
-    activations at every position, the last position's fp32 logits, one dequantized matrix)."""
+    """Predicted peak of generate.py: the base (bf16, or int8 with the one dequantized matrix a matmul holds), and
+    `batch` sequences as generation.bytes_per_sequence counts them for generate.py's batch size (each its KV cache and
+    its prefill's largest transients). fused=True: the cards this plans for run bf16 (compute capability 8.0 on),
+    where flash attention takes the prefill (causal, no mask, grouped-query heads too) and keeps no (heads, length,
+    length) fp32 scores; left to ask (fused=None), it would count a meta-device model as a CPU's, with math's scores."""
     args = llama_args(size, cache_len)
-    terms = plan_memory(args, "1 GPU", 1, 1, 1, 1, torch.bfloat16, quantize=quantize, tied=LLAMA[size].get("tied", False))
+    terms = plan_memory(args, "1 GPU", 1, 1, 1, 1, torch.bfloat16, quantize=quantize,
+                        tied=LLAMA[size].get("tied", False))
     with torch.device("meta"):
         model = Transformer(replace(args, adapter_layer=0)).to(torch.bfloat16)
-    model.setup_cache(batch, cache_len)
-    cache = sum(t.nbytes for layer in model.layers for t in (layer.attention.cache_k, layer.attention.cache_v))
-    hidden = model.layers[0].feed_forward.w1.out_features
-    prefill = batch * cache_len * (3 * hidden + 4 * args.dim) * 2 + batch * args.vocab_size * 4
-    dequantized = terms["largest_dequantized"]
-    return {"weights": terms["weights"], "kv_cache": cache, "prefill": prefill + dequantized,
-            "total": terms["weights"] + cache + prefill + dequantized}
+    sequences = batch * generation.bytes_per_sequence(model, cache_len, fused=True)
+    return {"weights": terms["weights"], "sequences": sequences, "dequantized": terms["largest_dequantized"],
+            "total": terms["weights"] + sequences + terms["largest_dequantized"]}
 
 
 def generation_table(cache_len=512, batches=(1, 8, 32), log=print):
