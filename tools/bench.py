@@ -7,7 +7,9 @@ Measure what the paper and the README claim about cost, on random weights: nothi
     python -m tools.plan                       # the memory planner (tools/plan.py), and its check against train.py
 
 CPU: one adapter step against one full fine-tuning step (time, peak memory); cached generation against
-recomputation; per-token decoding on a tiny model, where it is all overhead, eager against compile=True.
+recomputation; per-token decoding on a tiny model, where it is all overhead, eager against compile=True, and compiled
+on a model whose context is 2,048 with generate()'s default static cache against cache_len=64; the memory options
+side by side; int8 decoding against fp32.
 GPU: LLaMA-7B's shapes, bf16 base and fp32 adapter under autocast, train.py's step at full length (max_seq_len
 512, no padding) for micro-batches 1, 2, 4, 8: tokens/s, MFU against the card's dense 16-bit peak, the peak memory
 torch reserved (the CUDA context, a few hundred MiB, comes on top) beside the planner's prediction, and which
@@ -15,8 +17,9 @@ scaled_dot_product_attention kernel ran; then decoding at batch 1 and 8, eager a
 memory-bandwidth bound.
 
 Targets: CPU adapter step <= 0.7x the full step's time and <= 0.6x its memory; cached generation >= 5x
-recomputation at 256 new tokens; GPU: >= 45% MFU on the 7B-shaped adapter step, the paper's 5 Alpaca epochs
-projected under an hour on one H100, 7B adapter training at max_seq_len 512 (micro-batch 1) within a 24 GB card.
+recomputation at 256 new tokens; compiled decoding with the default cache <= 1.25x the time with cache_len=64;
+GPU: >= 45% MFU on the 7B-shaped adapter step, the paper's 5 Alpaca epochs projected under an hour on one H100, 7B
+adapter training at max_seq_len 512 (micro-batch 1) within a 24 GB card.
 """
 import functools
 import json as jsonlib  # `json` is the --json setting below
@@ -66,7 +69,7 @@ class Settings:
     gpu_peak_tflops: float = 0.0  # the card's dense 16-bit peak; 0: looked up from its name (GPU_SPECS)
     gpu_bandwidth_tbs: float = 0.0  # the card's memory bandwidth in TB/s; 0: looked up from its name
     json: str = ""  # --json=FILE writes the results as JSON
-    only: str = ""  # comma-separated sections (training, generation, decoding, adapters, memory_options, int8_quality, gpu); empty: all
+    only: str = ""  # comma-separated sections (training, generation, decoding, adapters, memory_options, int8_decoding, int8_quality, gpu); empty: all
     quick: bool = False  # tiny shapes: a smoke test of this script
     memory_probe: str = ""  # internal: "adapter" or "full", run in a fresh process to measure its peak memory
 
@@ -270,6 +273,38 @@ def decode_overhead(n_tokens, use_compile, repeats=3):
     return row
 
 
+def compiled_cache(n_prompt=8, n_new=32, context=2048, repeats=9):
+    """Compiled decoding on a model whose context is 2,048 (the shape of llama2.c's stories260K: dim 64, 5 layers, 8
+    query heads over 4 kv heads), n_new tokens after an n_prompt-token prompt, batch 1, one thread: generate()'s
+    default static cache against the same call with cache_len=64, and with the model's context as the cache (what
+    the default was: every compiled step reads all of its static cache). Interleaved after a warm-up of each (which
+    compiles: the default and 64 share one graph), the median of `repeats` calls."""
+    args = ModelArgs(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, max_seq_len=context, adapter_layer=3)
+    model = random_model(args, torch.device("cpu"), torch.float32)
+    open_gates(model)
+    prompt = [list(range(3, 3 + n_prompt))]
+    caches = {"default": None, "cache_len=64": 64, f"cache_len={context}": context}
+    times = {name: [] for name in caches}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for i in range(repeats + 1):
+        for name, cache_len in caches.items():
+            t = timed(lambda: generation.generate(model, prompt, n_new, temperature=0, eos_id=-1, compile=True,
+                                                  cache_len=cache_len))
+            if i > 0:
+                times[name].append(t / n_new)
+    torch.set_num_threads(threads)
+    model.clear_cache()
+    ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
+    row = {"ms_per_token": ms, "default_over_64": ms["default"] / ms["cache_len=64"],
+           "context_over_64": ms[f"cache_len={context}"] / ms["cache_len=64"]}
+    print(f"cpu compiled decoding, context {context}, {n_new} new tokens after {n_prompt}, batch 1, one thread: "
+          + ", ".join(f"{name} {v:.3f}" for name, v in ms.items()) + f" ms per token (median of {repeats}); default "
+          f"/ cache_len=64 {row['default_over_64']:.2f}x, the context as cache / 64 {row['context_over_64']:.2f}x",
+          flush=True)
+    return row
+
+
 # ----------------------------------------------------------------------------------------------------------
 # CPU: several adapters on one base (generation.AdapterBank), side by side with one adapter and with one at a time
 
@@ -353,16 +388,6 @@ def memory_options(argv):
     row["int8_over_fp32_base_bytes"] = base_bytes(int8) / base_bytes(fp32)
     row["int8_over_fp32_matrix_bytes"] = sum(base_bytes(int8.get_submodule(n)) for n in matrices) / sum(
         base_bytes(fp32.get_submodule(n)) for n in matrices)
-    # decoding, batch 1, int8 against fp32, alternating calls after a warm-up of each
-    times = {"fp32": [], "int8": []}
-    prompt = torch.randint(3, args.vocab_size, (1, prompt_len)).tolist()
-    for i in range(3):
-        for name, model in (("fp32", fp32), ("int8", int8)):
-            open_gates(model)
-            t = timed(lambda: generation.generate(model, prompt, new_tokens // 4, temperature=0, eos_id=-1))
-            if i:
-                times[name].append(t)
-    row["decode_tokens_per_s"] = {k: new_tokens // 4 / statistics.median(v) for k, v in times.items()}
     del fp32, int8
     # the adapter step with and without activation checkpointing, alternating, on the fp32 base
     trainers = {c: Trainer(args, "adapter", cpu, torch.float32, checkpointing=c) for c in (False, True)}
@@ -384,11 +409,36 @@ def memory_options(argv):
     row["peak_above_torch_mib"] = peaks
     print(f"cpu memory options, dim {args.dim}, {args.n_layers} layers, vocab {args.vocab_size}, micro-batch {batch} x "
           f"{seq_len}: int8 base {row['int8_over_fp32_base_bytes']:.2f}x fp32's bytes (its matrices "
-          f"{row['int8_over_fp32_matrix_bytes']:.2f}x; embeddings and norms stay fp32); decoding, batch 1: "
-          f"{row['decode_tokens_per_s']['int8']:.1f} tok/s int8, {row['decode_tokens_per_s']['fp32']:.1f} fp32; "
+          f"{row['int8_over_fp32_matrix_bytes']:.2f}x; embeddings and norms stay fp32); "
           f"adapter step with checkpointing {row['checkpointing_over_plain_step_time']:.2f}x the time without", flush=True)
     print("cpu peak memory above torch, adapter training: " + ", ".join(
         f"{name} {mib:.0f} MiB ({mib / peaks['none']:.2f}x)" for name, mib in peaks.items()), flush=True)
+    return row
+
+
+def int8_decoding(n_new, repeats=5):
+    """Decoding at batch 1 on the memory options' model, an int8 base against fp32: alternating calls after a warm-up
+    of each, the median of `repeats`. On one thread, as decode_overhead: on a busy machine a second OpenMP thread
+    measures the contention (at batch 1 every matmul is small), not the decoding."""
+    cpu, args = torch.device("cpu"), options_args()
+    models = {"fp32": random_model(args, cpu, torch.float32),
+              "int8": quantization.int8_linears(random_model(args, cpu, torch.float32), quantize_from_weights=True)}
+    prompt = torch.randint(3, args.vocab_size, (1, prompt_len)).tolist()
+    times = {name: [] for name in models}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for i in range(repeats + 1):
+        for name, model in models.items():
+            open_gates(model)
+            t = timed(lambda: generation.generate(model, prompt, n_new, temperature=0, eos_id=-1))
+            if i:
+                times[name].append(t)
+    torch.set_num_threads(threads)
+    row = {"tokens_per_s": {name: n_new / statistics.median(t) for name, t in times.items()}}
+    row["int8_over_fp32"] = row["tokens_per_s"]["int8"] / row["tokens_per_s"]["fp32"]
+    print(f"cpu decoding, batch 1, dim {args.dim}, {args.n_layers} layers, vocab {args.vocab_size}, one thread: "
+          f"{row['tokens_per_s']['int8']:.1f} tok/s int8, {row['tokens_per_s']['fp32']:.1f} fp32 "
+          f"({row['int8_over_fp32']:.2f}x; {n_new} new tokens after {prompt_len}, median of {repeats})", flush=True)
     return row
 
 
@@ -558,9 +608,14 @@ def decoding(model, device, batches, compile_modes, n_new, n_prompt, bandwidth_t
     for use_compile in compile_modes:
         for bsz in batches:
             prompts = torch.randint(3, model.args.vocab_size, (bsz, n_prompt)).tolist()
-            generation.generate(model, prompts, 4, temperature=0, eos_id=-1, compile=use_compile)  # warm-up, compiles
+            # compiled, the warm-up is the timed call itself: one of another length could choose another static
+            # cache, and the timed call would compile and record its graph again
+            generation.generate(model, prompts, n_new if use_compile else 4, temperature=0, eos_id=-1,
+                                compile=use_compile)
             t = timed(lambda: generation.generate(model, prompts, n_new, temperature=0, eos_id=-1, compile=use_compile))
-            cache_len = model.args.max_seq_len if use_compile else n_prompt + n_new  # the cache generate() allocates
+            # the cache generate() allocates, all of which a compiled step reads
+            cache_len = generation.static_cache_len(n_prompt + n_new, model.args.max_seq_len) if use_compile \
+                else n_prompt + n_new
             bound = decode_bound(model, bsz, cache_len, bandwidth_tbs)
             row = {"batch": bsz, "compiled": use_compile, "tokens_per_s": bsz * n_new / t, "bound_tokens_per_s": bound}
             rows.append(row)
@@ -607,16 +662,18 @@ def table(results):
                      ">= 5x", row["speedup"] >= 5))
     if "cpu_memory_options" in results:
         options = results["cpu_memory_options"]
-        peaks, decode = options["peak_above_torch_mib"], options["decode_tokens_per_s"]
+        peaks = options["peak_above_torch_mib"]
         rows += [("cpu int8 / fp32 base's matrices, bytes", f"{options['int8_over_fp32_matrix_bytes']:.2f}x", "<= 0.30x",
                   options["int8_over_fp32_matrix_bytes"] <= 0.3),
                  ("cpu int8 / fp32 whole base, bytes (embeddings fp32)", f"{options['int8_over_fp32_base_bytes']:.2f}x",
                   "", True),
-                 ("cpu decoding batch 1, int8 / fp32 tokens/s", f"{decode['int8'] / decode['fp32']:.2f}x", "", True),
                  ("cpu adapter step, checkpointing / plain time", f"{options['checkpointing_over_plain_step_time']:.2f}x",
                   "", True)]
         rows += [(f"cpu peak memory, {name} / none", f"{peaks[name] / peaks['none']:.2f}x", "", True)
                  for name in peaks if name != "none"]
+    if "cpu_int8_decoding" in results:
+        ratio = results["cpu_int8_decoding"]["int8_over_fp32"]
+        rows.append(("cpu decoding batch 1, int8 / fp32 tokens/s", f"{ratio:.2f}x", "", True))
     if "cpu_adapters" in results:
         adapters = results["cpu_adapters"]
         rows += [("cpu 8 rows over 4 adapters / over 1 adapter, tok/s", f"{adapters['mixed_over_one']:.2f}x", ">= 0.90x",
@@ -628,6 +685,12 @@ def table(results):
     if "compiled_over_eager" in results.get("cpu_decoding", {}):
         rows.append(("cpu decoding per token, tiny model: compiled / eager",
                      f"{results['cpu_decoding']['compiled_over_eager']:.2f}x", "", True))
+    if "cpu_compiled_cache" in results:
+        cache = results["cpu_compiled_cache"]
+        rows += [("cpu compiled decoding, context 2,048: default / cache_len=64", f"{cache['default_over_64']:.2f}x",
+                  "<= 1.25x", cache["default_over_64"] <= 1.25),
+                 ("cpu compiled decoding: the context as cache / cache_len=64", f"{cache['context_over_64']:.2f}x",
+                  "", True)]
     measured = [r for r in results.get("gpu", {}).get("micro_batches", []) if "tokens_per_s" in r]
     if measured:
         best = max(measured, key=lambda r: r["tokens_per_s"])
@@ -659,7 +722,7 @@ def main(argv):
     print(f"torch {torch.__version__} | {results['cpu']} | {torch.get_num_threads()} threads"
           + (" | QUICK: tiny shapes, not a measurement" if quick else ""), flush=True)
     wanted = set(only.split(",")) if only else {"training", "generation", "decoding", "adapters", "memory_options",
-                                                "int8_quality", "gpu"}
+                                                "int8_decoding", "int8_quality", "gpu"}
     if "training" in wanted:
         cpu_training(argv, results)
     if "generation" in wanted:
@@ -669,10 +732,14 @@ def main(argv):
         del model
     if "decoding" in wanted:
         results["cpu_decoding"] = decode_overhead(decode_tokens, compile_decode)
+        if compile_decode:
+            results["cpu_compiled_cache"] = compiled_cache()
     if "adapters" in wanted:
         results["cpu_adapters"] = adapter_serving(*((1, 8) if quick else (3, 64)))
     if "memory_options" in wanted:
         results["cpu_memory_options"] = memory_options(argv)
+    if "int8_decoding" in wanted:
+        results["cpu_int8_decoding"] = int8_decoding(new_tokens // 8)
     if "int8_quality" in wanted and not quick:
         results["cpu_int8_quality"] = int8_quality()
     if (torch.cuda.is_available() or quick) and "gpu" in wanted:
