@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import cli
 from tests.fixtures import ROOT
 from tools import gpu_check
 
@@ -70,13 +71,15 @@ def test_a_rerun_after_a_cut_runs_only_what_had_not_finished(quick_run):
     assert found["ok"] and len(found["tests"]) == len(list((out / "on_device").glob("*.json")))
 
 
-def test_a_folder_of_another_run_is_refused_in_one_line(quick_run, tmp_path):
+def test_a_folder_that_holds_another_machines_run_is_refused(quick_run, tmp_path, monkeypatch):
+    # In this process (the refusal is an InputError, which the command prints as one line: the test below)
     out, _ = quick_run
     run = json.loads((out / "run.json").read_text())
     (tmp_path / "run.json").write_text(json.dumps({**run, "device": "NVIDIA H100 80GB HBM3", "quick": False}))
-    result = run_tool("--quick", f"--out_dir={tmp_path}", timeout=120)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 1 and len(lines) == 1 and "holds a run on NVIDIA H100" in lines[0], result.stderr
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # main() installs its own
+    with pytest.raises(cli.InputError, match="holds a run on NVIDIA H100 80GB HBM3: give another --out_dir"):
+        gpu_check.main(["--quick", f"--out_dir={tmp_path}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
 
 
 def test_without_a_gpu_it_refuses_in_one_line_unless_quick(tmp_path):

@@ -3,8 +3,8 @@ tier, and tools/gpu_check.py --quick), at real shapes on CUDA (tools/gpu_check.p
 test's outcome and the figures it records with record_property). train.py, generate.py and the walkthrough run as a
 user types them, without --device: on a GPU machine they must find the card themselves.
 
-The order is the order they run in on a card: the test that fills the card's memory first (the walkthrough, which
-tools/gpu_check.py runs beside these, pretrains its base on the CPU for its first minute), then compiled decoding."""
+They run in this file's order: first the test that fills the card's memory, while the walkthrough (which
+tools/gpu_check.py runs beside these) still pretrains its base on the CPU, then the compiled ones."""
 import functools
 import json
 import math
@@ -30,10 +30,8 @@ from tests.fixtures import DEVICE, ROOT
 from tools import bench, gpu_check, plan
 
 ON_GPU = torch.device(DEVICE).type == "cuda"
-DTYPE = torch.bfloat16  # the correctness checks' dtype, the base's on a GPU, on a CPU too
-# On a CPU: one OpenMP thread per command, and no spinning: a waiting OpenMP thread spins for a core that two busy
-# cores don't have (the walkthrough's smoke run took 44 s with spinning threads, 7 s without, the same losses)
-QUIET = {} if ON_GPU else {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+DTYPE = torch.bfloat16  # the correctness checks': a GPU's base dtype, on a CPU too
+QUIET = {} if ON_GPU else gpu_check.QUIET  # on a CPU, the commands' OpenMP threads: one each, none spinning
 ADAPTER = dict(adapter_layer=2, adapter_len=10)  # the small base's adapter, in train.py and in generate.py
 TRAIN_STEPS = 4  # optimizer steps of each train.py run (of 8 examples, 64 tokens each)
 # train.py's runs against each other: the tolerance of the adapter files (fp32 base; GPU kernels are not bit-exact,
@@ -253,7 +251,7 @@ def adapter_of(path):
     return {k: v for k, v in checkpoint.torch_load(path).items() if isinstance(v, torch.Tensor)}
 
 
-def test_train_py_under_torchrun_trains_the_adapter_one_process_trains(small, work, record_property):
+def test_train_py_under_torchrun_trains_the_adapter_that_one_process_trains(small, work, record_property):
     # torchrun with DDP and with --fsdp, in 1 process (and in 2 where there are 2 GPUs; on a CPU the slow tier runs
     # gloo over 2 processes), against python train.py on the same steps, all at once; NCCL on a GPU, gloo on a CPU.
     gpus = torch.cuda.device_count() if ON_GPU else 0
