@@ -17,11 +17,15 @@ import torch.nn as nn
 
 
 def dequantized(weight, scales, dtype):
-    # (out, in) in `dtype`: each int8 times its row's scale, multiplied in fp32 and rounded once, in one pass (read
-    # 1 byte, write 2 per weight, where a 16-bit copy scaled in place moves 9). The scale goes on the weight, not on
-    # x @ weight^T: that product is the output times 127 / max|row| (10^3 and more), which overflows fp16 (65504)
-    # on LLaMA's activations in the thousands.
-    return torch.mul(weight, scales[:, None], out=torch.empty(weight.shape, dtype=dtype, device=weight.device))
+    # (out, in) in `dtype`: each int8 times its row's scale, multiplied in fp32 and rounded once. The scale goes on
+    # the weight, not on x @ weight^T: that product is the output times 127 / max|row| (10^3 and more), which
+    # overflows fp16 (65504) on LLaMA's activations in the thousands. On a GPU one kernel reads the int8 matrix and
+    # writes the 16-bit one (3 bytes moved per weight, where a 16-bit copy scaled in place moves 9); on a CPU torch
+    # would run that call on fp32 copies of the int8 input and of the output (ATen/TensorIterator.h: "on the CPU,
+    # temporary copies"), so there the copy is scaled in place. Both give the same bits.
+    if weight.is_cuda:
+        return torch.mul(weight, scales[:, None], out=torch.empty(weight.shape, dtype=dtype, device=weight.device))
+    return weight.to(dtype).mul_(scales[:, None])
 
 
 class Int8Matmul(torch.autograd.Function):
