@@ -4,7 +4,7 @@ trains its adapter, on the walkthrough's own base, and show its result and train
 adapter's.
 
     python train.py                         # once, with lladapter.py unedited: the run to compare with
-    python -m walkthrough.exercise          # after each edit: 95 s of CPU, under 3 minutes on 2 busy cores
+    python -m walkthrough.exercise          # after each edit: 95 s of CPU time (172 s on 2 cores loaded 3x over)
     python -m walkthrough.exercise --smoke  # the smoke walkthrough's, against python train.py --smoke's (seconds;
                                             # the numbers mean nothing)
 
