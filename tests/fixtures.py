@@ -81,6 +81,20 @@ def cached_logits(model, toks, chunks, image=None):
     return torch.cat(out, dim=1)
 
 
+class SDPACalls(torch.overrides.TorchFunctionMode):
+    """Every scaled_dot_product_attention call made inside it, as (q, k, v, attn_mask); the calls still run."""
+
+    def __enter__(self):
+        self.calls = []
+        return super().__enter__()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.calls.append((*args[:3], kwargs.get("attn_mask", args[3] if len(args) > 3 else None)))
+        return func(*args, **kwargs)
+
+
 # ---- Meta's layout and SentencePiece -----------------------------------------------------------------------
 
 # How Meta's model-parallel checkpoints split each tensor (as Meta's own loader joins them); norms are replicated.

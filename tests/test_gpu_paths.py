@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-import checkpoint
 import cli
 import generation
 import lladapter
 import quantize
 from tests.conftest import log_of, run_generate, train
-from tests.fixtures import DEVICE, ROOT, VOCAB, adapter_file_tensors, as_adapter, base_copy, cached_logits, tiny_model, tokens
+from tests.fixtures import (DEVICE, ROOT, VOCAB, SDPACalls, adapter_file_tensors, as_adapter, base_copy, cached_logits,
+                            tiny_model, tokens)
 from test_lladapter import three_adapters
 
 
@@ -111,23 +111,10 @@ def test_decoding_with_no_mask_gives_the_tokens_of_the_masked_path_also_with_gro
     with SDPACalls() as calls:
         unmasked = cached_logits(model, x, [6] + [1] * 14)
         generation.generate(model, [[1, 5, 9, 14], [1, 7]], 6, temperature=0)
-    assert calls.masks and all(mask is None for mask in calls.masks), "eager decoding passes attention a mask"
+    assert calls.calls and all(mask is None for *_, mask in calls.calls), "eager decoding passes attention a mask"
     masked = masked_logits(model, x, 6)
     assert torch.equal(unmasked.argmax(-1), masked.argmax(-1))
     torch.testing.assert_close(unmasked, masked, rtol=1e-5, atol=1e-5)
-
-
-class SDPACalls(torch.overrides.TorchFunctionMode):
-    """Records the attn_mask of every scaled_dot_product_attention call made inside it (the calls still run)."""
-
-    def __enter__(self):
-        self.masks = []
-        return super().__enter__()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.nn.functional.scaled_dot_product_attention:
-            self.masks.append((kwargs or {}).get("attn_mask", args[3] if len(args) > 3 else None))
-        return func(*args, **(kwargs or {}))
 
 
 def test_the_batch_that_fits_counts_the_math_kernels_fp32_scores_where_no_fused_kernel_takes_the_prefill():
@@ -238,21 +225,6 @@ def test_compiled_decoding_past_dynamos_graph_limit_still_runs_compiled():
     model.clear_cache()
 
 
-class SDPAShapes(torch.overrides.TorchFunctionMode):
-    """Records (query heads, key heads, whether a mask was given) of every scaled_dot_product_attention call."""
-
-    def __enter__(self):
-        self.calls = []
-        return super().__enter__()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention:
-            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-            self.calls.append((args[0].shape[1], args[1].shape[1], mask is not None))
-        return func(*args, **kwargs)
-
-
 def test_grouped_query_decoding_never_passes_a_mask_with_grouped_heads_and_folds_exactly():
     # A mask together with enable_gqa goes to torch's math kernel on most cards, which copies K and V per query head
     # in fp32 (8x the layer's bf16 cache at Llama-3-8B). The compiled step (a tensor position, the whole cache under
@@ -262,14 +234,15 @@ def test_grouped_query_decoding_never_passes_a_mask_with_grouped_heads_and_folds
     bank = generation.AdapterBank(base, {name: as_adapter(m) for name, m in models.items()})
     model, x = models["L4"], tokens(seqlen=12)
     model.setup_cache(x.shape[0], 16)
-    with SDPAShapes() as sdpa, torch.no_grad():
+    with SDPACalls() as sdpa, torch.no_grad():
         model(x[:, :5], 0)  # the prefill, then the compiled step's code (a tensor position), run eagerly
         for p in range(5, 12):
             model(x[:, p:p + 1], torch.tensor([p]))
         generation.generate(base, [[1, 5, 9, 14], [1, 7], [1, 3]], 6, temperature=0, bank=bank, rows=[1, 2, 3])
     model.clear_cache()
-    assert any(masked for _, _, masked in sdpa.calls), "the test must see masked calls"
-    assert not [c for c in sdpa.calls if c[2] and c[0] != c[1]], "a mask passed with grouped-query heads"
+    masked = [(q.shape[1], k.shape[1]) for q, k, _, mask in sdpa.calls if mask is not None]
+    assert masked, "the test must see masked calls"
+    assert all(q_heads == k_heads for q_heads, k_heads in masked), "a mask passed with grouped-query heads"
     for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):  # the fold against SDPA's own GQA
         q, k, v = (torch.randn(3, heads, n, 16, generator=torch.Generator().manual_seed(heads)).to(dtype)
                    for heads, n in ((8, 1), (2, 40), (2, 40)))

@@ -8,7 +8,6 @@ import torch
 
 import checkpoint
 import generation
-import lladapter
 from tests.conftest import log_of, run_generate, train
 from tests.fixtures import BPE_RANKS, LLAMA3_VOCAB, llama3_model, write_hf_checkpoint
 

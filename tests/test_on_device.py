@@ -26,7 +26,7 @@ import cli
 import generation
 import lladapter
 from lladapter import ModelArgs, Transformer
-from tests.fixtures import DEVICE, ROOT
+from tests.fixtures import DEVICE, ROOT, SDPACalls
 from tools import bench, gpu_check, plan
 
 ON_GPU = torch.device(DEVICE).type == "cuda"
@@ -168,20 +168,6 @@ def test_generate_py_compile_with_a_short_last_batch_compiles_once_and_records_o
 
 
 # ---- compiled decoding --------------------------------------------------------------------------------------
-
-class SDPACalls(torch.overrides.TorchFunctionMode):
-    """Every scaled_dot_product_attention call made inside it, as (q, k, v, attn_mask); the calls still run."""
-
-    def __enter__(self):
-        self.calls = []
-        return super().__enter__()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            self.calls.append((*args[:3], kwargs.get("attn_mask", args[3] if len(args) > 3 else None)))
-        return func(*args, **kwargs)
-
 
 def a_fused_kernel_takes(q, k, v, mask):
     """Whether flash, memory-efficient or cuDNN attention would take this masked call on this card. torch turns a

@@ -17,7 +17,7 @@ import lladapter
 import tokenizer as tokenizers
 from cli import InputError
 from tests.conftest import run_generate
-from tests.fixtures import (ROOT, LLAMA3_VOCAB, as_adapter, base_copy, llama3_model, safetensors_layout, tiny_model, tokens,
+from tests.fixtures import (ROOT, as_adapter, base_copy, llama3_model, safetensors_layout, tiny_model, tokens,
                             write_hf_checkpoint, write_raw_safetensors)
 from test_lladapter import three_adapters
 
