@@ -161,6 +161,16 @@ def say(*text):
         print(*text, flush=True)
 
 
+# Each process runs `accumulation` micro-batches per optimizer step, the global batch split evenly
+batch_size, micro_batch_size = args.batch_size, args.micro_batch_size
+if micro_batch_size * world > batch_size:  # e.g. the walkthrough's one micro-batch of 32, under torchrun
+    micro_batch_size = max(1, batch_size // world)
+    say(f"micro_batch_size lowered to {micro_batch_size}: {world} processes share each batch of {batch_size}")
+accumulation = batch_size // (world * micro_batch_size)
+cli.require(accumulation * world * micro_batch_size == batch_size, f"batch_size={batch_size} must be a multiple of "
+            f"micro_batch_size={micro_batch_size} x {world} processes")
+
+
 def peak_memory_mib():
     # The most this process needed: on a GPU, the caching allocator's peak reservation (nvidia-smi also counts the
     # CUDA context, a few hundred MiB); on a CPU, the peak resident set where the platform tells it (not on Windows).
@@ -255,17 +265,9 @@ load_peak_mib = peak_memory_mib()
 perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed)).tolist()
 n_val = min(len(examples) - 1, math.ceil(args.val_fraction * len(examples)))
 val_idx, train_idx = perm[:n_val], perm[n_val:]
-batch_size, micro_batch_size = args.batch_size, args.micro_batch_size
 steps_per_epoch = len(train_idx) // batch_size
-if micro_batch_size * world > batch_size:  # e.g. the walkthrough's one micro-batch of 32, under torchrun
-    micro_batch_size = max(1, batch_size // world)
-    say(f"micro_batch_size lowered to {micro_batch_size}: {world} processes share each batch of {batch_size}")
-accumulation = batch_size // (world * micro_batch_size)
 if steps_per_epoch == 0:
     raise InputError(f"{args.data_path}: {len(train_idx)} training records, fewer than batch_size={batch_size}")
-if accumulation * world * micro_batch_size != batch_size:
-    raise InputError(f"batch_size={batch_size} must be a multiple of micro_batch_size={micro_batch_size} "
-                     f"x {world} processes")
 total_steps = args.epochs * steps_per_epoch
 warmup_steps = round(args.warmup_epochs * steps_per_epoch)
 peak_lr = args.base_lr * batch_size / 256

@@ -105,6 +105,8 @@ def bad_inputs(task, d):
         "missing checkpoint": (["--ckpt_dir=" + str(d / "nockpt")], "nockpt: no such checkpoint directory"),
         "unknown setting": (["--learning_rate=3"], "error: unrecognized arguments: --learning_rate=3"),
         "wrong type": (["--epochs=five"], "error: argument --epochs: invalid int value: 'five'"),
+        "uneven batch": (["--batch_size=7"], "batch_size=7 must be a multiple of micro_batch_size=2 x 1 processes"),
+        "a typo": (["--adapter-lenn=5"], "unrecognized arguments: --adapter-lenn=5 (did you mean --adapter_len?)"),
     }
     for name, (content, message) in cases.items():
         if isinstance(content, list) and all(isinstance(c, str) and c.startswith("--") for c in content) and content:

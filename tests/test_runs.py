@@ -35,14 +35,21 @@ class ToySettings:
     resume: bool = False  # go on
     prompt: tuple = ()  # one per --prompt
     mode: Literal["a", "b"] = "a"  # one of two
+    max_len: int = 4  # a name with an underscore
+    dry_run: bool = True  # a flag with one
 
 
 def test_settings_are_parsed_by_the_type_of_their_default_and_a_wrong_one_is_one_line():
     got = cli.parse(ToySettings, "", ["--lr=2e-4", "--steps", "3", "--resume", "--prompt=a", "--prompt=b=c", "--mode=b"])
-    assert got == ToySettings(lr=2e-4, steps=3, name="x", resume=True, prompt=("a", "b=c"), mode="b")
+    assert got == ToySettings(lr=2e-4, steps=3, name="x", resume=True, prompt=("a", "b=c"), mode="b", max_len=4,
+                              dry_run=True)
     assert cli.parse(ToySettings, "", ["--resume", "--no-resume"]).resume is False
     assert cli.parse(ToySettings, "", [], defaults={"steps": 7}).steps == 7  # a preset's value, under the command line's
     assert cli.parse(ToySettings, "", ["--steps=2"], defaults={"steps": 7}).steps == 2
+    # hyphens where the names have underscores, the commonest typo of a class: read as meant
+    assert cli.parse(ToySettings, "", ["--max-len=9", "--no-dry-run"]) == ToySettings(max_len=9, dry_run=False)
+    with pytest.raises(InputError, match=r"unrecognized arguments: --max-lenn=9 \(did you mean --max_len\?\)"):
+        cli.parse(ToySettings, "", ["--max-lenn=9"])
     for bad, message in [(["--stepz=3"], "unrecognized arguments: --stepz=3"), (["--ste=3"], "unrecognized arguments"),
                          (["--steps=1.5"], "argument --steps: invalid int value: '1.5'"),
                          (["--mode=c"], "argument --mode: invalid choice: 'c'"), (["steps=3"], "unrecognized arguments"),

@@ -442,10 +442,11 @@ def int8_decoding(n_new, repeats=5):
     return row
 
 
-def int8_quality(base_dir="out/walkthrough/base"):
+def int8_quality():
     """The walkthrough's pretrained base (python train.py makes it) loaded in full precision and as int8: the
     logits' relative error on its own 900 pretraining documents, and how often the two agree on the top token."""
     from walkthrough import world
+    base_dir = world.paths(ROOT / world.SETTINGS["out_dir"])["ckpt_dir"]
     if not (ROOT / base_dir).is_dir():
         print(f"cpu int8 quality: no {base_dir} (run python train.py first); skipped")
         return None
