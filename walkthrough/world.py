@@ -482,4 +482,4 @@ def generate_preset(args, parse):
     own = args.prompt or args.prompts_file or args.interactive  # the user's questions instead of the sample's
     return parse(defaults=dict(ckpt_dir=str(base / "base"), adapter=(default["adapter_path"],), temperature=0.0,
                                max_seq_len=SETTINGS["max_seq_len"], **({} if own else dict(
-                                   prompts_file=str(base / "heldout_sample.json"), compare=not args.show_gates))))
+                                   prompts_file=str(base / "heldout_sample.json"), compare=True))))
