@@ -89,6 +89,11 @@ def test_a_variant_reuses_the_base_and_reports_beside_the_default_run(classroom)
     assert "exact match on these 8 instructions: base " in result.stdout
     assert "walkthrough-smoke-L2" in result.stdout.splitlines()[-1] and "walkthrough-smoke " in result.stdout
     assert result.stdout.count("    expected: ") == 8
+    # --show_gates draws each adapter's gates, and keeps the comparison under them: one character per head
+    result = run(classroom, *command[1:], "--max_gen_len=4", "--show_gates")
+    rows = [line.split("│")[1] for line in result.stdout.splitlines() if line.startswith("layer ")]
+    assert result.returncode == 0 and len(rows) == 4 + 2 and all(len(row) == 4 for row in rows), result.stdout
+    assert result.stdout.count("    expected: ") == 8
 
 
 def test_settings_the_base_cannot_take_are_refused_before_any_work(classroom, tmp_path):
