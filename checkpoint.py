@@ -29,7 +29,7 @@ import torch
 
 from cli import InputError, device_of, read_json
 from lladapter import ModelArgs, Transformer, adapter_state_dict, adapter_tensors, is_adapter_key, rope_of, set_precision
-from tokenizer import Tokenizer, read_tokenizer
+from tokenizer import SentencePieceTokenizer, read_tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -515,7 +515,7 @@ def save_meta_checkpoint(model, ckpt_dir, tokenizer=None, n_shards=1, dtype=None
                      for k, v in state.items()}, ckpt_dir / f"consolidated.{rank:02d}.pth")
     atomic_save(json.dumps({k: getattr(model.args, k) for k in PARAMS_FIELDS}, indent=1).encode(), ckpt_dir / "params.json")
     if tokenizer is not None:  # the file it was read from (SentencePiece's under the name Meta gives it)
-        name = "tokenizer.model" if isinstance(tokenizer, Tokenizer) else tokenizer.path.name
+        name = "tokenizer.model" if isinstance(tokenizer, SentencePieceTokenizer) else tokenizer.path.name
         atomic_save(tokenizer.path.read_bytes(), ckpt_dir / name)
 
 

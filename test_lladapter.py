@@ -310,7 +310,7 @@ def test_adapter_for_another_model_is_refused(tmp_path, other):
 
 @pytest.mark.skipif(not LLAMA2_TOKENIZER.is_file(), reason="../shared/llama2-tokenizer.model is not here")
 def test_tokenizer_matches_llama2():
-    tok = tokenizers.Tokenizer(LLAMA2_TOKENIZER)
+    tok = tokenizers.SentencePieceTokenizer(LLAMA2_TOKENIZER)
     assert (tok.n_words, tok.bos_id, tok.eos_id) == (32000, 1, 2)
     assert tok.encode("Hello world", bos=False, eos=False) == [15043, 3186]
     assert tok.encode("Hello world", bos=True, eos=True) == [1, 15043, 3186, 2]
@@ -364,7 +364,7 @@ def test_generation_refuses_a_prompt_longer_than_max_seq_len():
 # ---- the recipe's data side ------------------------------------------------------------------------------
 
 def test_labels_score_exactly_the_response_and_eos(spm_tokenizer):
-    tok = tokenizers.Tokenizer(spm_tokenizer)
+    tok = tokenizers.SentencePieceTokenizer(spm_tokenizer)
     records = [("abc def", "", "ghi jkl mno"), ("pa po", "ka ki", "no"), ("lo", "", "a b c d e f g h i j k l")]
     examples = [lladapter.encode_example(tok, *r, max_seq_len=512) for r in records]
     batch_tokens, labels = lladapter.pad_batch([(t, l) for t, l, _ in examples])

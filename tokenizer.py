@@ -14,7 +14,7 @@ from pathlib import Path
 from cli import InputError, parse_json, read_text
 
 
-class Tokenizer:
+class SentencePieceTokenizer:
     """SentencePiece, as LLaMA uses it: BOS and EOS are ids of the model, not pieces in the text."""
 
     def __init__(self, path, stop_ids=None):
@@ -125,7 +125,7 @@ def read_tokenizer(path, stop_ids=None):
         head = f.read(4096)
     if not (head.lstrip()[:1] == b"{" or re.match(rb"[A-Za-z0-9+/]+=* \d+\r?\n", head)):  # neither JSON nor rank lines
         try:
-            return Tokenizer(path, stop_ids)
+            return SentencePieceTokenizer(path, stop_ids)
         except (RuntimeError, OSError) as e:
             raise InputError(f"{path}: neither a SentencePiece model nor a Llama 3 tokenizer ({e})") from None
     text = read_text(path)

@@ -152,7 +152,7 @@ def test_base_questions_are_the_corpus_own_q_and_a():
 def test_retention_probes_give_exactly_the_base_numbers_with_gates_closed(spm_tokenizer):
     # The zero-init property, as the probes see it: with every gate at 0 the adapted model's KL from the base is
     # exactly 0 and its answers to the base's questions are the base's own, however far the gates had opened.
-    tokenizer = tokenizers.Tokenizer(spm_tokenizer)
+    tokenizer = tokenizers.SentencePieceTokenizer(spm_tokenizer)
     model = tiny_model(open_gates=True, max_seq_len=256)
     base, docs = base_copy(model), small_world_docs()
     questions = base_questions(docs)
@@ -163,7 +163,7 @@ def test_retention_probes_give_exactly_the_base_numbers_with_gates_closed(spm_to
 
 
 def test_a_variant_that_moves_the_base_at_step_0_has_kl_above_0_and_zero_init_exactly_0(spm_tokenizer):
-    tokenizer, docs = tokenizers.Tokenizer(spm_tokenizer), small_world_docs()
+    tokenizer, docs = tokenizers.SentencePieceTokenizer(spm_tokenizer), small_world_docs()
     for name in VARIANTS:
         model = variant_model(name, max_seq_len=256)
         kl = kl_from_base(model, base_copy(tiny_model(max_seq_len=256)), tokenizer, docs)

@@ -35,7 +35,7 @@ import generation
 import lladapter
 import quantize as quantization
 from lladapter import ModelArgs, Transformer
-from tokenizer import Tokenizer
+from tokenizer import SentencePieceTokenizer
 
 
 @dataclass
@@ -278,7 +278,7 @@ def write_tokenizer(path):
     letters = "abcdefghijklmnopqrstuvwxyz"
     text = [lladapter.PROMPT_WITH_INPUT, lladapter.PROMPT_NO_INPUT] * 20 + [" ".join(letters)] * 200
     train_tokenizer(text, path.with_suffix(""), 200)
-    return Tokenizer(path)
+    return SentencePieceTokenizer(path)
 
 
 def fixed_length_records(tokenizer, n, length, seed=0):

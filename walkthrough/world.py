@@ -44,7 +44,7 @@ from checkpoint import atomic_save, save_meta_checkpoint
 from cli import read_json, require
 from generation import generate
 from lladapter import PROMPT_NO_INPUT, PROMPT_WITH_INPUT, ModelArgs, Transformer, format_prompt, gates_closed
-from tokenizer import Tokenizer
+from tokenizer import SentencePieceTokenizer
 
 # train.py settings for the adapter run (intervals in optimizer steps: 12 per epoch here, 480 in all). A model this
 # small wants a far larger learning rate than 7B's base_lr=9e-3 (the peak here is 1.0 * 32/256), and 20 prompts
@@ -352,7 +352,7 @@ def make(folder, smoke: bool):
     # generate.py's sample: the first 8 held-out records (the file is shuffled: they mix attributes and templates)
     (folder / "heldout_sample.json").write_text(json.dumps(heldout_records[:8], indent=1))
     (base / "tokenizer.model").write_bytes(tokenizer_model(docs, cfg))
-    tokenizer = Tokenizer(base / "tokenizer.model")
+    tokenizer = SentencePieceTokenizer(base / "tokenizer.model")
 
     # The base: plain LLaMA (adapter_layer=0), its matrices drawn N(0, 0.02) as in GPT-2 and llama2.c. One seeded
     # generator draws them and the pretraining batches, leaving torch's global random state to train.py.
