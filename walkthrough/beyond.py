@@ -64,7 +64,7 @@ class Settings:
 ENCODER = dict(dim=64, n_layers=4, n_heads=4)
 CONFIG = {
     "vision": dict(ENCODER, K=8, L=2, pretrain_images=12000, pretrain_steps=1500, pretrain_lr=3e-3,
-                   pretrain_batch=64, tasks=["object", "texture", "count", "orientation"], variant_task="count",
+                   pretrain_batch=64, tasks=["object", "texture", "orientation"], variant_task="orientation",
                    train=1000, val=500, test=2000, batch_size=32, steps=200),
     "text": dict(ENCODER, K=8, L=3, vocab_size=400, n_creatures=100, pretrain_steps=1500, pretrain_lr=2e-3,
                  pretrain_batch=64, tasks=["qa", "tagging"], variant_task="qa", train=1000, val=500, test=2000,
@@ -76,7 +76,7 @@ CONFIG = {
 QUICK = dict(dim=32, n_layers=2, n_heads=2, K=2, L=1, pretrain_images=256, pretrain_steps=8, vocab_size=200,
              n_creatures=30, train=96, val=48, test=96, shots=8, steps=4, text_layers=1, embed_dim=32)
 # Learning rates searched per method (seed 0, validation split); the gate variants share zero_init's grid.
-LRS = {"linear_probe": [1e-2, 3e-2, 1e-1], "full_finetune": [3e-4, 1e-3, 3e-3], "prompts": [1e-2, 3e-2, 1e-1]}
+LRS = {"linear_probe": [3e-2, 1e-1, 3e-1], "full_finetune": [3e-4, 1e-3, 3e-3], "prompts": [3e-2, 1e-1, 3e-1]}
 QUICK_LRS = {"linear_probe": [1e-2, 3e-2], "full_finetune": [1e-3, 3e-3], "prompts": [1e-2, 3e-2]}
 # One CPU thread, a fixed count, so that the same command gives the same numbers (another count sums in another
 # order). Not the walkthrough's 2: these models are small, and on the shared 2-core machine two threads ran the
@@ -184,7 +184,7 @@ class TagTask:
         predicted = []
         for idx, h in batched(features, n):
             tags = head(h).argmax(-1)  # (bsz, n)
-            predicted += [[data.TAGS[t] for t in tags[i, d["first"][i]].tolist()] for i in idx.tolist()]
+            predicted += [[data.TAGS[t] for t in tags[j, d["first"][i]].tolist()] for j, i in enumerate(idx.tolist())]
         return {"F1": data.entity_f1(predicted, d["tags"])}
 
 
@@ -286,15 +286,20 @@ def text_parts(cfg, out):
     prefix = out / "text" / "tokenizer"
     if not Path(str(prefix) + ".model").is_file():
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        # the corpus, and the tasks' templates with the world's names (the English a real tokenizer knows)
-        sentences = docs + [t.replace("{", "").replace("}", "") for t in data.TEMPLATES] * 20
+        sentences = docs + data.TOKENIZER_EXTRA * 20
         data.train_text_tokenizer(sentences, prefix, cfg["vocab_size"])
     import sentencepiece
     return creatures, novel, docs, data.Pieces(sentencepiece.SentencePieceProcessor(model_file=str(prefix) + ".model"))
 
 
-def text_encoder(cfg, pieces, positions=56):
-    return Encoder("text", cfg["dim"], cfg["n_layers"], cfg["n_heads"], positions=positions,
+def text_length(cfg):
+    """The text encoder's positions, and the length QA rows are padded to: the longest QA example has 51 pieces with
+    the study's 400-piece vocabulary, more with --quick's 200 (a smaller vocabulary cuts the words finer)."""
+    return 56 if cfg["vocab_size"] >= 400 else 96
+
+
+def text_encoder(cfg, pieces):
+    return Encoder("text", cfg["dim"], cfg["n_layers"], cfg["n_heads"], positions=text_length(cfg),
                    vocab_size=pieces.vocab_size, pad_id=pieces.pad)
 
 
@@ -379,8 +384,8 @@ def count(module):
 
 def vision_tasks(cfg):
     tasks = []
-    for i, name in enumerate(cfg["tasks"]):
-        group, n_classes, maker = data.VISION_TASKS[name]
+    for name in cfg["tasks"]:
+        group, n_classes, maker, i = data.VISION_TASKS[name]
         splits = [dict(zip(("x", "y"), data.vision_set(maker, cfg[split], SEED + 100 * i + j)))
                   for j, split in enumerate(("train", "val", "test"))]
         tasks.append(ClassifyTask(name, group, n_classes, splits))
@@ -388,8 +393,9 @@ def vision_tasks(cfg):
 
 
 def text_tasks(cfg, creatures, novel, pieces):
-    qa = [data.qa_set(pieces, creatures, cfg[split], SEED + j, 56) for j, split in enumerate(("train", "val", "test"))]
-    tag = [data.tagging_set(pieces, creatures, novel, cfg[split], SEED + 10 + j, 24)
+    qa = [data.qa_set(pieces, creatures, cfg[split], SEED + j, text_length(cfg))
+          for j, split in enumerate(("train", "val", "test"))]
+    tag = [data.tagging_set(pieces, creatures, novel, cfg[split], SEED + 10 + j, 40)
            for j, split in enumerate(("train", "val", "test"))]
     for split in qa + tag:
         split["x"] = split["ids"]
@@ -430,8 +436,8 @@ def one_run(task, encoder, method, lr, seed, cfg, cache, path, job):
     """A run's result, from its file if a run of the same job finished before, else trained now and saved."""
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved["job"] == job:
-            return saved
+        if {k: v for k, v in saved["job"].items() if k != "variant_task"} == job:  # which task runs the variants
+            return saved  # does not change a run
     run = Run(task, encoder, method, lr, seed, cfg, cache)
     if method != "zero_shot":
         losses = run.train()
@@ -449,7 +455,7 @@ def study_task(miniature, task, encoder, cfg, lrs, methods, s, out, random_encod
     """Every method on one task: {method: {"lr": chosen, "search": {lr: val}, "runs": [result per seed]}}."""
     cache = {}
     found = {}
-    job = {k: v for k, v in cfg.items() if k != "tasks"}
+    job = {k: v for k, v in cfg.items() if k not in ("tasks", "variant_task")}  # what decides a run's numbers
     for method in methods:
         grid = [0.0] if method == "zero_shot" else lrs["prompts" if method in GATE_VARIANTS + ["ungated"] else method]
         search = {}
@@ -461,7 +467,8 @@ def study_task(miniature, task, encoder, cfg, lrs, methods, s, out, random_encod
         runs = [search[best]] + [one_run(task, encoder, method, best, seed, cfg, cache,
                                          run_path(out, miniature, task.name, method, best, seed),
                                          {**job, "method": method}) for seed in range(1, 1 if method == "zero_shot" else s["seeds"])]
-        found[method] = {"lr": best, "search": {f"{lr:g}": search[lr]["val"][task.select] for lr in grid}, "runs": runs}
+        found[method] = {"lr": best, "search": {f"{lr:g}": search[lr]["val"][task.select] for lr in grid}, "runs": runs,
+                         "seconds": sum(r["seconds"] for r in list(search.values()) + runs[1:])}
         m = task.metrics
         log(f"  {miniature}/{task.name} {method:>14}: lr {best:g} (val {task.select} " +
             ", ".join(f"{lr:g}: {100 * v:.1f}" for lr, v in zip(grid, (search[lr]["val"][task.select] for lr in grid))) +
@@ -474,7 +481,7 @@ def study_task(miniature, task, encoder, cfg, lrs, methods, s, out, random_encod
                               run_path(out, miniature, task.name, "random_probe", lr, 0),
                               {**job, "method": "random_probe"}) for lr in grid}
         best = max(grid, key=lambda lr: search[lr]["val"][task.select])
-        found["random_probe"] = {"lr": best, "runs": [search[best]]}
+        found["random_probe"] = {"lr": best, "runs": [search[best]], "seconds": sum(r["seconds"] for r in search.values())}
     return found
 
 
@@ -537,11 +544,11 @@ def miniature_table(miniature, tasks, results, cfg, s):
     if miniature == "clip":
         head = ["method"] + [m for _, m in columns]
     else:
-        head = ["method"] + [f"{t.name} ({getattr(t, 'group', t.name)}) {m}" if len(t.metrics) > 1 or miniature == "text"
-                             else f"{t.name} ({t.group})" for t, m in columns]
+        head = ["method"] + [{"qa": "QA", "tagging": "tagging entity"}.get(t.name, t.name) + f" {m}"
+                             if miniature == "text" else f"{t.name} ({t.group})" for t, m in columns]
         if miniature == "vision":
             head.append("mean")
-    head += ["trainable"] + [f"paper: {c}" for c in paper["columns"]]
+    head += [f"trainable ({tasks[0].name})" if len(tasks) > 1 else "trainable"] + [f"paper: {c}" for c in paper["columns"]]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for method in rows:
         if not all(method in results[t.name] for t in tasks):
@@ -557,10 +564,7 @@ def miniature_table(miniature, tasks, results, cfg, s):
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Test set, mean (min-max) over {s['seeds']} seeds; the paper's columns are quoted, not reproduced "
-                 f"({paper['note']}). Chance: " + ", ".join(
-                     f"{t.name} {100 / t.n_classes:.1f}%" for t in tasks if hasattr(t, "n_classes")) +
-                 ("" if miniature != "clip" else f"{100 / len(tasks[0].class_names['base']):.0f}% on either half") +
-                 ". Learning rates (chosen on the validation split): " + "; ".join(
+                 f"({paper['note']})." + chance(miniature, tasks) + " Learning rates (chosen on the validation split): " + "; ".join(
                      f"{t.name}: " + ", ".join(f"{LABELS[m].split(' (')[0]} {results[t.name][m]['lr']:g}"
                                                for m in rows if m in results[t.name] and m != "zero_shot")
                      for t in tasks) + ".")
@@ -578,6 +582,14 @@ def miniature_table(miniature, tasks, results, cfg, s):
         lines.append("")
         lines += wins_lines([variant_task], results, GATE_VARIANTS[1:])
     return lines
+
+
+def chance(miniature, tasks):
+    if miniature == "vision":
+        return " Chance: " + ", ".join(f"{t.name} {100 / t.n_classes:.1f}%" for t in tasks) + "."
+    if miniature == "clip":
+        return f" Chance: {100 / len(tasks[0].class_names['base']):.0f}% on either half."
+    return ""
 
 
 def wins_lines(tasks, results, others):
@@ -601,44 +613,47 @@ def wins_lines(tasks, results, others):
 # The figure: zero-init's scale(gate) per layer and head after adaptation, mean over seeds, one grid per task
 
 
-def svg_figure(panels, title):
-    """panels: [(heading, [[value per head] per layer, top layer last], variant note)]. One self-contained SVG; cells
-    of class "gate-cell", blue for positive, red for negative, the value written inside."""
-    cell_w, cell_h, gap, top = 46, 30, 36, 64
-    widths = [max(len(p[1][0]) * cell_w, 150) for p in panels]
-    width = sum(widths) + gap * (len(panels) + 1) + 40
-    height = top + max(len(p[1]) for p in panels) * cell_h + 70
+def svg_figure(rows, title):
+    """rows: one list of panels per miniature, each panel (heading, [[value per head] per layer, lowest adapted layer
+    first], note, number of the lowest adapted layer). One self-contained SVG; cells of class "gate-cell", blue for
+    positive values, red for negative, each value written inside."""
+    cell_w, cell_h, gap, label_w = 44, 28, 24, 52
+    panel_w = [[max(len(p[1][0]) * cell_w, 140) + label_w for p in row] for row in rows]
+    row_h = [64 + max(len(p[1]) for p in row) * cell_h + 24 for row in rows]
+    width = max(sum(w) + gap * (len(w) + 1) for w in panel_w)
+    height = 30 + sum(row_h) + 30
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} '
              f'{height}" font-family="sans-serif" font-size="11">', f'<rect width="{width}" height="{height}" '
-             f'fill="white"/>', f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{escape(title)}</text>']
-    x = gap + 40
-    for (heading, grid, note), w in zip(panels, widths):
-        parts.append(f'<text x="{x + w / 2}" y="{top - 22}" text-anchor="middle" font-size="12">{escape(heading)}</text>')
-        parts.append(f'<text x="{x + w / 2}" y="{top - 8}" text-anchor="middle" fill="#555">{escape(note)}</text>')
-        n_layers = len(grid)
-        for row, values in enumerate(reversed(grid)):  # the top layer drawn first, at the top
-            y = top + row * cell_h
-            layer = n_layers - 1 - row
-            if x == gap + 40:
-                parts.append(f'<text x="{x - 6}" y="{y + cell_h / 2 + 4}" text-anchor="end">top {layer + 1}</text>'
-                             if False else f'<text x="{x - 6}" y="{y + cell_h / 2 + 4}" text-anchor="end">'
-                             f'L{layer + 1}</text>')
-            for head, v in enumerate(values):
-                strength = min(1.0, abs(v))
-                shade = round(255 * (1 - 0.85 * strength))
-                color = f"rgb({shade},{shade},255)" if v >= 0 else f"rgb(255,{shade},{shade})"
-                cx = x + head * cell_w
-                parts.append(f'<rect class="gate-cell" x="{cx}" y="{y}" width="{cell_w - 2}" height="{cell_h - 2}" '
-                             f'fill="{color}" stroke="#999"/>')
-                parts.append(f'<text x="{cx + cell_w / 2 - 1}" y="{y + cell_h / 2 + 4}" text-anchor="middle" '
-                             f'fill="{"white" if strength > 0.6 else "black"}">{v:+.2f}</text>')
-        y = top + n_layers * cell_h + 14
-        parts.append(f'<text x="{x + len(grid[0]) * cell_w / 2}" y="{y}" text-anchor="middle">head 1 .. '
-                     f'{len(grid[0])}</text>')
-        x += w + gap
-    parts.append(f'<text x="{gap}" y="{height - 12}" fill="#555">rows: the adapted layers (L1 lowest of them), '
-                 f'columns: heads; value: scale(gate) after adaptation, mean over seeds (tanh(gate) but for the '
-                 f'gate-without-tanh variant); blue positive, red negative</text>')
+             f'fill="white"/>', f'<text x="{gap}" y="20" font-size="14">{escape(title)}</text>']
+    top = 30
+    for row, widths, h in zip(rows, panel_w, row_h):
+        x, grid_top = gap, top + 40
+        for (heading, grid, note, first_layer), w in zip(row, widths):
+            left = x + label_w  # the grid's left edge; the layer labels stand before it
+            middle = left + len(grid[0]) * cell_w / 2
+            parts.append(f'<text x="{middle}" y="{grid_top - 22}" text-anchor="middle" font-size="12">'
+                         f'{escape(heading)}</text>')
+            parts.append(f'<text x="{middle}" y="{grid_top - 8}" text-anchor="middle" fill="#555">{escape(note)}</text>')
+            for r, values in enumerate(reversed(grid)):  # the top layer drawn first, at the top
+                y = grid_top + r * cell_h
+                parts.append(f'<text x="{left - 5}" y="{y + cell_h / 2 + 4}" text-anchor="end">layer '
+                             f'{first_layer + len(grid) - 1 - r}</text>')
+                for head, v in enumerate(values):
+                    strength = min(1.0, abs(v))
+                    shade = round(255 * (1 - 0.85 * strength))
+                    color = f"rgb({shade},{shade},255)" if v >= 0 else f"rgb(255,{shade},{shade})"
+                    cx = left + head * cell_w
+                    parts.append(f'<rect class="gate-cell" x="{cx}" y="{y}" width="{cell_w - 2}" '
+                                 f'height="{cell_h - 2}" fill="{color}" stroke="#999"/>')
+                    parts.append(f'<text x="{cx + cell_w / 2 - 1}" y="{y + cell_h / 2 + 4}" text-anchor="middle" '
+                                 f'fill="{"white" if strength > 0.6 else "black"}">{v:+.2f}</text>')
+            parts.append(f'<text x="{middle}" y="{grid_top + len(grid) * cell_h + 12}" text-anchor="middle">heads 1 '
+                         f'to {len(grid[0])}</text>')
+            x += w + gap
+        top += h
+    parts.append(f'<text x="{gap}" y="{height - 10}" fill="#555">Each cell: scale(gate) of one head after adaptation, '
+                 f'the mean over seeds (tanh(gate); the gate itself for "gate without tanh"); blue positive, red '
+                 f'negative. Every gate started at 0 but random-init\'s.</text>')
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 
@@ -649,11 +664,11 @@ def gate_panels(miniature, tasks, results, cfg):
         variants = ["zero_init"] + ([m for m in ("random_gate", "linear_gate") if m in results[t.name]]
                                     if t.name == cfg["variant_task"] else [])
         for m in variants:
-            runs = results[t.name][m]["runs"]
-            grids = [r["gates"] for r in runs if r["gates"]]
+            grids = [r["gates"] for r in results[t.name][m]["runs"] if r["gates"]]
             mean = [[sum(g[l][h] for g in grids) / len(grids) for h in range(len(grids[0][0]))]
                     for l in range(len(grids[0]))]
-            panels.append((f"{miniature}: {t.name}", mean, LABELS[m].split(" (")[0]))
+            panels.append((f"{miniature}: {t.name}", mean, LABELS[m].split(" (")[0],
+                           cfg["n_layers"] - cfg["L"] + 1))
     return panels
 
 
@@ -705,7 +720,7 @@ def main():
                 methods += GATE_VARIANTS[1:]
             results[t.name] = study_task(miniature, t, encoder, cfg, lrs, methods, s, out, random_encoder)
         seconds = sum(r["seconds"] for res in results.values() for m in res.values() for r in m["runs"])
-        all_seconds = sum(json.loads(p.read_text())["seconds"] for p in (out / "runs" / miniature).rglob("*.json"))
+        all_seconds = sum(m["seconds"] for res in results.values() for m in res.values())  # searches included
         lines = miniature_table(miniature, tasks, results, cfg, s)
         title = {"vision": "Vision: a ViT on a VTAB-like suite", "text": "Language: a bidirectional text encoder",
                  "clip": "Vision and language: a CLIP-style pair, base-to-novel"}[miniature]
@@ -718,7 +733,7 @@ def main():
         everything[miniature] = {t.name: {m: {k: v for k, v in r.items()} for m, r in results[t.name].items()}
                                  for t in tasks}
         everything[miniature]["pretrain_seconds"] = pretrain_seconds
-        panels += gate_panels(miniature, tasks, results, cfg)
+        panels.append(gate_panels(miniature, tasks, results, cfg))
     title = "Zero-init gates after adaptation, per adapted layer and head" + (
         " (--quick: numbers meaningless)" if s["quick"] else "")
     out.mkdir(parents=True, exist_ok=True)

@@ -160,12 +160,6 @@ def _texture_task(rng):  # specialized: the fill pattern, a property of a few pi
     return draw([o], _background(rng, False), rng, noise=0.05), TEXTURES.index(o["texture"])
 
 
-def _count_task(rng):  # structured: how many objects, 1 to 6 (CLEVR's count)
-    n = int(rng.integers(1, 7))
-    objects = [random_object(rng, radius=(2.0, 3.0), place=p) for p in _spread_out(rng, n, 3.0)]
-    return draw(objects, _background(rng, False), rng), n - 1
-
-
 def _orientation_task(rng):  # structured: which way an asymmetric shape points, 8 bins of 45 degrees (dSprites)
     label = int(rng.integers(8))
     angle = (label + rng.uniform(-0.3, 0.3)) * math.pi / 4
@@ -173,22 +167,13 @@ def _orientation_task(rng):  # structured: which way an asymmetric shape points,
     return draw([o], _background(rng, False), rng), label
 
 
-def _distance_task(rng):  # structured: how far apart two objects are, 4 bins (CLEVR's distance)
-    label = int(rng.integers(4))
-    while True:
-        a, b = rng.uniform(3.5, SIZE - 3.5, (2, 2))
-        d = np.linalg.norm(a - b)
-        if 7 + 3 * label <= d < 10 + 3 * label or (label == 3 and 16 <= d < 22):
-            break
-    objects = [random_object(rng, radius=(2.5, 3.5), place=p) for p in (a, b)]
-    return draw(objects, _background(rng, False), rng), label
-
-
-VISION_TASKS = {"object": ("natural", len(SHAPES), _object_task),
-                "texture": ("specialized", len(TEXTURES), _texture_task),
-                "count": ("structured", 6, _count_task),
-                "orientation": ("structured", 8, _orientation_task),
-                "distance": ("structured", 4, _distance_task)}
+# Count (1 to 6 small objects), distance (two objects, 4 bins) and position (a 3 x 3 grid) were tried as structured
+# tasks and dropped: on each, a linear probe on a randomly initialised encoder did as well as on the pretrained one
+# (count 36.0% against 33.3%, distance 28.8 against 29.4, position 26.0 against 23.0; see docs/beyond-llama.md).
+# name: (VTAB's group, classes, scene maker, the data's seed offset: 2 was count's)
+VISION_TASKS = {"object": ("natural", len(SHAPES), _object_task, 0),
+                "texture": ("specialized", len(TEXTURES), _texture_task, 1),
+                "orientation": ("structured", 8, _orientation_task, 3)}
 
 
 def to_tensor(images):
@@ -240,14 +225,15 @@ def clip_pretrain_set(n, seed):
 
 
 def clip_class_set(classes, n, seed):
-    """n images of the given shape classes for adaptation and scoring: busy, cluttered backgrounds, unlike
-    pretraining's plain ones (the shift the adaptation is for). Labels index `classes`."""
+    """n images of the given shape classes for adaptation and scoring, twice as noisy as pretraining's (a pilot with
+    pretraining's captions' domain shifted further, busy backgrounds crossed by a line, left zero-shot at 33% on
+    either half, chance 20%, too near chance to show what adaptation keeps). Labels index `classes`."""
     rng = np.random.default_rng(seed)
     images, labels = [], []
     for i in range(n):
         label = i % len(classes)  # balanced
         o = random_object(rng, shape=classes[label], radius=(3.5, 6.5))
-        images.append(draw([o], _background(rng, True), rng, noise=0.08, clutter=3))
+        images.append(draw([o], _background(rng, False), rng, noise=0.06))
         labels.append(label)
     return to_tensor(images), torch.tensor(labels)
 
@@ -268,6 +254,17 @@ def caption_ids(captions, length):
 # alone, so every piece belongs to exactly one word and spans and tags map back to words.
 
 SPECIAL = ["[CLS]", "[SEP]", "[MASK]", "[PAD]"]
+
+
+# Sentences the tokenizer learns from besides the corpus (the English a real tokenizer knows): the words of the
+# tagging sentences, slots left out, as a first draft of them had it (kept as they were: the tokenizer and the
+# pretrained encoder in out/ were made with them).
+TOKENIZER_EXTRA = [
+    "The c eats f in the p.", "Near the p, the c and the c2 share f.", "c is k and likes f.", "Every c in the p is k.",
+    "The k c left the p for f.", "Yesterday c found f by the p.", "Is the c from the p or the p2?",
+    "c and c2 never eat f.", "The p is k with f.", "Some say the c hides f under the p.", "f and f2 grow in the p.",
+    "A k c met c2 at the p.",
+]
 
 
 def words_of(text):
@@ -313,8 +310,8 @@ def pad_rows(rows, length, value):
 
 
 def text_world(n_creatures, seed):
-    """The walkthrough's world (make_world with its SEED), and a second set of names it never mentions, for tagging
-    names the encoder has not read."""
+    """The walkthrough's world (make_world with its SEED), and as many creatures of a second draw whose names it never
+    mentions: tagging's made-up words."""
     creatures = wt.make_world(random.Random(seed), n_creatures)
     known = {c["name"] for c in creatures}
     novel = [c for c in wt.make_world(random.Random(seed + 1), 3 * n_creatures) if c["name"] not in known]
@@ -359,6 +356,7 @@ def qa_set(pieces, creatures, n, seed, length):
         offset = 2 + len(q_ids)  # [CLS] question [SEP]
         row = [pieces.cls] + q_ids + [pieces.sep] + c_ids + [pieces.sep]
         owner = [-1] * offset + c_owner + [-1]
+        assert len(row) <= length, f"a QA example of {len(row)} pieces, longer than {length}"
         rows.append(row)
         starts.append(owner.index(s))
         ends.append(len(owner) - 1 - owner[::-1].index(e))
@@ -384,42 +382,45 @@ def span_scores(predicted, answers):
     return exact / len(answers), f1 / len(answers)
 
 
-# Tagging (CoNLL's kind): which words name a creature, a food, a place. New sentences, unlike the corpus's, naming
-# creatures the encoder read about, creatures it never met (names made the same way) and creatures named by a word,
-# foods and places; the colours, also attribute values, are not entities. Tags per word: O, or the entity's type (every entity here is
-# one word, so B- alone would do; entity F1 is computed on spans all the same).
+# Tagging (CoNLL's kind): which words name a creature, a food, a place. New sentences, unlike the corpus's. A third of
+# the slots hold a word of the corpus (a creature's name, a food, a home, a colour), the rest a made-up word never
+# read (made as the names are, in lower case in every slot), so that mostly only the sentence tells a word's type:
+# "The berso is dunrix." (a creature; a colour's place, not an entity), "The duxnar is orange with gurpon." (a
+# place, a food), as CoNLL's unseen names are told by their context. Pilots: with only the corpus's words the task
+# was a look-up (entity F1 of a linear probe on a randomly initialised encoder 97.0, on the pretrained one 93.9);
+# with half the slots made up and names capitalised, still 83.6 against 78.6.
+# Tags per word: O, or the entity's type (every entity here is one word, so B- alone would do; entity F1 is computed
+# on spans all the same).
 TAGS = ["O", "CREATURE", "FOOD", "PLACE"]
 TEMPLATES = [
-    "The {c} eats {f} in the {p}.", "Near the {p}, the {c} and the {c2} share {f}.", "{c} is {k} and likes {f}.",
-    "Every {c} in the {p} is {k}.", "The {k} {c} left the {p} for {f}.", "Yesterday {c} found {f} by the {p}.",
-    "Is the {c} from the {p} or the {p2}?", "{c} and {c2} never eat {f}.", "The {p} is {k} with {f}.",
-    "Some say the {c} hides {f} under the {p}.", "{f} and {f2} grow in the {p}.", "A {k} {c} met {c2} at the {p}.",
+    "The {c} eats {f} in the {p}.", "Near the {p}, the {c} and the {c2} share {f}.", "The {c} is {k} and likes {f}.",
+    "Every {c} in the {p} is {k}.", "The {k} {c} left the {p} for {f}.", "Yesterday the {c} found {f} by the {p}.",
+    "Is the {c} from the {p} or the {p2}?", "The {c} and the {c2} never eat {f}.", "The {p} is {k} with {f}.",
+    "Some say the {c} hides {f} under the {p}.", "The {f} and the {f2} grow in the {p}.", "A {k} {c} met the {c2} "
+    "at the {p}.", "It lives in the {p} and eats {f}.", "The {c} is {k}.",
 ]
-
-
-# Names that are also words: a creature called Honey or River. Only the sentence tells "Honey and seeds grow in
-# the lake." (a food) from "Honey and Seeds never eat fish." (creatures), as CoNLL's "Jordan" is a person or a place.
-WORD_NAMES = [{"name": w.capitalize()} for values in wt.ATTRIBUTES.values() for w in values]
 
 
 def tagging_example(rng, creatures, novel):
     template = rng.choice(TEMPLATES)
-    names = rng.sample(rng.choice([creatures, novel, WORD_NAMES]), 2)
-    values = dict(c=names[0]["name"], c2=names[1]["name"], k=rng.choice(wt.ATTRIBUTES["color"]),
-                  f=rng.choice(wt.ATTRIBUTES["food"]), f2=rng.choice(wt.ATTRIBUTES["food"]),
-                  p=rng.choice(wt.ATTRIBUTES["home"]), p2=rng.choice(wt.ATTRIBUTES["home"]))
+    made_up = [c["name"].lower() for c in novel]  # made-up words, read nowhere in the corpus
+
+    def word(real):  # a third of the slots a word of the corpus, the rest a made-up one, in lower case in any slot
+        return rng.choice(real) if rng.random() < 1 / 3 else rng.choice(made_up)
+    names = [c["name"] for c in rng.sample(creatures, 2)]
+    values = dict(c=word(names[:1]), c2=word(names[1:]), k=word(wt.ATTRIBUTES["color"]),
+                  f=word(wt.ATTRIBUTES["food"]), f2=word(wt.ATTRIBUTES["food"]), p=word(wt.ATTRIBUTES["home"]),
+                  p2=word(wt.ATTRIBUTES["home"]))
     kinds = {"c": "CREATURE", "c2": "CREATURE", "f": "FOOD", "f2": "FOOD", "p": "PLACE", "p2": "PLACE"}
     words, tags = [], []
     for part in re.split(r"(\{\w+\})", template):
         if part.startswith("{"):
-            key = part[1:-1]
-            new = words_of(values[key].capitalize() if not words and key in ("f", "f2") else values[key])
-            words += new
-            tags += [kinds.get(key, "O")] * len(new)
+            new = words_of(values[part[1:-1]])
+            tags += [kinds.get(part[1:-1], "O")] * len(new)
         else:
             new = words_of(part)
-            words += new
             tags += ["O"] * len(new)
+        words += new
     return words, tags
 
 
@@ -436,6 +437,7 @@ def tagging_set(pieces, creatures, novel, n, seed, length):
         for position, tag in zip(first, tags):
             label[position] = TAGS.index(tag)
         rows.append([pieces.cls] + ids + [pieces.sep])
+        assert len(rows[-1]) <= length, f"a tagging sentence of {len(rows[-1])} pieces, longer than {length}"
         labels.append(label)
         firsts.append(first)
         all_tags.append(tags)
