@@ -8,7 +8,7 @@ Zero-initialized attention beyond LLaMA, in miniature: the paper's last experime
 
 1. vision: a ViT pretrained to name the shapes and colours in drawn images (ImageNet-21k's part), adapted with
    1,000 examples per task to a VTAB-like suite: which shape on a cluttered background (natural), the fill texture
-   (specialized: a few pixels' detail), how many objects and which way one points (structured).
+   (specialized: a few pixels' detail), and which way an asymmetric shape points (structured).
 2. text: a BERT-like encoder pretrained by masked-language modelling on the walkthrough's creature corpus
    (walkthrough/world.py), adapted to extractive question answering (SQuAD's kind: exact match and F1) and to
    tagging the words that name a creature, a food or a place (CoNLL's kind: entity F1).
@@ -26,13 +26,13 @@ run at that rate; tables show the test mean and range over seeds and in how many
 The frozen layers below the prompts build no graph: their output for each data set is computed once and reused by
 every run of the task (full fine-tuning alone starts from the input). Each pretrained encoder and each run's result
 are saved in out_dir (atomically): a stopped command continues where it stopped; delete out_dir to measure afresh.
-Writes out_dir/beyond.md (the tables), beyond.json (every run) and beyond-llama.svg (the gates per layer and head).
+Writes out_dir/beyond.md (the tables), beyond.json (every run) and beyond-llama.svg (the gates per layer and head);
+docs/beyond-llama.md explains the miniatures and what their numbers show.
 """
 import copy
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,7 +219,7 @@ class ClipTask:
     def score(self, features, n, head, split):
         d = getattr(self, split)
         right = {"base": 0, "novel": 0}
-        count = {"base": 0, "novel": 0}
+        seen = {"base": 0, "novel": 0}
         probe = not hasattr(head, "clip")
         for idx, h in batched(features, n):
             for which in ("base", "novel"):
@@ -228,11 +228,11 @@ class ClipTask:
                     continue
                 keep = d["novel"][idx] == (which == "novel")
                 right[which] += (self.logits(h[keep], head, which).argmax(-1) == d["y"][rows]).sum().item()
-                count[which] += len(rows)
-        base = right["base"] / count["base"]
+                seen[which] += len(rows)
+        base = right["base"] / seen["base"]
         if probe:
             return {"base": base, "novel": None, "HM": None}
-        novel = right["novel"] / count["novel"] if count["novel"] else None
+        novel = right["novel"] / seen["novel"] if seen["novel"] else None
         hm = 2 * base * novel / (base + novel) if novel else None
         return {"base": base, "novel": novel, "HM": hm}
 

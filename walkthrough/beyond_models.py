@@ -294,9 +294,9 @@ def mlm_batch(ids, pieces, generator, rate=0.15):
     targets = torch.where(chosen, ids, -100)
     roll = torch.rand(ids.shape, generator=generator)
     inputs = torch.where(chosen & (roll < 0.8), pieces.mask, ids)
-    randoms = torch.randint(len(SPECIAL_SKIP), pieces.vocab_size, ids.shape, generator=generator)
+    randoms = torch.randint(FIRST_WORD_PIECE, pieces.vocab_size, ids.shape, generator=generator)
     inputs = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), randoms, inputs)
     return inputs, targets
 
 
-SPECIAL_SKIP = range(3 + 4)  # unk, bos, eos and the four special pieces: never drawn as random replacements
+FIRST_WORD_PIECE = 7  # after unk, bos, eos and the four special pieces ([CLS] ...): never drawn as replacements
