@@ -49,7 +49,8 @@ def parse(settings, doc, argv=None, defaults=None):
         else:
             options.update(type=kind, metavar=kind.__name__.upper())
         parser.add_argument(f"--{field.name}", **options)
-    known = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    known = ["--help", *(f"--{prefix}{f.name}" for f in dataclasses.fields(settings)
+                         for prefix in (("", "no-") if f.type is bool else ("",)))]
     argv = [underscored(a, known) for a in (sys.argv[1:] if argv is None else argv)]
     given, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -99,10 +100,9 @@ def dtype_name(dtype) -> str:
 
 
 def device_of(name) -> torch.device:
-    """--device as a device: the one named, or CUDA where there is a GPU, else the CPU. CUDA always with its index:
-    torch.cuda.set_device refuses a bare "cuda". The index is cuda:0's in a process that has not used CUDA yet, asked of
-    nothing, as asking would start CUDA, and each torchrun process would make a context on GPU 0 before choosing its
-    own; the current device's in a process that has."""
+    """--device as a device: the one named, or CUDA where there is a GPU, else the CPU. CUDA always with its index, as
+    torch.cuda.set_device refuses a bare "cuda": the current device's where this process uses CUDA already, else 0
+    (asking torch would start CUDA here, and each torchrun process would make a context on GPU 0 before its own)."""
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
