@@ -32,12 +32,14 @@ docs/beyond-llama.md explains the miniatures and what their numbers show.
 import copy
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import sentencepiece
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -279,13 +281,13 @@ def text_parts(cfg, out):
     """The world, its tokenizer (trained once, kept beside the encoder) and the pieces helper."""
     creatures, novel = data.text_world(cfg["n_creatures"], wt.SEED)
     docs = wt.corpus_docs(creatures)
-    prefix = out / "text" / "tokenizer"
-    if not Path(str(prefix) + ".model").is_file():
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        sentences = docs + data.TOKENIZER_EXTRA * 20
-        data.train_text_tokenizer(sentences, prefix, cfg["vocab_size"])
-    import sentencepiece
-    return creatures, novel, docs, data.Pieces(sentencepiece.SentencePieceProcessor(model_file=str(prefix) + ".model"))
+    model = out / "text" / "tokenizer.model"
+    if not model.is_file():  # trained under another name, then renamed: a stopped run leaves no half-written model
+        model.parent.mkdir(parents=True, exist_ok=True)
+        data.train_text_tokenizer(docs + data.TOKENIZER_EXTRA * 20, model.parent / "tokenizer-new", cfg["vocab_size"])
+        (model.parent / "tokenizer-new.vocab").unlink()
+        os.replace(model.parent / "tokenizer-new.model", model)
+    return creatures, novel, docs, data.Pieces(sentencepiece.SentencePieceProcessor(model_file=str(model)))
 
 
 def text_length(cfg):

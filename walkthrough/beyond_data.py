@@ -11,7 +11,6 @@ import random
 import re
 
 import numpy as np
-import sentencepiece
 import torch
 
 from walkthrough import world as wt
@@ -273,10 +272,10 @@ def words_of(text):
 
 
 def train_text_tokenizer(sentences, prefix, vocab_size):
-    """A BPE SentencePiece model on the word-split sentences, with the encoder's special tokens as pieces."""
+    """A BPE SentencePiece model on the word-split sentences, with the encoder's special tokens as pieces:
+    prefix.model (and prefix.vocab)."""
     wt.train_tokenizer([" ".join(words_of(s)) for s in sentences], prefix, vocab_size, user_defined_symbols=SPECIAL,
                        character_coverage=1.0)
-    return sentencepiece.SentencePieceProcessor(model_file=str(prefix) + ".model")
 
 
 class Pieces:
