@@ -15,8 +15,8 @@ Where we follow the paper, and where we chose differently:
   with gates starting at zero: at step 0 the model is exactly the pretrained one.
 - tanh is applied at inference too (the original inference code used the raw gate, which training never saw).
 - Word attention uses torch's scaled_dot_product_attention; the prompt branch is a second, small one beside it,
-  with no causal mask (only a padding mask when rows of a batch have prompts of different lengths). Both softmaxes
-  run in fp32 (SDPA accumulates in fp32).
+  with no causal mask (only a padding mask where a batch's rows use adapters of different K). Both softmaxes run in
+  fp32 (SDPA accumulates in fp32).
 - Precision lives in one place: frozen base weights in bf16 on a GPU (fp16 below compute capability 8.0, fp32 on a
   CPU; the scripts' --dtype), adapter tensors always fp32, local fp32 upcasts in RMSNorm and softmax, fp32 logits.
 - The model keeps generation's KV cache (setup_cache); decoding, sampling and serving many adapters at once live
@@ -160,7 +160,7 @@ class Attention(nn.Module):
         # Every position sees all K prompts, which have no position: their keys are not rotated.
         if prompt is not None:  # training: rebuilt every time, so the prompt keeps receiving gradients
             prompt_kv = (*self.prompt_keys_values(prompt, x.dtype, bsz), self.gate, None)
-        else:  # generation: projected once per call (setup_cache); `seen` hides the padding of shorter prompts
+        else:  # generation: projected once per call (setup_cache); `seen` hides the padding of an adapter's fewer K
             prompt_kv = self.prompt_kv if start_pos is not None else None
         if prompt_kv is not None:
             pk, pv, gate, seen = prompt_kv  # gate: (1 or bsz, n_heads, 1, 1), fp32
