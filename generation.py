@@ -72,7 +72,8 @@ def generate(model, prompts, max_gen_len, temperature=0.1, top_p=0.75, eos_id=No
             if cur + 1 == end or ((cur - start) % 8 == 7 and done.all()):  # a host sync every 8 tokens, not each
                 break
             step = tokens[:, cur:cur + 1].clone(memory_format=torch.contiguous_format)  # (bsz, 1): strides (1, 1)
-            logits = compiled_step(model, bsz, cache_len)(step, position) if compile else model(step, cur)
+            logits = (compiled_step(model, bsz, cache_len, (id(bank), image is None))(step, position) if compile else
+                      model(step, cur))
             position += 1
     finally:
         if not compile:  # a compiled step's cache stays, for the next call (see setup_cache)
@@ -93,22 +94,24 @@ def static_cache_len(length, max_seq_len):
     return min(max_seq_len, max(64, 1 << (length - 1).bit_length()))
 
 
-def compiled_step(model, batch_size, cache_len):
+COMPILED = set()  # every compiled step's model, batch size, cache length and prompt state, in this process
+
+
+def compiled_step(model, batch_size, cache_len, prompts=None):
     """The model compiled for one-token steps over a static cache: the same shapes at every step, so it compiles once
     per batch size and cache length. On a GPU with CUDA graphs ("reduce-overhead"): each step replays as one graph
     instead of launching every kernel (about 1,700 per token at 7B, which would leave batch-1 decoding bound by
     launch overhead, not memory). Kept in the model's __dict__ (not as a submodule, so not in its state_dict): it goes
-    when the model goes. Each new shape is a graph of its own; past dynamo's limit on graphs per function (8) it would
-    run the step eagerly, without a word, so the limit grows with the shapes this model has compiled."""
+    when the model goes. Dynamo counts the graphs of every model, shape and prompt state (prompts: what decides it,
+    as an AdapterBank) against one limit per process (8), past which it would fail or decode eagerly: the limit
+    grows with the ones compiled here."""
     if "compiled_step" not in model.__dict__:
         mode = "reduce-overhead" if model.tok_embeddings.weight.is_cuda else "default"
         model.__dict__["compiled_step"] = torch.compile(model, mode=mode, dynamic=False, fullgraph=True)
-        model.__dict__["compiled_shapes"] = set()
-    shapes = model.__dict__["compiled_shapes"]
-    shapes.add((batch_size, cache_len))
+    COMPILED.add((id(model), batch_size, cache_len, prompts))
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its name before 2.6
-    setattr(config, limit, max(getattr(config, limit), 8 + len(shapes)))  # and 8 spare, for other guards
+    setattr(config, limit, max(getattr(config, limit), 8 + len(COMPILED)))
     return model.__dict__["compiled_step"]
 
 

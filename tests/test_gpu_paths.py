@@ -213,16 +213,24 @@ def test_compiled_decoding_sizes_its_cache_by_the_call_not_by_the_models_context
 
 
 def test_compiled_decoding_past_dynamos_graph_limit_still_runs_compiled():
-    # One graph per (batch size, cache length); past dynamo's limit it would decode eagerly, and say nothing.
+    # One graph per model configuration, batch size, cache length and prompt state, all counted against one limit
+    # of dynamo's per process; past it decoding would fail (fullgraph) or run eagerly.
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    model = tiny_model(open_gates=True)
-    graphs = counters["stats"]["unique_graphs"]
+    # shapes of their own (dim 48), so that every one is a new graph: past the limit, fullgraph fails the call
+    models = [tiny_model(open_gates=True, dim=48, n_heads=3), tiny_model(open_gates=True, dim=48, n_heads=3, n_kv_heads=1)]
     with config.patch(**{limit: 2}):
-        for bsz in (1, 2, 3):
-            generation.generate(model, [[1, 5, 9]] * bsz, 4, temperature=0, compile=True)
-    assert counters["stats"]["unique_graphs"] == graphs + 3, "each shape compiled, none left to eager decoding"
-    model.clear_cache()
+        for model, bsz in [(models[0], 1), (models[1], 1), (models[0], 2), (models[1], 3)]:
+            prompts = [[1, 5, 9]] * bsz
+            compiled = generation.generate(model, prompts, 4, temperature=0, compile=True)
+            assert compiled == generation.generate(model, prompts, 4, temperature=0), "compiled and eager must agree"
+        # the limit counts the steps of every model of the process, not of one model
+        many = [tiny_model(n_layers=1, adapter_layer=1) for _ in range(12)]
+        for model in many:
+            generation.compiled_step(model, 1, 64)
+        assert getattr(config, limit) >= 12 + 4
+    for model in models:
+        model.clear_cache()
 
 
 def test_grouped_query_decoding_never_passes_a_mask_with_grouped_heads_and_folds_exactly():
