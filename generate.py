@@ -132,7 +132,7 @@ if use_bank and adapter_paths:
                 "on each row's image): give it as the only --adapter, without --compare")
     bank = generation.AdapterBank(model, adapters)
     gates_shown = {name: a.tensors for name, a in adapters.items()} if args.show_gates else {}
-    print(f"[{len(adapters)} adapter{'s' * (len(adapters) > 1)} beside the base model, in one batch: their prompts' "
+    print(f"[{len(adapters)} adapter{'s' * (len(adapters) > 1)} beside the base model, in one batch: the prompts' "
           f"keys and values {len(adapters) * bank.nbytes_per_row / 2**20:.2f} MiB, {bank.nbytes_per_row / 2**20:.3f} "
           f"MiB each]", file=sys.stderr)
     del adapters  # what decoding needs is in the bank: the files' tensors go (but for --show_gates's)

@@ -115,7 +115,7 @@ def test_compare_answers_each_prompt_with_the_base_and_each_adapter_as_each_alon
         assert ast.literal_eval(text) == alone[name][k // 3], (name, PROMPTS[k // 3])
     assert len({tuple(answers) for answers in alone.values()}) == 3, "the three answer differently, or this shows nothing"
     # the status line counts the adapters given, not the base's row: two, and their keys and values twice one's
-    status = re.search(r"\[(\d+) adapters beside the base model, in one batch: their prompts' keys and values "
+    status = re.search(r"\[(\d+) adapters beside the base model, in one batch: the prompts' keys and values "
                        r"([\d.]+) MiB, ([\d.]+) MiB each\]", stderr)
     assert status and status[1] == "2" and abs(float(status[2]) - 2 * float(status[3])) <= 0.01, stderr
 
