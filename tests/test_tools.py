@@ -51,6 +51,18 @@ def test_bench_is_importable_without_running_anything():
     assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
 
 
+def test_bench_imports_where_posix_resource_does_not_exist():
+    # Windows has neither the resource module nor /proc: the memory rows say "not measured", the rest runs
+    program = ("import sys; sys.modules['resource'] = None; import builtins; real = builtins.open\n"
+               "def no_proc(path, *a, **k):\n"
+               "    if str(path).startswith('/proc'): raise FileNotFoundError(path)\n"
+               "    return real(path, *a, **k)\n"
+               "builtins.open = no_proc\n"
+               "import math, tools.bench; assert math.isnan(tools.bench.rss_mib()); print('ok')")
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout == "ok\n", result.stdout + result.stderr
+
+
 def test_the_cards_peak_and_bandwidth_are_looked_up_by_name():
     assert bench.gpu_specs("NVIDIA H100 80GB HBM3")[:2] == (989, 3.35)
     assert bench.gpu_specs("NVIDIA H100 PCIe")[:2] == (756, 2.0)

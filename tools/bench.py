@@ -26,7 +26,6 @@ import json as jsonlib  # `json` is the --json setting below
 import os
 import random
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -170,7 +169,13 @@ def rss_mib(field="VmHWM"):
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024  # KiB
     except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        pass
+    try:
+        import resource  # POSIX only: on Windows the memory rows say "not measured"
+    except ImportError:
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 
