@@ -171,9 +171,10 @@ def test_a_variant_that_moves_the_base_at_step_0_has_kl_above_0_and_zero_init_ex
 
 
 def test_quick_ablations_run_every_variant_and_write_the_table_and_the_figure(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "walkthrough.ablations", "--quick", f"--out_dir={tmp_path / 'abl'}",
-                             f"--walkthrough_dir={tmp_path / 'walk'}"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600)
+    # two runs at a time, on one thread each, as --jobs=2 promises (and CI's two cores finish sooner)
+    result = subprocess.run([sys.executable, "-m", "walkthrough.ablations", "--quick", "--jobs=2",
+                             f"--out_dir={tmp_path / 'abl'}", f"--walkthrough_dir={tmp_path / 'walk'}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = {r["variant"]: r for r in json.loads((tmp_path / "abl" / "ablations.json").read_text())["rows"]}
     expected = (["base model alone", "zero_init (the paper)", "random_init", "no_gate", "prefix"] +
@@ -210,7 +211,7 @@ def test_quick_ablations_run_every_variant_and_write_the_table_and_the_figure(tm
     assert sorted(e.get("id") for e in svg.iter() if e.get("class") == "retention-curve") == \
         sorted(f"retention-{name}" for name in VARIANTS)
     # the seed study: seed 0 is the runs above (reused, not trained again), seed 1 is new
-    result = subprocess.run([sys.executable, "-m", "walkthrough.ablations", "--quick", "--seeds=2",
+    result = subprocess.run([sys.executable, "-m", "walkthrough.ablations", "--quick", "--seeds=2", "--jobs=2",
                              f"--out_dir={tmp_path / 'abl'}", f"--walkthrough_dir={tmp_path / 'walk'}"], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
