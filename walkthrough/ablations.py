@@ -522,8 +522,7 @@ def main():
     try:
         import resource  # POSIX only: elsewhere the children's CPU time goes untold
         cpu = sum(getattr(resource.getrusage(resource.RUSAGE_CHILDREN), f) for f in ("ru_utime", "ru_stime"))
-        wall += (f"; the train.py processes used {cpu:.0f} s of CPU time (the probes, in the workers, not counted), "
-                 f"about {cpu / s['jobs']:.0f} s of wall time on {s['jobs']} otherwise idle cores")
+        wall += f"; the train.py processes used {cpu:.0f} s of CPU time (the probes, in the workers, not counted)"
     except ImportError:
         pass
     print(wall)
