@@ -480,13 +480,19 @@ def wait_for(stream, text, timeout=300):
     raise AssertionError(f"never printed {text!r}:\n{''.join(lines)}")
 
 
+def sigint_as_at_a_terminal():
+    # A suite started in the background by a shell script (CI's `.ci/run &`) hands its children SIGINT ignored, and
+    # Python then never raises KeyboardInterrupt: the child gets Ctrl-C as a terminal's foreground process would.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT, as a terminal's Ctrl-C does on Linux and macOS")
 def test_ctrl_c_in_training_prints_one_line_with_what_is_kept_and_the_command_that_continues(task, tmp_path):
     cmd = [sys.executable, "train.py", f"--ckpt_dir={task / 'ckpt'}", f"--data_path={task / 'data.json'}",
            f"--out_dir={tmp_path}", "--adapter_layer=2", "--adapter_len=3", "--batch_size=8", "--micro_batch_size=2",
            "--epochs=40", "--log_interval=1", "--save_interval=2", "--dtype=fp32", "--device=cpu"]
     with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}) as run:
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=sigint_as_at_a_terminal) as run:
         wait_for(run.stdout, "step 3/")
         run.send_signal(signal.SIGINT)
         stderr = run.communicate(timeout=120)[1]
@@ -507,7 +513,8 @@ def test_ctrl_c_at_the_interactive_prompt_prints_one_line(task, open_adapter):
     cmd = [sys.executable, "generate.py", f"--ckpt_dir={task / 'ckpt'}", f"--adapter={open_adapter}", "--device=cpu",
            "--dtype=fp32", "--interactive"]
     with subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) as run:
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          preexec_fn=sigint_as_at_a_terminal) as run:
         wait_for(run.stderr, "Type an instruction")
         run.send_signal(signal.SIGINT)
         stderr = run.communicate(timeout=120)[1]
