@@ -308,7 +308,8 @@ def test_adapter_for_another_model_is_refused(tmp_path, other):
         checkpoint.load_adapter(tiny_model(), tmp_path / "adapter.pth")
 
 
-@pytest.mark.skipif(not LLAMA2_TOKENIZER.is_file(), reason="../shared/llama2-tokenizer.model is not here")
+@pytest.mark.skipif(not LLAMA2_TOKENIZER.is_file(), reason="a known-answer test: Meta's LLaMA-2 tokenizer "
+                    "is not at ../shared/llama2-tokenizer.model")
 def test_tokenizer_matches_llama2():
     tok = tokenizers.SentencePieceTokenizer(LLAMA2_TOKENIZER)
     assert (tok.n_words, tok.bos_id, tok.eos_id) == (32000, 1, 2)
@@ -618,7 +619,8 @@ def test_tokenizer_problems_are_one_line_naming_the_file(tmp_path, bpe_tokenizer
 
 
 @requires_tiktoken
-@pytest.mark.skipif(not LLAMA3_TOKENIZER.is_file(), reason="../shared/llama3/tokenizer.model is not here")
+@pytest.mark.skipif(not LLAMA3_TOKENIZER.is_file(), reason="a known-answer test: Meta's Llama 3 tokenizer "
+                    "is not at ../shared/llama3/tokenizer.model")
 def test_tokenizer_matches_llama3():
     tok = tokenizers.read_tokenizer(LLAMA3_TOKENIZER)
     assert (tok.n_words, tok.bos_id, tok.eos_id) == (128256, 128000, 128001)
