@@ -52,7 +52,7 @@ def test_bench_is_importable_without_running_anything():
 
 
 def test_bench_imports_where_posix_resource_does_not_exist():
-    # Windows has neither the resource module nor /proc: the memory rows say "not measured", the rest runs
+    # Windows has neither the resource module nor /proc: the memory figures are NaN, the rest runs
     program = ("import sys; sys.modules['resource'] = None; import builtins; real = builtins.open\n"
                "def no_proc(path, *a, **k):\n"
                "    if str(path).startswith('/proc'): raise FileNotFoundError(path)\n"

@@ -171,7 +171,7 @@ def rss_mib(field="VmHWM"):
     except (OSError, StopIteration):
         pass
     try:
-        import resource  # POSIX only: on Windows the memory rows say "not measured"
+        import resource  # POSIX only: on Windows the memory figures are NaN, the timings as ever
     except ImportError:
         return float("nan")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
