@@ -162,6 +162,24 @@ def timed(fn):
     return time.perf_counter() - t0
 
 
+def alternating_medians(calls, repeats):
+    """Each of `calls` (name: function) run repeats + 1 times, in turn, so that a drift of the machine's speed
+    falls on all alike; the first call of each warms up (and compiles). On one thread: at these sizes a second
+    OpenMP thread on a busy machine measures the contention, not the work. The median seconds of each."""
+    times = {name: [] for name in calls}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i in range(repeats + 1):
+            for name, call in calls.items():
+                t = timed(call)
+                if i > 0:
+                    times[name].append(t)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def rss_mib(field="VmHWM"):
     # The process's peak (VmHWM) or current (VmRSS) resident memory. VmHWM starts afresh at exec; getrusage's
     # ru_maxrss would also count the parent's memory at fork time.
@@ -259,19 +277,12 @@ def decode_overhead(n_tokens, use_compile, repeats=3):
     open_gates(model)
     prompt = [list(range(3, 11))]  # 8 tokens: the prefill is one small forward
     modes = [False, True] if use_compile else [False]
-    times = {m: [] for m in modes}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    for i in range(repeats + 1):
-        for m in modes:
-            t = timed(lambda: generation.generate(model, prompt, n_tokens, temperature=0, eos_id=-1, compile=m))
-            if i > 0:  # the first call of each warms up (and compiles)
-                times[m].append(t / n_tokens)
-    torch.set_num_threads(threads)
-    row = {"eager_ms_per_token": 1000 * statistics.median(times[False])}
+    seconds = alternating_medians({m: functools.partial(generation.generate, model, prompt, n_tokens, temperature=0,
+                                                        eos_id=-1, compile=m) for m in modes}, repeats)
+    row = {"eager_ms_per_token": 1000 * seconds[False] / n_tokens}
     text = f"cpu decoding, tiny model, batch 1: {row['eager_ms_per_token']:.2f} ms per token eager"
     if use_compile:
-        row["compiled_ms_per_token"] = 1000 * statistics.median(times[True])
+        row["compiled_ms_per_token"] = 1000 * seconds[True] / n_tokens
         row["compiled_over_eager"] = row["compiled_ms_per_token"] / row["eager_ms_per_token"]
         text += f", {row['compiled_ms_per_token']:.2f} compiled ({row['compiled_over_eager']:.2f}x)"
     print(text + f"; median of {repeats} calls of {n_tokens} tokens each, one thread", flush=True)
@@ -289,18 +300,11 @@ def compiled_cache(n_prompt=8, n_new=32, context=2048, repeats=9):
     open_gates(model)
     prompt = [list(range(3, 3 + n_prompt))]
     caches = {"default": None, "cache_len=64": 64, f"cache_len={context}": context}
-    times = {name: [] for name in caches}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    for i in range(repeats + 1):
-        for name, cache_len in caches.items():
-            t = timed(lambda: generation.generate(model, prompt, n_new, temperature=0, eos_id=-1, compile=True,
-                                                  cache_len=cache_len))
-            if i > 0:
-                times[name].append(t / n_new)
-    torch.set_num_threads(threads)
+    seconds = alternating_medians({name: functools.partial(generation.generate, model, prompt, n_new, temperature=0,
+                                                           eos_id=-1, compile=True, cache_len=cache_len)
+                                   for name, cache_len in caches.items()}, repeats)
     model.clear_cache()
-    ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
+    ms = {name: 1000 * t / n_new for name, t in seconds.items()}
     row = {"ms_per_token": ms, "default_over_64": ms["default"] / ms["cache_len=64"],
            "context_over_64": ms[f"cache_len={context}"] / ms["cache_len=64"]}
     print(f"cpu compiled decoding, context {context}, {n_new} new tokens after {n_prompt}, batch 1, one thread: "
@@ -429,17 +433,11 @@ def int8_decoding(n_new, repeats=5):
     models = {"fp32": random_model(args, cpu, torch.float32),
               "int8": quantization.int8_linears(random_model(args, cpu, torch.float32), quantize_from_weights=True)}
     prompt = torch.randint(3, args.vocab_size, (1, prompt_len)).tolist()
-    times = {name: [] for name in models}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    for i in range(repeats + 1):
-        for name, model in models.items():
-            open_gates(model)
-            t = timed(lambda: generation.generate(model, prompt, n_new, temperature=0, eos_id=-1))
-            if i:
-                times[name].append(t)
-    torch.set_num_threads(threads)
-    row = {"tokens_per_s": {name: n_new / statistics.median(t) for name, t in times.items()}}
+    for model in models.values():
+        open_gates(model)
+    seconds = alternating_medians({name: functools.partial(generation.generate, model, prompt, n_new, temperature=0,
+                                                           eos_id=-1) for name, model in models.items()}, repeats)
+    row = {"tokens_per_s": {name: n_new / t for name, t in seconds.items()}}
     row["int8_over_fp32"] = row["tokens_per_s"]["int8"] / row["tokens_per_s"]["fp32"]
     print(f"cpu decoding, batch 1, dim {args.dim}, {args.n_layers} layers, vocab {args.vocab_size}, one thread: "
           f"{row['tokens_per_s']['int8']:.1f} tok/s int8, {row['tokens_per_s']['fp32']:.1f} fp32 "
