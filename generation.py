@@ -97,18 +97,18 @@ def static_cache_len(length, max_seq_len):
 COMPILED = set()  # every compiled step's model, batch size, cache length and prompt state, in this process
 
 
-def compiled_step(model, batch_size, cache_len, prompts=None):
+def compiled_step(model, batch_size, cache_len, prompt_state=None):
     """The model compiled for one-token steps over a static cache: the same shapes at every step, so it compiles once
     per batch size and cache length. On a GPU with CUDA graphs ("reduce-overhead"): each step replays as one graph
     instead of launching every kernel (about 1,700 per token at 7B, which would leave batch-1 decoding bound by
     launch overhead, not memory). Kept in the model's __dict__ (not as a submodule, so not in its state_dict): it goes
-    when the model goes. Dynamo counts the graphs of every model, shape and prompt state (prompts: what decides it,
-    as an AdapterBank) against one limit per process (8), past which it would fail or decode eagerly: the limit
+    when the model goes. Dynamo counts the graphs of every model, shape and prompt state (prompt_state: what decides
+    it, as an AdapterBank) against one limit per process (8), past which it would fail or decode eagerly: the limit
     grows with the ones compiled here."""
     if "compiled_step" not in model.__dict__:
         mode = "reduce-overhead" if model.tok_embeddings.weight.is_cuda else "default"
         model.__dict__["compiled_step"] = torch.compile(model, mode=mode, dynamic=False, fullgraph=True)
-    COMPILED.add((id(model), batch_size, cache_len, prompts))
+    COMPILED.add((id(model), batch_size, cache_len, prompt_state))
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its name before 2.6
     setattr(config, limit, max(getattr(config, limit), 8 + len(COMPILED)))
