@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 import cli
+from checkpoint import atomic_save
 from tools.plan import ROOT, cpu_name
 
 RESULTS_ENV = "LLADAPTER_CHECK_RESULTS"  # the folder a test's outcome goes to (the plugin's hooks below)
@@ -82,8 +83,7 @@ def machine(quick):
 
 def write_json(path, data):
     # whole or not at all: a run cut while it writes leaves the file as it was, or no file
-    Path(f"{path}.tmp").write_text(json.dumps(data, indent=1, default=str))
-    os.replace(f"{path}.tmp", path)
+    atomic_save(json.dumps(data, indent=1, default=str).encode(), path)
 
 
 def results_in(folder):
