@@ -26,7 +26,8 @@ import cli
 import generation
 import lladapter
 from lladapter import ModelArgs, Transformer
-from tests.fixtures import DEVICE, ROOT, SDPACalls
+from tests.conftest import log_of
+from tests.fixtures import DEVICE, ROOT, SDPACalls, adapter_file_tensors
 from tools import bench, gpu_check, plan
 
 ON_GPU = torch.device(DEVICE).type == "cuda"
@@ -229,14 +230,6 @@ def train_args(small, out):
             "--base_lr=1.0", f"--stop_after={TRAIN_STEPS}", "--save_interval=1000"]
 
 
-def log_of(out):
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-
-
-def adapter_of(path):
-    return {k: v for k, v in checkpoint.torch_load(path).items() if isinstance(v, torch.Tensor)}
-
-
 def test_train_py_under_torchrun_trains_the_adapter_that_one_process_trains(small, work, record_property):
     # torchrun with DDP and with --fsdp, in 1 process (and in 2 where there are 2 GPUs; on a CPU the slow tier runs
     # gloo over 2 processes), against python train.py on the same steps, all at once; NCCL on a GPU, gloo on a CPU.
@@ -254,13 +247,13 @@ def test_train_py_under_torchrun_trains_the_adapter_that_one_process_trains(smal
     outputs = {name: process.communicate(timeout=900)[0] for name, process in started.items()}
     for name, process in started.items():
         assert process.returncode == 0, f"{name}: {outputs[name][-3000:]}"
-    ref, ref_losses = adapter_of(work / "one" / "adapter.pth"), [r["loss"] for r in log_of(work / "one")]
+    ref, ref_losses = adapter_file_tensors(work / "one" / "adapter.pth"), [r["loss"] for r in log_of(work / "one")]
     moved = max(v.abs().max().item() for k, v in ref.items() if k.endswith(".gate"))
     assert moved > 0, "the adapter did not train (its gates are still zero)"
     for name in runs:
         if name == "one":
             continue
-        got, losses = adapter_of(work / name / "adapter.pth"), [r["loss"] for r in log_of(work / name)]
+        got, losses = adapter_file_tensors(work / name / "adapter.pth"), [r["loss"] for r in log_of(work / name)]
         assert got.keys() == ref.keys()
         diff = max((got[k] - ref[k]).abs().max().item() for k in ref)
         loss_diff = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
