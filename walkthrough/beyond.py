@@ -2,7 +2,7 @@
 Zero-initialized attention beyond LLaMA, in miniature: the paper's last experiments (arXiv 2303.16199 v3,
 "zero-initialized attention for other large models") on three small encoders pretrained here, on 2 CPU cores.
 
-    python -m walkthrough.beyond                 # the whole study (about 50 min), cached in out/beyond, resumable
+    python -m walkthrough.beyond                 # the whole study (about 50 min, estimated), cached in out/beyond, resumable
     python -m walkthrough.beyond --only=vision   # one miniature: vision, text or clip
     python -m walkthrough.beyond --quick         # a smoke run of every code path, well under 2 minutes: numbers meaningless
 
